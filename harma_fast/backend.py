@@ -1,0 +1,51 @@
+"""Backend selection: which implementation of an op runs.
+
+``"reference"`` is plain PyTorch (the spec, and what ONNX export traces); ``"triton"`` is the
+fused kernels of ``harma_fast.kernels``; ``"auto"`` picks Triton for CUDA tensors when Triton
+is importable and the reference everywhere else. Triton on CPU only works under the Triton
+interpreter (``TRITON_INTERPRET=1``), which the test-suite uses.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
+    """Whether ``backend`` resolves to Triton for these tensors (raises if it cannot run)."""
+    check_backend(backend)
+    if backend == "reference":
+        return False
+    # Tracing for ONNX (torch.onnx / torch.jit) must see plain ops: always the reference.
+    if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+        return False
+    on_cuda = all(t.is_cuda for t in tensors if t is not None)
+    if backend == "auto":
+        return on_cuda and triton_available()
+    if not triton_available():
+        raise RuntimeError("backend='triton' needs the triton package (pip install triton); "
+                           "use backend='reference' or 'auto' on this machine")
+    if not on_cuda and not triton_interpreting():
+        raise RuntimeError("backend='triton' runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1, "
+                           "for tests); got CPU tensors: use backend='auto' or 'reference'")
+    return True

@@ -1,0 +1,228 @@
+"""Adapter checkpoints (safetensors, adapters only) and import of released HarMA checkpoints."""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Dict, Optional, Union
+
+import torch
+from torch import nn
+
+from .config import HarMAConfig
+from .io import PathLike, atomic_path, require_file
+from .patching import find_towers, is_patched, patch, unpatch
+
+ADAPTER_FORMAT = "harma_fast.adapters/1"
+_ADAPTER_MARK = ".harma."
+
+
+def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Every adapter parameter of a patched model, each shared tensor once."""
+    if not is_patched(model):
+        raise RuntimeError("model is not patched with HarMA adapters; call harma_fast.patch(model) first")
+    return {n: p for n, p in model.named_parameters() if _ADAPTER_MARK in n}
+
+
+def architecture(model: nn.Module) -> Dict[str, list]:
+    """``{tower: [depth, width]}``: what an adapter file must match."""
+    return {name: [len(t.blocks), t.blocks[0].mlp.c_fc.in_features] for name, t in find_towers(model).items()}
+
+
+def save_adapters(model: nn.Module, path: PathLike) -> None:
+    """Write the adapters (and the config, as metadata) to a safetensors file, atomically."""
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    tensors = {n: p.detach().contiguous().cpu() for n, p in adapter_state_dict(model).items()}
+    metadata = {"format": ADAPTER_FORMAT, "harma_config": model.harma_config.to_json(),
+                "architecture": json.dumps(architecture(model)), "harma_fast_version": __version__}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def _read_adapter_file(path: PathLike):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    path = require_file(path, "adapter file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"cannot read adapter file {path}: not a valid safetensors file ({err})") from err
+    if metadata.get("format") != ADAPTER_FORMAT or "harma_config" not in metadata:
+        raise ValueError(f"{path} is a safetensors file but not a harma_fast adapter file "
+                         f"(format {metadata.get('format')!r}, expected {ADAPTER_FORMAT!r})")
+    return path, metadata, tensors
+
+
+def load_adapters(model: nn.Module, path: PathLike) -> nn.Module:
+    """Load adapters written by :func:`save_adapters`; patches ``model`` first if needed.
+
+    Validates the config, the backbone's architecture and every key and shape, naming what
+    differs; nothing is copied unless everything fits.
+    """
+    path, metadata, tensors = _read_adapter_file(path)
+    config = HarMAConfig.from_json(metadata["harma_config"])
+    saved_arch = json.loads(metadata.get("architecture", "{}"))
+    arch = architecture(model)
+    for tower, shape in saved_arch.items():
+        if arch.get(tower) != shape:
+            raise ValueError(f"adapter file {path} was saved from a model whose {tower} tower has "
+                             f"{shape[0]} blocks of width {shape[1]}; this model's has "
+                             f"{arch[tower][0]} blocks of width {arch[tower][1]}")
+    patched_here = not is_patched(model)
+    if patched_here:
+        patch(model, config)
+    elif model.harma_config != config:
+        raise ValueError(f"adapter file {path} was saved with a different HarMAConfig than this model is "
+                         f"patched with ({config.describe_difference(model.harma_config)})")
+    try:
+        _copy_checked(adapter_state_dict(model), tensors, f"adapter file {path}")
+    except BaseException:
+        if patched_here:  # leave the model as we found it
+            unpatch(model)
+        raise
+    return model
+
+
+def _copy_checked(params: Mapping, tensors: Mapping, source: str) -> None:
+    missing = sorted(set(params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise ValueError(f"{source} does not fit this model: keys {', '.join(parts)}")
+    for name, p in params.items():
+        if tuple(tensors[name].shape) != tuple(p.shape):
+            raise ValueError(f"{source} does not fit this model: {name} has shape "
+                             f"{tuple(tensors[name].shape)} in the file, {tuple(p.shape)} in the model")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name])
+
+
+# --------------------------------------------------------------------------------------------
+# released checkpoints
+# --------------------------------------------------------------------------------------------
+# Released key suffix (after "<tower>.resblocks.<i>.") -> our key suffix.
+_RELEASED_KEYS = (
+    (r"gate1", "harma.block_gate"),
+    (r"mmadapter\.gate1", "harma.gate"),
+    (r"mmadapter\.img_proj_down\.(weight|bias)", r"harma.down.\1"),
+    (r"mmadapter\.img_proj_up\.(weight|bias)", r"harma.up.\1"),
+    (r"mmadapter\.multihead_attention\.(.+)", r"harma.attn.\1"),
+    (r"mmadapter\.BiShareAdapterxx\.gate1", "harma.shared.gate"),
+    (r"mmadapter\.BiShareAdapterxx\.(l1|l2)\.(weight|bias)", r"harma.shared.\1.\2"),
+    (r"mmadapter\.BiShareAdapterxx\.multihead_attention1\.(.+)", r"harma.shared.attn.\1"),
+)
+_RELEASED_BLOCK = re.compile(r"^(visual\.transformer|transformer)\.resblocks\.(\d+)\.(gate1|mmadapter\..+)$")
+
+
+def _released_state_dict(checkpoint: Mapping) -> Dict[str, torch.Tensor]:
+    state = checkpoint
+    if "model" in state and isinstance(state["model"], Mapping):
+        state = state["model"]
+    out = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        for prefix in ("module.", "model."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def _map_released_key(key: str) -> Optional[str]:
+    m = _RELEASED_BLOCK.match(key)
+    if not m:
+        return None
+    tower, index, rest = m.groups()
+    for pattern, replacement in _RELEASED_KEYS:
+        if re.fullmatch(pattern, rest):
+            return f"{tower}.resblocks.{index}.{re.sub(pattern, replacement, rest)}"
+    raise ValueError(f"unknown adapter key {key!r} in released checkpoint")
+
+
+def load_released_checkpoint(model: nn.Module, path_or_state_dict: Union[PathLike, Mapping]) -> Optional[float]:
+    """Import a checkpoint in the released HarMA layout (DESIGN §1): backbone, adapters, gates.
+
+    ``model`` is an unpatched open_clip model of the checkpoint's architecture (it is patched
+    with ``HarMAConfig.released()``) or one already patched with that layout. Returns the loss
+    temperature ``temp`` (also stored as ``model.harma_temperature``), or None if absent.
+    """
+    source = "released checkpoint"
+    if isinstance(path_or_state_dict, Mapping):
+        checkpoint = path_or_state_dict
+    else:
+        path = require_file(path_or_state_dict, "released checkpoint")
+        source = f"released checkpoint {path}"
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle errors come in many types
+            raise ValueError(f"cannot load {source} with torch.load(weights_only=True): {err}") from err
+        if not isinstance(checkpoint, Mapping):
+            raise ValueError(f"{source} holds a {type(checkpoint).__name__}, not a state dict")
+    state = _released_state_dict(checkpoint)
+    temp = state.pop("temp", None)
+    mapped, has_shared, has_image_shared = {}, False, False
+    for key, value in state.items():
+        ours = _map_released_key(key)
+        if ours is not None and ".harma.shared." in ours:
+            has_shared = True
+            has_image_shared |= ours.startswith("visual.")
+        mapped[ours or key] = value
+    if not any(".harma." in k for k in mapped):
+        raise ValueError(f"{source} has no HarMA adapter keys (…resblocks.N.mmadapter.*); "
+                         "for a plain CLIP checkpoint use harma_fast.create_model(name, pretrained=path)")
+    if has_image_shared:
+        raise ValueError(f"{source} has a shared sub-adapter in the image tower, which the released layout "
+                         "does not have; it was not written by the released HarMA code")
+    expected = HarMAConfig.released() if has_shared else HarMAConfig(share="none")
+    patched_here = not is_patched(model)
+    if patched_here:
+        patch(model, expected)
+    elif model.harma_config != expected:
+        raise ValueError(f"{source} has the released layout (shared sub-adapter "
+                         f"{'in the text tower only' if has_shared else 'absent'}), but the model is patched with "
+                         f"{model.harma_config.describe_difference(expected)}; unpatch it, or patch with "
+                         f"HarMAConfig.{'released' if has_shared else 'share=none'}")
+    try:
+        _check_fits(model.state_dict(), mapped, source)
+        model.load_state_dict(mapped, strict=True)
+    except BaseException:
+        if patched_here:  # leave the model as we found it
+            unpatch(model)
+        raise
+    model.harma_temperature = float(temp) if temp is not None else None
+    return model.harma_temperature
+
+
+def describe_mismatch(target: Mapping, source: Mapping) -> str:
+    """What keeps ``source`` (a state dict) from loading into a model with state ``target``; "" if nothing."""
+    missing = sorted(set(target) - set(source))
+    unexpected = sorted(set(source) - set(target))
+    shapes = [k for k in target if k in source and tuple(target[k].shape) != tuple(source[k].shape)]
+    parts = []
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} shape mismatches, e.g. {k}: checkpoint {tuple(source[k].shape)} vs "
+                     f"model {tuple(target[k].shape)}")
+    if missing:
+        parts.append(f"{len(missing)} keys missing from the checkpoint, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} keys the model does not have, e.g. {unexpected[0]}")
+    return "; ".join(parts)
+
+
+def _check_fits(target: Mapping, mapped: Mapping, source: str) -> None:
+    problem = describe_mismatch(target, mapped)
+    if problem:
+        raise ValueError(f"{source} does not fit this model: {problem}")

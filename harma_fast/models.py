@@ -1,0 +1,150 @@
+"""Building open_clip models from local weights only: harma_fast never downloads."""
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from .io import PathLike
+
+_HF_WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+
+def register_model_configs() -> None:
+    """Make harma_fast's own architectures (``HarMA-Tiny``: tests and the demo) known to open_clip."""
+    import open_clip
+
+    if not set(p.stem for p in _CONFIG_DIR.glob("*.json")) <= set(open_clip.list_models()):
+        open_clip.add_model_config(_CONFIG_DIR)
+
+
+def _check_name(name: str) -> None:
+    import open_clip
+
+    register_model_configs()
+    known = open_clip.list_models()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown open_clip model {name!r}.{hint} See open_clip.list_models().")
+
+
+def cached_pretrained_path(name: str, tag: str, cache_dir: Optional[str] = None) -> Optional[Path]:
+    """Where open_clip's cache already holds weights ``tag`` of ``name``; None if it does not."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise ValueError(f"{tag!r} is neither a file nor a known pretrained tag of {name} "
+                         f"(known tags: {', '.join(tags) or 'none'})")
+    if cfg.get("file"):
+        return Path(cfg["file"]) if Path(cfg["file"]).is_file() else None
+    if cfg.get("hf_hub"):
+        from huggingface_hub import try_to_load_from_cache
+
+        hub = cfg["hf_hub"]
+        # open_clip's convention: "org/model/" means the default file names, else "org/model/file".
+        repo_id, names = (hub.rstrip("/"), _HF_WEIGHT_NAMES) if hub.endswith("/") else \
+            (os.path.dirname(hub), (os.path.basename(hub),))
+        for candidate in names:
+            found = try_to_load_from_cache(repo_id, candidate, cache_dir=cache_dir)
+            if isinstance(found, str) and os.path.isfile(found):
+                return Path(found)
+    if cfg.get("url"):
+        path = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(cfg["url"])
+        if path.is_file():
+            return path
+    return None
+
+
+def _read_state_dict(path: Path) -> Tuple[dict, bool]:
+    """``(state_dict, is_torchscript)`` of a checkpoint file, or a clear error."""
+    import open_clip
+
+    try:
+        return open_clip.factory.load_state_dict(str(path)), False
+    except Exception as err:  # noqa: BLE001 - torch.load raises many types
+        try:  # OpenAI's original .pt files are TorchScript archives, which weights_only refuses
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        except Exception:  # noqa: BLE001
+            raise ValueError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from err
+        for key in ("input_resolution", "context_length", "vocab_size"):
+            state.pop(key, None)
+        return state, True
+
+
+def load_backbone_file(model: nn.Module, path: PathLike, name: str = "model") -> None:
+    """Load an open_clip checkpoint, a plain (or OpenAI TorchScript) state dict, or safetensors, strictly.
+
+    open_clip's loader does the format conversions (position-embedding resizing, old text
+    layouts); when it fails, keys and shapes are compared to name what does not fit.
+    """
+    import open_clip
+
+    from .checkpoints import describe_mismatch
+
+    path = Path(path)
+    state, torchscript = _read_state_dict(path)
+    problem = describe_mismatch(model.state_dict(), state) if torchscript else ""
+    if not problem and torchscript:
+        model.load_state_dict(state, strict=True)  # OpenAI keys are open_clip's keys
+        return
+    if not problem:
+        try:
+            open_clip.load_checkpoint(model, str(path), strict=True)
+            return
+        except Exception as err:  # noqa: BLE001 - open_clip asserts, torch raises RuntimeError
+            problem = describe_mismatch(model.state_dict(), state) or str(err).strip().splitlines()[-1]
+    hint = (" It looks like a HarMA training checkpoint: use harma_fast.load_released_checkpoint."
+            if any("mmadapter" in k for k in state) else "")
+    raise ValueError(f"checkpoint {path} does not fit {name}: {problem}.{hint}")
+
+
+def create_model(name: str, pretrained: Optional[PathLike] = None, device="cpu",
+                 precision: str = "fp32", cache_dir: Optional[str] = None) -> nn.Module:
+    """An open_clip model, randomly initialised or from local weights; never downloads.
+
+    Args:
+        name: open_clip architecture, e.g. ``"ViT-B-32"``.
+        pretrained: None (random weights), a checkpoint file (open_clip checkpoint, plain state
+            dict such as GeoRSCLIP's ``RS5M_ViT-B-32_RET-2.pt``, safetensors, or OpenAI
+            TorchScript), or an open_clip pretrained tag already in the local cache.
+        device, precision: as in ``open_clip.create_model``.
+        cache_dir: where to look for cached tagged weights (open_clip's default otherwise).
+    """
+    import open_clip
+
+    _check_name(name)
+    path = None
+    if pretrained is not None:
+        candidate = Path(pretrained)
+        looks_like_path = candidate.suffix or os.sep in str(pretrained) or candidate.exists()
+        if candidate.is_file():
+            path = candidate
+        elif looks_like_path:
+            raise FileNotFoundError(f"pretrained checkpoint {candidate} does not exist")
+        else:
+            path = cached_pretrained_path(name, str(pretrained), cache_dir)
+            if path is None:
+                raise FileNotFoundError(
+                    f"pretrained weights {pretrained!r} for {name} are not in the local cache, and harma_fast never "
+                    f"downloads. Fetch them on a machine with internet (open_clip.create_model({name!r}, "
+                    f"pretrained={str(pretrained)!r}) fills the cache) and copy the file here, then pass its path "
+                    "as pretrained=...")
+    model = open_clip.create_model(name, pretrained=None, device="cpu", precision="fp32")
+    if path is not None:
+        load_backbone_file(model, path, name)
+    return _to(model, device, precision)
+
+
+def _to(model: nn.Module, device, precision: str) -> nn.Module:
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    return model.to(device=device, dtype=dtype)

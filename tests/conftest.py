@@ -1,0 +1,21 @@
+import os
+
+# Kernels run through the Triton interpreter on CPU; this must be set before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# Never reach for a hub, even by accident.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import logging  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+logging.getLogger().setLevel(logging.ERROR)  # open_clip warns on every random-initialised model
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def gen():
+    """A seeded generator: fresh random inputs, reproducible failures."""
+    return torch.Generator().manual_seed(1234)

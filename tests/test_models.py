@@ -1,0 +1,76 @@
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import harma_fast
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_random_model_is_built_without_weights():
+    model = harma_fast.create_model("HarMA-Tiny")
+    assert model.visual.transformer.resblocks[0].mlp.c_fc.in_features == 96
+
+
+@pytest.mark.parametrize("layout", ["plain", "open_clip", "safetensors"])
+def test_local_checkpoint_formats(tmp_path, layout):
+    torch.manual_seed(1)
+    source = harma_fast.create_model("HarMA-Tiny")
+    state = source.state_dict()
+    if layout == "plain":       # e.g. GeoRSCLIP's RS5M_ViT-B-32_RET-2.pt
+        path = tmp_path / "RS5M_tiny.pt"
+        torch.save(state, path)
+    elif layout == "open_clip":  # open_clip training checkpoint, DDP-prefixed
+        path = tmp_path / "epoch_3.pt"
+        torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    else:
+        path = tmp_path / "open_clip_model.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    torch.manual_seed(2)
+    model = harma_fast.create_model("HarMA-Tiny", pretrained=path)
+    assert _same_weights(model, source)
+
+
+def test_checkpoint_of_another_model_is_named(tmp_path):
+    path = tmp_path / "b32.pt"
+    torch.save(harma_fast.create_model("ViT-B-32").state_dict(), path)
+    with pytest.raises(ValueError, match=r"checkpoint .*b32.pt does not fit HarMA-Tiny: \d+ shape mismatches, e.g. "):
+        harma_fast.create_model("HarMA-Tiny", pretrained=path)
+
+
+def test_missing_and_corrupt_checkpoint_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pretrained checkpoint .*nothing.pt does not exist"):
+        harma_fast.create_model("HarMA-Tiny", pretrained=tmp_path / "nothing.pt")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00\x01 not torch")
+    with pytest.raises(ValueError, match="cannot read checkpoint .*corrupt.pt"):
+        harma_fast.create_model("HarMA-Tiny", pretrained=corrupt)
+
+
+def test_uncached_pretrained_tag_never_downloads(tmp_path, monkeypatch):
+    import urllib.request
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("harma_fast tried to download")
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    with pytest.raises(FileNotFoundError, match="'laion2b_s34b_b79k' for ViT-B-32 are not in the local cache.*never downloads"):
+        harma_fast.create_model("ViT-B-32", pretrained="laion2b_s34b_b79k", cache_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="'openai' for ViT-B-32 are not in the local cache"):
+        harma_fast.create_model("ViT-B-32", pretrained="openai", cache_dir=str(tmp_path))
+
+
+def test_unknown_names_and_tags():
+    with pytest.raises(ValueError, match="unknown open_clip model 'ViT-B-33'.*Did you mean"):
+        harma_fast.create_model("ViT-B-33")
+    with pytest.raises(ValueError, match="'georsclip' is neither a file nor a known pretrained tag of ViT-B-32"):
+        harma_fast.create_model("ViT-B-32", pretrained="georsclip")
+
+
+def test_precision_and_device():
+    model = harma_fast.create_model("HarMA-Tiny", precision="bf16")
+    assert model.visual.conv1.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="precision must be"):
+        harma_fast.create_model("HarMA-Tiny", precision="int8")
