@@ -27,10 +27,9 @@ def gather_batch(image: Tensor, text: Tensor, image_ids: Optional[Tensor]) -> Tu
 
     The other ranks' rows are constants here, so the gradient this rank receives for its own
     rows is exactly the gradient of the loss on the concatenated batch with respect to those
-    rows (every rank computes the same loss). Summed over ranks this is the single-process
-    gradient; DDP averages instead of summing, so training multiplies the loss by the world
-    size before ``backward`` (see ``harma_fast.train``). Every rank must pass the same batch
-    size (``drop_last=True``).
+    rows (every rank computes the same loss). Summed over ranks, parameter gradients are the
+    single-process ones, which is why training registers a summing (not averaging) DDP comm
+    hook (``harma_fast.train``). Every rank must pass the same batch size (``drop_last=True``).
 
     Without ``image_ids`` each pair is its own class: ids become global row indices.
     """

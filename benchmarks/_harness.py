@@ -1,0 +1,84 @@
+"""Timing and memory measurement shared by every benchmark.
+
+``measure`` warms up, times the callable with device events (CUDA) or the wall clock (CPU),
+records the median and the interquartile spread, the peak extra device memory of one call,
+and the throughput, into pytest-benchmark's ``extra_info`` (which lands in the JSON that
+``python -m benchmarks.report`` reads). pytest-benchmark's own statistics time the same
+callable followed by a device synchronisation.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+
+ON_GPU = torch.cuda.is_available()
+FULL = ON_GPU or os.environ.get("HARMA_BENCH_FULL") == "1"
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def sizes(full, small):
+    """The benchmark's full sizes on a GPU, its CI sizes elsewhere."""
+    return full if FULL else small
+
+
+def sync():
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+def _time_once(fn: Callable[[], object]) -> float:
+    if ON_GPU:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def peak_memory_mb(fn: Callable[[], object]) -> Optional[float]:
+    """Peak device memory one call allocates beyond what was already allocated (MiB)."""
+    if not ON_GPU:
+        return None
+    sync()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    sync()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def measure(benchmark, fn: Callable[[], object], *, provider: str, mode: str, items: Optional[int] = None,
+            item_name: str = "items", warmup: int = 3, reps: Optional[int] = None, **info) -> dict:
+    for _ in range(warmup):
+        fn()
+    sync()
+    reps = reps or (30 if ON_GPU else 3)
+    times = sorted(_time_once(fn) for _ in range(reps))
+    median = statistics.median(times)
+    q1, q3 = times[len(times) // 4], times[(3 * len(times)) // 4]
+    record = {"provider": provider, "mode": mode, "median_ms": median, "q1_ms": q1, "q3_ms": q3,
+              "peak_mem_mb": peak_memory_mb(fn), "device": device_name(), **info}
+    if items:
+        record[f"{item_name}_per_s"] = items / (median / 1e3)
+    benchmark.extra_info.update(record)
+
+    def timed():
+        fn()
+        sync()
+    benchmark.pedantic(timed, rounds=reps if ON_GPU else 1, iterations=1, warmup_rounds=0)
+    return record
+
+
+def device_name() -> str:
+    if ON_GPU:
+        return torch.cuda.get_device_name()
+    return "cpu (CI-sized; Triton via interpreter)"

@@ -1,0 +1,104 @@
+"""Retrieval evaluation by the standard protocol (DESIGN §2), without sorting.
+
+The rank of a ground truth is the number of candidates scoring *strictly* above it, so a
+candidate tied with the ground truth does not push it down (ties favour the ground truth; an
+argsort with the ground truth placed first among equal scores gives the same ranks).
+
+- text→image: caption ``t`` is a hit at K when its image ranks < K among all images;
+- image→text: image ``i`` is a hit at K when *any* of its captions ranks < K among all captions,
+  i.e. when fewer than K captions of other images score above its best-scoring caption.
+
+``mR`` is the mean of the six recalls. Scores are dot products of the given features (pass
+L2-normalised features for cosine similarity), computed in float32 at least.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+
+from .backend import use_triton
+
+Tensor = torch.Tensor
+KS = (1, 5, 10)
+
+
+def _check(image: Tensor, text: Tensor, text_to_image: Tensor) -> Tensor:
+    if image.ndim != 2 or text.ndim != 2 or image.shape[1] != text.shape[1]:
+        raise ValueError(f"retrieval_metrics expects (N_images, D) and (N_texts, D) features; got "
+                         f"{tuple(image.shape)} and {tuple(text.shape)}")
+    text_to_image = torch.as_tensor(text_to_image, device=text.device).long()
+    if text_to_image.shape != (text.shape[0],):
+        raise ValueError(f"text_to_image must give one image index per caption: shape ({text.shape[0]},), "
+                         f"got {tuple(text_to_image.shape)}")
+    if text_to_image.numel() and (text_to_image.min() < 0 or text_to_image.max() >= image.shape[0]):
+        raise ValueError(f"text_to_image has indices outside [0, {image.shape[0]})")
+    owned = torch.zeros(image.shape[0], dtype=torch.bool, device=text.device)
+    owned[text_to_image] = True
+    if not owned.all():
+        missing = (~owned).nonzero().flatten()[:5].tolist()
+        raise ValueError(f"images {missing} have no caption; every image needs at least one for image→text recall")
+    for name, t in (("image_features", image), ("text_features", text)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"retrieval_metrics: {name} has NaN/Inf values")
+    return text_to_image
+
+
+def ground_truth_scores(image: Tensor, text: Tensor, text_to_image: Tensor) -> Tuple[Tensor, Tensor]:
+    """(best caption score per image, own-image score per caption), in float32."""
+    t2i = (text.float() * image.float()[text_to_image]).sum(1)
+    i2t = torch.full((image.shape[0],), float("-inf"), device=image.device)
+    i2t = i2t.scatter_reduce(0, text_to_image, t2i, reduce="amax")
+    return i2t, t2i
+
+
+def count_above_ref(queries: Tensor, gallery: Tensor, threshold: Tensor, query_label: Tensor,
+                    gallery_owner: Tensor, chunk: int = 1024) -> Tensor:
+    """For each query: #gallery items of another owner whose score is strictly above ``threshold``."""
+    counts = torch.empty(queries.shape[0], dtype=torch.long, device=queries.device)
+    g = gallery.float()
+    for start in range(0, queries.shape[0], chunk):
+        q = queries[start:start + chunk].float()
+        above = (q @ g.t()) > threshold[start:start + chunk, None]
+        above &= gallery_owner[None, :] != query_label[start:start + chunk, None]
+        counts[start:start + chunk] = above.sum(1)
+    return counts
+
+
+def retrieval_ranks(image: Tensor, text: Tensor, text_to_image: Tensor, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """``(image→text rank per image, text→image rank per caption)``, 0 = ground truth first."""
+    text_to_image = _check(image, text, text_to_image)
+    best_i2t, gt_t2i = ground_truth_scores(image, text, text_to_image)
+    image_index = torch.arange(image.shape[0], device=image.device)
+    if use_triton(backend, image, text):
+        from .kernels.retrieval_ranks import count_above
+    else:
+        count_above = count_above_ref
+    i2t = count_above(image, text, best_i2t, image_index, text_to_image)
+    t2i = count_above(text, image, gt_t2i, text_to_image, image_index)
+    return i2t, t2i
+
+
+def recalls_from_ranks(i2t: Tensor, t2i: Tensor) -> Dict[str, float]:
+    out = {}
+    for k in KS:
+        out[f"txt_r{k}"] = 100.0 * (i2t < k).float().mean().item()
+    for k in KS:
+        out[f"img_r{k}"] = 100.0 * (t2i < k).float().mean().item()
+    out["r_mean"] = sum(out.values()) / 6
+    return out
+
+
+def retrieval_metrics(image_features: Tensor, text_features: Tensor, text_to_image,
+                      backend: str = "auto") -> Dict[str, float]:
+    """R@1/5/10 image→text (``txt_r*``) and text→image (``img_r*``) and their mean ``r_mean``, in percent.
+
+    Args:
+        image_features: ``(N_images, D)``.
+        text_features: ``(N_texts, D)``.
+        text_to_image: for every caption, the index of its image (an image may own any number
+            of captions, at least one).
+        backend: the tiled Triton count on CUDA (``"auto"``), or the chunked PyTorch count.
+    """
+    with torch.no_grad():
+        return recalls_from_ranks(*retrieval_ranks(image_features, text_features, text_to_image, backend))

@@ -1,0 +1,54 @@
+"""Shared launcher helpers for the Triton kernels."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision matching PyTorch's matmul for this dtype.
+
+    fp32 GEMMs in PyTorch are IEEE unless the user allowed TF32; the kernels follow the same
+    switch so that "fp32" means the same accuracy on both paths.
+    """
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def check_inputs(op: str, *tensors: torch.Tensor) -> None:
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"{op}: tensors are on different devices {sorted(map(str, devices))}")
+    for t in tensors:
+        if t is not None and t.dtype not in _TL_DTYPES and t.is_floating_point():
+            raise TypeError(f"{op}: unsupported dtype {t.dtype} (float32, bfloat16, float16)")
+
+
+def pow2(n: int, lo: int = 16, hi: int = 1 << 30) -> int:
+    """Next power of two of ``n``, clamped to [lo, hi] (tl.arange and tl.dot want powers of two >= 16)."""
+    return max(lo, min(hi, triton.next_power_of_2(max(1, int(n)))))
+
+
+def upcast_operands(dtype: torch.dtype) -> bool:
+    """Whether ``mma`` must upcast bf16 operands: the Triton interpreter (numpy) has no bf16
+    arithmetic. A bf16 dot with fp32 accumulation equals an fp32 dot of the bf16-rounded
+    operands (their products are exact in fp32), so the interpreter still tests the same math."""
+    return interpreting() and dtype == torch.bfloat16
+
+
+@triton.jit
+def mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b`` on the tensor cores, fp32 accumulation."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)

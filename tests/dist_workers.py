@@ -1,0 +1,29 @@
+"""Worker functions for multi-process (gloo, CPU) tests; importable by spawned children."""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init(rank, world_size, tmp):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+
+
+def loss_worker(rank, world_size, tmp, image, text, ids, backend):
+    """Each rank computes HarMALoss on its shard; saves the gradients of its own rows and of τ."""
+    import harma_fast
+    init(rank, world_size, tmp)
+    try:
+        b = image.shape[0] // world_size
+        rows = slice(rank * b, (rank + 1) * b)
+        i = image[rows].clone().requires_grad_()
+        t = text[rows].clone().requires_grad_()
+        loss = harma_fast.HarMALoss(backend=backend)
+        out = loss(i, t, None if ids is None else ids[rows])
+        out.total.backward()
+        torch.save({"loss": out.total.detach(), "d_image": i.grad, "d_text": t.grad,
+                    "d_tau": loss.temperature.grad}, f"{tmp}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()

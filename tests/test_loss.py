@@ -1,0 +1,172 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import harma_fast
+from harma_fast.losses import harma_loss_ref
+from helpers import assert_close, assert_within_torch_error
+
+kernels = pytest.importorskip("harma_fast.kernels.similarity_loss")
+
+
+def features(b, d, gen, dtype=torch.float32, noise=0.8):
+    i = F.normalize(torch.randn(b, d, generator=gen, dtype=torch.float64), dim=1)
+    t = F.normalize(i + noise * torch.randn(b, d, generator=gen, dtype=torch.float64), dim=1)
+    return i.to(dtype), t.to(dtype)
+
+
+def loop_loss(i, t, tau, ids, margin, gamma, max_violation):
+    """DESIGN §2 with plain Python loops in float64: the independent spec check."""
+    b = len(i)
+    s = [[sum(i[a][k] * t[c][k] for k in range(len(i[a]))) for c in range(b)] for a in range(b)]
+    ids = list(range(b)) if ids is None else ids
+    same = [[ids[a] == ids[c] for c in range(b)] for a in range(b)]
+    rows = cols = 0.0
+    for a in range(b):
+        lse = math.log(sum(math.exp(s[a][c] / tau) for c in range(b)))
+        n = sum(same[a])
+        rows += -sum((same[a][c] / n) * (s[a][c] / tau - lse) for c in range(b))
+    for c in range(b):
+        lse = math.log(sum(math.exp(s[a][c] / tau) for a in range(b)))
+        n = sum(same[a][c] for a in range(b))
+        cols += -sum((same[a][c] / n) * (s[a][c] / tau - lse) for a in range(b))
+    contrastive = (rows / b + cols / b) / 2
+
+    def f(c):
+        return (1 - math.exp(-c)) ** gamma * c
+    cs = [[f(max(0.0, margin + s[a][c] - s[a][a])) if a != c else 0.0 for c in range(b)] for a in range(b)]
+    cim = [[f(max(0.0, margin + s[a][c] - s[c][c])) if a != c else 0.0 for c in range(b)] for a in range(b)]
+    if max_violation:
+        trip = (sum(max(row) for row in cs) + sum(max(cim[a][c] for a in range(b)) for c in range(b))) / 2
+    else:
+        trip = (sum(map(sum, cs)) + sum(map(sum, cim))) / 2
+    return contrastive + trip, contrastive, trip
+
+
+@pytest.mark.parametrize("with_ids", [False, True])
+@pytest.mark.parametrize("max_violation", [False, True])
+def test_reference_equals_the_formulas_in_float64(gen, with_ids, max_violation):
+    i, t = features(7, 5, gen, torch.float64, noise=1.5)
+    ids = torch.tensor([0, 1, 1, 2, 0, 3, 1]) if with_ids else None
+    got = harma_loss_ref(i, t, torch.tensor(0.07, dtype=torch.float64), ids, 0.2, 2.0, max_violation)
+    want = loop_loss(i.tolist(), t.tolist(), 0.07, ids.tolist() if with_ids else None, 0.2, 2.0, max_violation)
+    for g, w in zip(got, want):
+        assert g.item() == pytest.approx(w, rel=1e-12, abs=1e-12)
+    assert want[2] > 0  # the triplet term is active on this data
+
+
+def _run(fn, i, t, tau, ids, max_violation, upstream, **kw):
+    i, t, tau = (x.detach().clone().requires_grad_() for x in (i, t, tau))
+    out = fn(i, t, tau, ids, 0.2, 2.0, max_violation, **kw)
+    (sum(o * u for o, u in zip(out, upstream))).backward()
+    return [o.detach() for o in out], i.grad, t.grad, tau.grad
+
+
+CASES = [  # (B, D, blocks (BLOCK_M, BLOCK_N, BLOCK_K)) - ragged last tiles on purpose
+    (1, 24, (16, 16, 16)),
+    (5, 64, (16, 16, 32)),
+    (37, 24, (16, 32, 16)),
+    (70, 512, (64, 32, 64)),
+    (130, 64, (32, 64, 16)),
+    (130, 512, (64, 64, 64)),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("b, d, blocks", CASES)
+@pytest.mark.parametrize("ids_kind", ["none", "repeated"])
+def test_triton_loss_equals_reference_fp32(gen, b, d, blocks, ids_kind):
+    i, t = features(b, d, gen)
+    ids = torch.randint(0, max(1, b // 3), (b,), generator=gen) if ids_kind == "repeated" else None
+    tau = torch.tensor(0.05)
+    upstream = torch.randn(3, generator=gen)
+    for max_violation in (False, True) if b in (37, 130) else (False,):
+        ref = _run(harma_loss_ref, i.double(), t.double(), tau.double(), ids, max_violation, upstream.double())
+        got = _run(kernels.harma_loss, i, t, tau, ids, max_violation, upstream, blocks=blocks)
+        for name, g, r in zip(("total", "contrastive", "triplet"), got[0], ref[0]):
+            assert_close(g, r, atol=2e-5, rtol=2e-5, name=f"{name} mv={max_violation}")
+        assert_close(got[1], ref[1], atol=2e-6, rtol=1e-4, name="d_image")
+        assert_close(got[2], ref[2], atol=2e-6, rtol=1e-4, name="d_text")
+        assert_close(got[3], ref[3], atol=1e-4, rtol=1e-4, name="d_tau")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("b, d, blocks", [(37, 64, (16, 16, 32)), (130, 512, (64, 32, 64))])
+def test_triton_loss_bf16_within_torch_bf16_error(gen, b, d, blocks):
+    i, t = features(b, d, gen)
+    ids = torch.randint(0, b // 2, (b,), generator=gen)
+    tau, upstream = torch.tensor(0.07), torch.tensor([1.0, 0.0, 0.0])
+    ref = _run(harma_loss_ref, i.double(), t.double(), tau.double(), ids, False, upstream.double())
+    ib, tb = i.bfloat16(), t.bfloat16()
+
+    def torch_bf16(i, t, tau, ids, margin, gamma, mv):  # torch computing the same loss in bf16 throughout
+        s = (i @ t.t())
+        same = ids[:, None] == ids[None, :]
+        p = same.to(s.dtype) / same.sum(1, keepdim=True).to(s.dtype)
+        logits = s / tau.to(s.dtype)
+        c = -((p * logits.log_softmax(1)).sum(1).mean() + (p * logits.log_softmax(0)).sum(0).mean()) / 2
+        eye = torch.eye(len(s), dtype=torch.bool)
+        d_ = s.diagonal()
+        f = harma_fast.losses.focal_cost
+        tr = (f((margin + s - d_[:, None]).clamp(min=0), gamma).masked_fill(eye, 0).sum()
+              + f((margin + s - d_[None, :]).clamp(min=0), gamma).masked_fill(eye, 0).sum()) / 2
+        return c + tr, c, tr
+    base = _run(torch_bf16, ib, tb, tau, ids, False, upstream)
+    got = _run(kernels.harma_loss, ib, tb, tau, ids, False, upstream, blocks=blocks)
+    assert got[1].dtype == torch.bfloat16
+    for k, name in ((0, "losses"), (1, "d_image"), (2, "d_text")):
+        g, bt, r = (torch.stack(x[k]) if k == 0 else x[k] for x in (got, base, ref))
+        assert_within_torch_error(g, bt, r, atol=1e-5, name=name)
+
+
+def test_loss_module_reference_path_and_temperature(gen):
+    loss = harma_fast.HarMALoss()
+    assert loss.temperature.item() == pytest.approx(0.07) and loss.temperature.requires_grad
+    i, t = features(6, 16, gen)
+    out = loss(i, t, torch.tensor([0, 0, 1, 2, 3, 3]))
+    assert torch.allclose(out.total, out.contrastive + out.triplet)
+    out.total.backward()
+    assert loss.temperature.grad is not None
+    frozen = harma_fast.HarMALoss(learn_temperature=False, temperature=0.1)
+    assert not frozen.temperature.requires_grad
+
+
+@pytest.mark.interpreter
+def test_loss_module_triton_backend_matches_reference(gen):
+    i, t = features(21, 32, gen)
+    ids = torch.randint(0, 7, (21,), generator=gen)
+    ref = harma_fast.HarMALoss(backend="reference")(i, t, ids)
+    fused = harma_fast.HarMALoss(backend="triton")(i, t, ids)
+    for a, b in zip(fused, ref):
+        assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_input_errors(gen):
+    loss = harma_fast.HarMALoss()
+    i, t = features(4, 8, gen)
+    with pytest.raises(ValueError, match=r"same shape \(B, D\); got \(4, 8\) and \(3, 8\)"):
+        loss(i, t[:3])
+    with pytest.raises(ValueError, match=r"image_ids must have shape \(4,\)"):
+        loss(i, t, torch.zeros(5))
+    bad = i.clone()
+    bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"image_features has NaN/Inf values \(rows \[2\]\)"):
+        loss(bad, t)
+    with pytest.raises(ValueError, match="empty batch"):
+        loss(i[:0], t[:0])
+    with pytest.raises(ValueError, match="temperature > 0"):
+        harma_fast.HarMALoss(temperature=0)
+
+
+@pytest.mark.interpreter
+def test_compiled_loss_has_no_graph_break(gen):
+    import torch._dynamo
+    i, t = features(9, 16, gen)
+
+    def step(i, t):
+        return kernels.harma_loss(i, t, torch.tensor(0.07), None)[0] * 2
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(step)(i, t)
+    assert explanation.graph_break_count == 0

@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+import harma_fast
+from harma_fast.metrics import count_above_ref, ground_truth_scores, retrieval_ranks
+
+
+def argsort_ranks(image, text, text_to_image):
+    """The plain protocol: sort every row, ground truth first among equal scores, read positions."""
+    s = (image.double() @ text.double().t()).tolist()
+    n_img, n_txt = len(s), len(s[0])
+    i2t, t2i = [], []
+    for i in range(n_img):
+        order = sorted(range(n_txt), key=lambda t: (-s[i][t], text_to_image[t] != i))
+        i2t.append(min(pos for pos, t in enumerate(order) if text_to_image[t] == i))
+    for t in range(n_txt):
+        gt = text_to_image[t]
+        order = sorted(range(n_img), key=lambda j: (-s[j][t], j != gt))
+        t2i.append(order.index(gt))
+    return torch.tensor(i2t), torch.tensor(t2i)
+
+
+def gallery(gen, n_img=23, d=6, ties=True):
+    caps = torch.randint(1, 8, (n_img,), generator=gen)  # 1-7 captions per image
+    text_to_image = torch.repeat_interleave(torch.arange(n_img), caps)
+    text_to_image = text_to_image[torch.randperm(len(text_to_image), generator=gen)]
+    if ties:  # small integer features: many exactly equal scores
+        image = torch.randint(-1, 2, (n_img, d), generator=gen).float()
+        text = torch.randint(-1, 2, (len(text_to_image), d), generator=gen).float()
+    else:
+        image = torch.randn(n_img, d, generator=gen)
+        text = image[text_to_image] + 1.2 * torch.randn(len(text_to_image), d, generator=gen)
+    return image, text, text_to_image
+
+
+@pytest.mark.parametrize("ties", [True, False])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_ranks_equal_plain_argsort(gen, ties, backend):
+    for _ in range(3):
+        image, text, tti = gallery(gen, ties=ties)
+        want_i2t, want_t2i = argsort_ranks(image, text, tti.tolist())
+        got_i2t, got_t2i = retrieval_ranks(image, text, tti, backend=backend)
+        assert torch.equal(got_i2t, want_i2t)
+        assert torch.equal(got_t2i, want_t2i)
+
+
+def test_metrics_values_and_keys(gen):
+    image, text, tti = gallery(gen, ties=False)
+    m = harma_fast.retrieval_metrics(image, text, tti)
+    i2t, t2i = argsort_ranks(image, text, tti.tolist())
+    assert list(m) == ["txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"]
+    for k in (1, 5, 10):
+        assert m[f"txt_r{k}"] == pytest.approx(100 * (i2t < k).float().mean().item())
+        assert m[f"img_r{k}"] == pytest.approx(100 * (t2i < k).float().mean().item())
+    assert m["r_mean"] == pytest.approx(sum(v for k, v in m.items() if k != "r_mean") / 6)
+
+
+def test_perfect_and_standard_layout():
+    # RSITMD-style: 5 captions per image, consecutive
+    image = torch.eye(8)
+    text = torch.eye(8).repeat_interleave(5, 0)
+    m = harma_fast.retrieval_metrics(image, text, torch.arange(8).repeat_interleave(5))
+    assert all(v == 100.0 for v in m.values())
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("blocks", [(16, 16, 16, 4), (32, 64, 16, 4)])
+def test_triton_count_ragged_tiles_bf16(gen, blocks):
+    from harma_fast.kernels.retrieval_ranks import count_above
+    image, text, tti = gallery(gen, n_img=41, d=24, ties=False)
+    image, text = image.bfloat16(), text.bfloat16()
+    best, _ = ground_truth_scores(image, text, tti)
+    want = count_above_ref(image, text, best, torch.arange(41), tti)
+    got = count_above(image, text, best, torch.arange(41), tti, blocks=blocks)
+    assert torch.equal(got, want)
+
+
+def test_metrics_errors(gen):
+    image, text, tti = gallery(gen, n_img=5)
+    with pytest.raises(ValueError, match="one image index per caption"):
+        harma_fast.retrieval_metrics(image, text, tti[:-1])
+    with pytest.raises(ValueError, match=r"images \[4\] have no caption"):
+        harma_fast.retrieval_metrics(image, text[tti != 4], tti[tti != 4])
+    with pytest.raises(ValueError, match="outside"):
+        harma_fast.retrieval_metrics(image, text, tti + 10)
+    bad = image.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="image_features has NaN"):
+        harma_fast.retrieval_metrics(bad, text, tti)
