@@ -7,7 +7,6 @@ interpreter (``TRITON_INTERPRET=1``), which the test-suite uses.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -22,9 +21,11 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON
 
 
 def triton_interpreting() -> bool:

@@ -38,17 +38,3 @@ def pow2(n: int, lo: int = 16, hi: int = 1 << 30) -> int:
     """Next power of two of ``n``, clamped to [lo, hi] (tl.arange and tl.dot want powers of two >= 16)."""
     return max(lo, min(hi, triton.next_power_of_2(max(1, int(n)))))
 
-
-def upcast_operands(dtype: torch.dtype) -> bool:
-    """Whether ``mma`` must upcast bf16 operands: the Triton interpreter (numpy) has no bf16
-    arithmetic. A bf16 dot with fp32 accumulation equals an fp32 dot of the bf16-rounded
-    operands (their products are exact in fp32), so the interpreter still tests the same math."""
-    return interpreting() and dtype == torch.bfloat16
-
-
-@triton.jit
-def mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """``acc + a @ b`` on the tensor cores, fp32 accumulation."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)

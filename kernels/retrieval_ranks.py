@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_inputs, dot_precision, mma, pow2, upcast_operands
+from ._common import check_inputs, dot_precision, pow2
 
 Tensor = torch.Tensor
 
@@ -27,7 +27,7 @@ BLOCKS = (128, 128, 64, 8)  # BLOCK_Q, BLOCK_G, BLOCK_K, num_warps
 def _count_above_kernel(q_ptr, g_ptr, thr_ptr, label_ptr, owner_ptr, out_ptr,
                         NQ, NG, D, stride_q, stride_g,
                         BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                        DOT_PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
     rmask = rows < NQ
@@ -43,7 +43,7 @@ def _count_above_kernel(q_ptr, g_ptr, thr_ptr, label_ptr, owner_ptr, out_ptr,
             kmask = ks < D
             q = tl.load(q_ptr + rows[:, None] * stride_q + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
             g = tl.load(g_ptr + cols[:, None] * stride_g + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
-            acc = mma(q, tl.trans(g), acc, DOT_PRECISION, UPCAST)
+            acc = tl.dot(q, tl.trans(g), acc, input_precision=DOT_PRECISION)
         owner = tl.load(owner_ptr + cols, mask=cmask, other=-2)
         above = (acc > thr[:, None]) & (owner[None, :] != label[:, None]) & cmask[None, :]
         count += tl.sum(above.to(tl.int32), axis=1)
@@ -64,6 +64,6 @@ def count_above(queries: Tensor, gallery: Tensor, threshold: Tensor, query_label
     _count_above_kernel[(triton.cdiv(nq, bq),)](
         queries, gallery, threshold.float().contiguous(), query_label.long().contiguous(),
         gallery_owner.long().contiguous(), out, nq, ng, d, queries.stride(0), gallery.stride(0),
-        BLOCK_Q=bq, BLOCK_G=bg, BLOCK_K=min(bk, pow2(d)), DOT_PRECISION=dot_precision(queries.dtype), UPCAST=upcast_operands(queries.dtype),
+        BLOCK_Q=bq, BLOCK_G=bg, BLOCK_K=min(bk, pow2(d)), DOT_PRECISION=dot_precision(queries.dtype),
         num_warps=warps)
     return out.long()

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_inputs, dot_precision, mma, pow2, upcast_operands
+from ._common import check_inputs, dot_precision, pow2
 
 Tensor = torch.Tensor
 
@@ -51,14 +51,14 @@ def _focal(c, GAMMA: tl.constexpr):
 @triton.jit
 def _score_tile(a_ptr, b_ptr, rows, cols, rmask, cmask, D, stride_a, stride_b,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                DOT_PRECISION: tl.constexpr):
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < D
         a = tl.load(a_ptr + rows[:, None] * stride_a + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(b_ptr + cols[:, None] * stride_b + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
-        acc = mma(a, tl.trans(b), acc, DOT_PRECISION, UPCAST)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
     return acc
 
 
@@ -68,7 +68,7 @@ def _loss_rows_kernel(a_ptr, b_ptr, ids_ptr, diag_ptr, tau_ptr,
                       B, D, stride_a, stride_b, margin,
                       GAMMA: tl.constexpr, HAS_IDS: tl.constexpr, MAX_VIOLATION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                      DOT_PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < B
@@ -87,7 +87,7 @@ def _loss_rows_kernel(a_ptr, b_ptr, ids_ptr, diag_ptr, tau_ptr,
         cols = n0 + tl.arange(0, BLOCK_N)
         cmask = cols < B
         s = _score_tile(a_ptr, b_ptr, rows, cols, rmask, cmask, D, stride_a, stride_b,
-                        BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST)
+                        BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
         # online log-sum-exp of this row's logits
         logits = tl.where(cmask[None, :], s * inv_tau, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logits, axis=1))
@@ -132,7 +132,7 @@ def _loss_grad_kernel(a_ptr, b_ptr, ids_ptr, cnt_ptr, diag_ptr, tau_ptr, w_ptr,
                       B, D, stride_a, stride_b, stride_da, margin, inv_2b,
                       GAMMA: tl.constexpr, HAS_IDS: tl.constexpr, MAX_VIOLATION: tl.constexpr,
                       COMPUTE_DTAU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                      BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -156,7 +156,7 @@ def _loss_grad_kernel(a_ptr, b_ptr, ids_ptr, cnt_ptr, diag_ptr, tau_ptr, w_ptr,
         cols = n0 + tl.arange(0, BLOCK_N)
         cmask = cols < B
         s = _score_tile(a_ptr, b_ptr, rows, cols, rmask, cmask, D, stride_a, stride_b,
-                        BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, UPCAST)
+                        BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
         valid = rmask[:, None] & cmask[None, :]
         lse_b = tl.load(lse_b_ptr + cols, mask=cmask, other=0.0)
         diag_c = tl.load(diag_ptr + cols, mask=cmask, other=0.0)
@@ -186,7 +186,7 @@ def _loss_grad_kernel(a_ptr, b_ptr, ids_ptr, cnt_ptr, diag_ptr, tau_ptr, w_ptr,
         if COMPUTE_DTAU:
             dtau += tl.sum(gc * s, axis=1)
         b_d = tl.load(b_ptr + cols[:, None] * stride_b + dcols[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
-        acc = mma(g.to(b_d.dtype), b_d, acc, DOT_PRECISION, UPCAST)
+        acc = tl.dot(g.to(b_d.dtype), b_d, acc, input_precision=DOT_PRECISION)
     # diagonal of ∂L_t/∂S: S_ii is the anchor of row i and of column i
     coef = -0.5 * wt * (tl.load(dtrip_a_ptr + rows, mask=rmask, other=0.0) + tl.load(dtrip_b_ptr + rows, mask=rmask, other=0.0))
     b_self = tl.load(b_ptr + rows[:, None] * stride_b + dcols[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
@@ -218,7 +218,7 @@ def _rows(a: Tensor, b: Tensor, ids: Optional[Tensor], diag: Tensor, tau: Tensor
         a, b, ids if ids is not None else diag, diag, tau, out[0], out[1], out[2], out[3], amax,
         bsz, d, a.stride(0), b.stride(0), float(margin),
         GAMMA=float(gamma), HAS_IDS=ids is not None, MAX_VIOLATION=max_violation,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(bk, pow2(d)), DOT_PRECISION=dot_precision(a.dtype), UPCAST=upcast_operands(a.dtype), num_warps=warps)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(bk, pow2(d)), DOT_PRECISION=dot_precision(a.dtype), num_warps=warps)
     return out[0], out[1], out[2], out[3], amax
 
 
@@ -251,7 +251,7 @@ def _grad(a: Tensor, b: Tensor, ids, cnt, diag, tau, w, lse_a, lse_b, dtrip_a, d
         amax_a, amax_b, da, dtau, bsz, d, a.stride(0), b.stride(0), da.stride(0), float(margin), 0.5 / bsz,
         GAMMA=float(gamma), HAS_IDS=ids is not None, MAX_VIOLATION=max_violation, COMPUTE_DTAU=compute_dtau,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(bk, pow2(d)), BLOCK_D=block_d,
-        DOT_PRECISION=dot_precision(a.dtype), UPCAST=upcast_operands(a.dtype), num_warps=warps)
+        DOT_PRECISION=dot_precision(a.dtype), num_warps=warps)
     return da, (dtau.sum() if compute_dtau else None)
 
 

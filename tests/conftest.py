@@ -8,6 +8,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import logging  # noqa: E402
 
+from harma_fast.backend import triton_available, triton_interpreting  # noqa: E402
+
+if triton_available() and triton_interpreting():
+    from harma_fast.kernels._interpreter import make_bf16_faithful
+
+    make_bf16_faithful()  # the interpreter's own bf16 truncates and multiplies raw bits
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -1,0 +1,238 @@
+"""Adapter output: gate mixing + up-projection + bias + block gate + residual, one GEMM.
+
+Reference (the spec): ``harma_fast.functional.mix_up_residual_ref``.
+
+    out = x + γ ⊙ (h + β · ((α z + (1 − α) a) Wᵀ + b)),   α = σ(g_mix), β = σ(g_out)
+
+``z, a`` (M, r) are the adapter's down-projection and attention output, ``h, x`` (M, d) the
+block's MLP output and residual stream, ``W`` (d, r). The mixing is the GEMM's prologue (on
+the r-wide operand tiles) and everything after the product is its epilogue, so the four
+(M, d) tensors are each read or written once. ``x``, ``β`` and ``γ`` are optional: the shared
+sub-adapter's output ``a + (σ(g_s) v + (1 − σ(g_s)) u) W₂ᵀ + b₂`` is the same op.
+
+Backward (G = ∂L/∂out, Gγ = G ⊙ γ): ``dx = G``, ``dh = Gγ`` (no copies when γ is absent);
+one kernel computes ``dm' = Gγ W`` with an epilogue that writes ``dz = αβ dm'``,
+``da = (1−α)β dm'`` and ``m`` (recomputed from z, a) and reduces the gate terms
+``Σ dm' ⊙ (z − a)``, ``Σ m ⊙ dm'`` and the column sums of Gγ per program; ``dW = β Gγᵀ m``
+is a plain GEMM over all tokens (cuBLAS).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_inputs, dot_precision, interpreting, pow2
+
+Tensor = torch.Tensor
+MAX_R = 256
+
+
+def _fwd_configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in ((128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3),
+                                     (128, 256, 32, 8, 3))]
+
+
+def _bwd_configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in ((64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3))]
+
+
+@triton.autotune(configs=_fwd_configs(), key=["N", "K"])
+@triton.jit
+def _mix_up_fwd_kernel(z_ptr, a_ptr, w_ptr, b_ptr, gmix_ptr, gout_ptr, h_ptr, x_ptr, gamma_ptr, out_ptr,
+                       M, N, K, stride_zm, stride_am, stride_wn, stride_hm, stride_xm, stride_om,
+                       HAS_GOUT: tl.constexpr, HAS_X: tl.constexpr, HAS_GAMMA: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    # consecutive programs share rows (n fastest), so z/a tiles are reused from L2
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = pid // n_blocks, pid % n_blocks
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask, cmask = rows < M, cols < N
+    alpha = tl.sigmoid(tl.load(gmix_ptr).to(tl.float32))
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = rmask[:, None] & (ks < K)[None, :]
+        z = tl.load(z_ptr + rows[:, None] * stride_zm + ks[None, :], mask=kmask, other=0.0)
+        a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :], mask=kmask, other=0.0)
+        m = (alpha * z.to(tl.float32) + (1.0 - alpha) * a.to(tl.float32)).to(z.dtype)
+        w = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None], mask=cmask[None, :] & (ks < K)[:, None], other=0.0)
+        acc = tl.dot(m, w, acc, input_precision=DOT_PRECISION)
+    y = acc + tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_GOUT:
+        y = tl.sigmoid(tl.load(gout_ptr).to(tl.float32)) * y
+    mask = rmask[:, None] & cmask[None, :]
+    y += tl.load(h_ptr + rows[:, None] * stride_hm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_GAMMA:
+        y = y * tl.load(gamma_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_X:
+        y += tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_bwd_configs(), key=["N", "K"], reset_to_zero=["part_ptr", "colsum_ptr"])
+@triton.jit
+def _mix_up_bwd_kernel(g_ptr, w_ptr, z_ptr, a_ptr, gmix_ptr, gout_ptr, dz_ptr, da_ptr, m_ptr,
+                       part_ptr, colsum_ptr, M, N, K, stride_gm, stride_wn, stride_zm, stride_am,
+                       HAS_GOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_R)
+    rmask, kmask = rows < M, rk < K
+    acc = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        ns = n0 + tl.arange(0, BLOCK_N)
+        nmask = ns < N
+        g = tl.load(g_ptr + rows[:, None] * stride_gm + ns[None, :], mask=rmask[:, None] & nmask[None, :], other=0.0)
+        w = tl.load(w_ptr + ns[:, None] * stride_wn + rk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+        acc = tl.dot(g, w, acc, input_precision=DOT_PRECISION)
+        # column sums of G for db and the block-gate gradient, one row of partials per program
+        tl.store(colsum_ptr + pid * N + ns, tl.sum(g.to(tl.float32), axis=0), mask=nmask)
+    alpha = tl.sigmoid(tl.load(gmix_ptr).to(tl.float32))
+    beta = 1.0
+    if HAS_GOUT:
+        beta = tl.sigmoid(tl.load(gout_ptr).to(tl.float32))
+    mask = rmask[:, None] & kmask[None, :]
+    z = tl.load(z_ptr + rows[:, None] * stride_zm + rk[None, :], mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + rows[:, None] * stride_am + rk[None, :], mask=mask, other=0.0).to(tl.float32)
+    m = alpha * z + (1.0 - alpha) * a
+    out = rows[:, None] * K + rk[None, :]
+    tl.store(dz_ptr + out, (alpha * beta * acc).to(dz_ptr.dtype.element_ty), mask=mask)
+    tl.store(da_ptr + out, ((1.0 - alpha) * beta * acc).to(da_ptr.dtype.element_ty), mask=mask)
+    tl.store(m_ptr + out, m.to(m_ptr.dtype.element_ty), mask=mask)
+    tl.store(part_ptr + pid * 2, tl.sum(tl.sum(acc * (z - a), axis=1), axis=0))
+    tl.store(part_ptr + pid * 2 + 1, tl.sum(tl.sum(acc * m, axis=1), axis=0))
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+def _rows(t: Tensor, width: int) -> Tensor:
+    t = t.reshape(-1, width)
+    return t if t.stride(1) == 1 else t.contiguous()
+
+
+def mix_up_forward(z: Tensor, a: Tensor, weight: Tensor, bias: Tensor, gate_mix: Tensor, h: Tensor,
+                   gate_out: Optional[Tensor], x: Optional[Tensor], gamma: Optional[Tensor]) -> Tensor:
+    check_inputs("mix_up_residual", z, a, h, x)
+    m_rows, k = z.shape
+    n = weight.shape[0]
+    if weight.shape[1] != k or a.shape != z.shape or h.shape != (m_rows, n) or (x is not None and x.shape != h.shape):
+        raise ValueError(f"mix_up_residual: z, a ({m_rows}, {k}), W ({n}, {k}), h and x ({m_rows}, {n}) expected; got "
+                         f"z {tuple(z.shape)}, a {tuple(a.shape)}, W {tuple(weight.shape)}, h {tuple(h.shape)}")
+    w = weight.to(z.dtype).contiguous()
+    out = torch.empty(m_rows, n, device=z.device, dtype=out_dtype(h, x))
+    grid = lambda meta: (triton.cdiv(m_rows, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _mix_up_fwd_kernel[grid](
+        z, a, w, bias, gate_mix, gate_out if gate_out is not None else gate_mix, h,
+        x if x is not None else h, gamma if gamma is not None else bias, out,
+        m_rows, n, k, z.stride(0), a.stride(0), w.stride(0), h.stride(0), (x if x is not None else h).stride(0),
+        out.stride(0), HAS_GOUT=gate_out is not None, HAS_X=x is not None, HAS_GAMMA=gamma is not None,
+        DOT_PRECISION=dot_precision(z.dtype))
+    return out
+
+
+def out_dtype(h: Tensor, x: Optional[Tensor]) -> torch.dtype:
+    # as PyTorch's `x + (...)`: an fp32 residual stream plus a bf16 MLP output (autocast) is fp32
+    return torch.promote_types(h.dtype, x.dtype) if x is not None else h.dtype
+
+
+def mix_up_backward(g_gamma: Tensor, z: Tensor, a: Tensor, weight: Tensor, bias: Tensor, gate_mix: Tensor,
+                    gate_out: Optional[Tensor]):
+    """``(dz, da, dW, db, dg_mix, dg_out)`` for ``g_gamma`` = γ ⊙ ∂L/∂out (M, d)."""
+    m_rows, k = z.shape
+    n = weight.shape[0]
+    g_in = g_gamma.to(z.dtype)
+    g_in = g_in if g_in.stride(1) == 1 else g_in.contiguous()
+    w = weight.to(z.dtype).contiguous()
+    dz, da, m = (torch.empty(m_rows, k, device=z.device, dtype=z.dtype) for _ in range(3))
+    # one row of partials per program: sized for the smallest BLOCK_M of any config
+    max_programs = triton.cdiv(m_rows, 32)
+    part = torch.zeros(max_programs, 2, device=z.device, dtype=torch.float32)
+    colsum = torch.zeros(max_programs, n, device=z.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(m_rows, meta["BLOCK_M"]),)  # noqa: E731
+    _mix_up_bwd_kernel[grid](
+        g_in, w, z, a, gate_mix, gate_out if gate_out is not None else gate_mix, dz, da, m, part, colsum,
+        m_rows, n, k, g_in.stride(0), w.stride(0), z.stride(0), a.stride(0),
+        HAS_GOUT=gate_out is not None, BLOCK_R=pow2(k), DOT_PRECISION=dot_precision(z.dtype))
+    alpha = torch.sigmoid(gate_mix.float())
+    beta = torch.sigmoid(gate_out.float()) if gate_out is not None else torch.ones((), device=z.device)
+    colsum = colsum.sum(0)
+    s_alpha, s_beta = part.sum(0).unbind(0)
+    dw = ((g_in.t() @ m).float() * beta).to(weight.dtype)
+    db = (colsum * beta).to(bias.dtype)
+    d_gmix = (beta * s_alpha * alpha * (1 - alpha)).to(gate_mix.dtype).reshape(gate_mix.shape)
+    if gate_out is None:
+        d_gout = torch.zeros_like(gate_mix)
+    else:
+        d_beta = s_beta + (colsum * bias.float()).sum()
+        d_gout = (d_beta * beta * (1 - beta)).to(gate_out.dtype).reshape(gate_out.shape)
+    return dz, da, dw, db, d_gmix, d_gout
+
+
+# --------------------------------------------------------------------------------------------
+# autograd + torch.library registration
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("harma_fast::mix_up_residual", mutates_args=())
+def _mix_up_op(z: Tensor, a: Tensor, weight: Tensor, bias: Tensor, gate_mix: Tensor, h: Tensor,
+               gate_out: Optional[Tensor], x: Optional[Tensor], gamma: Optional[Tensor]) -> Tensor:
+    return mix_up_forward(z, a, weight, bias, gate_mix, h, gate_out, x, gamma)
+
+
+@_mix_up_op.register_fake
+def _(z, a, weight, bias, gate_mix, h, gate_out, x, gamma):
+    return h.new_empty(h.shape, dtype=out_dtype(h, x))
+
+
+@torch.library.custom_op("harma_fast::mix_up_residual_bwd", mutates_args=())
+def _mix_up_bwd_op(g_gamma: Tensor, z: Tensor, a: Tensor, weight: Tensor, bias: Tensor, gate_mix: Tensor,
+                   gate_out: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return mix_up_backward(g_gamma, z, a, weight, bias, gate_mix, gate_out)
+
+
+@_mix_up_bwd_op.register_fake
+def _(g_gamma, z, a, weight, bias, gate_mix, gate_out):
+    return (torch.empty_like(z), torch.empty_like(a), torch.empty_like(weight), torch.empty_like(bias),
+            torch.empty_like(gate_mix), torch.empty_like(gate_mix))
+
+
+def _setup(ctx, inputs, output):
+    z, a, weight, bias, gate_mix, h, gate_out, x, gamma = inputs
+    ctx.save_for_backward(z, a, weight, bias, gate_mix, gate_out, gamma)
+    ctx.h_dtype = h.dtype
+    ctx.x_dtype = x.dtype if x is not None else None
+    ctx.has_gout = gate_out is not None
+
+
+def _backward(ctx, grad):
+    z, a, weight, bias, gate_mix, gate_out, gamma = ctx.saved_tensors
+    # dx = G and dh = G ⊙ γ need no kernel (and no copy when γ is absent)
+    g_gamma = grad * gamma.to(grad.dtype) if gamma is not None else grad
+    dz, da, dw, db, d_gmix, d_gout = _mix_up_bwd_op(g_gamma, z, a, weight, bias, gate_mix, gate_out)
+    dx = grad.to(ctx.x_dtype) if ctx.x_dtype is not None else None
+    return dz, da, dw, db, d_gmix, g_gamma.to(ctx.h_dtype), d_gout if ctx.has_gout else None, dx, None
+
+
+_mix_up_op.register_autograd(_backward, setup_context=_setup)
+
+
+def mix_up_residual(z: Tensor, a: Tensor, weight: Tensor, bias: Tensor, gate_mix: Tensor, h: Tensor,
+                    gate_out: Optional[Tensor] = None, x: Optional[Tensor] = None,
+                    gamma: Optional[Tensor] = None) -> Tensor:
+    """Fused ``x + γ ⊙ (h + σ(g_out)((σ(g_mix) z + (1 − σ(g_mix)) a) Wᵀ + b))`` over any leading shape."""
+    r, d = z.shape[-1], h.shape[-1]
+    out = _mix_up_op(_rows(z, r), _rows(a, r), weight, bias, gate_mix, _rows(h, d), gate_out,
+                     _rows(x, d) if x is not None else None, gamma)
+    return out.reshape(h.shape)

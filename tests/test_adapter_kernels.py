@@ -1,0 +1,144 @@
+"""Fused adapter kernels (Triton interpreter on CPU) against the PyTorch references."""
+import copy
+
+import pytest
+import torch
+
+import harma_fast
+import harma_fast.functional as HF
+from harma_fast.checkpoints import adapter_state_dict
+from helpers import assert_close, assert_within_torch_error, randomize_adapters, sample_inputs, tiny_model
+
+pytestmark = pytest.mark.interpreter
+down = pytest.importorskip("harma_fast.kernels.adapter_down")
+up = pytest.importorskip("harma_fast.kernels.adapter_up")
+attn = pytest.importorskip("harma_fast.kernels.adapter_attention")
+
+FP32_TOL = dict(atol=2e-5, rtol=2e-5)
+
+
+def run(fn, inputs, upstream_seed=99):
+    """Output and the gradient of every floating input under one shared upstream gradient."""
+    inputs = [t.detach().clone().requires_grad_() if isinstance(t, torch.Tensor) else t for t in inputs]
+    out = fn(*inputs)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(upstream_seed)).bfloat16()  # exact in any dtype
+    out.backward(g.to(out.dtype))
+    return [out.detach()] + [t.grad for t in inputs if isinstance(t, torch.Tensor)]
+
+
+def check(fast, ref, inputs, dtype, names):
+    """fp32: against the float64 reference. bf16: within 2x torch's own bf16 error + atol, both
+    measured against float64 on the same bf16-rounded inputs (so each path is charged for its own
+    arithmetic, not for the rounding of the inputs, which both share)."""
+    cast = [t.to(dtype) if isinstance(t, torch.Tensor) and t.ndim > 0 else t for t in inputs]
+    want = run(ref, [t.double() if isinstance(t, torch.Tensor) else t for t in cast])
+    got = run(fast, cast)
+    if dtype == torch.float32:
+        for name, g, w in zip(names, got, want):
+            assert g is not None, f"{name}: no gradient"
+            assert_close(g, w, name=name, **FP32_TOL)
+    else:
+        base = run(ref, cast)
+        for name, g, b, w in zip(names, got, base, want):
+            assert g is not None, f"{name}: no gradient"
+            # plus one bf16 unit (2^-8) of the magnitude: reductions of bf16-rounded terms are noisy
+            assert_within_torch_error(g, b, w, atol=2 ** -8 * max(1.0, w.abs().max().item()), name=name)
+
+
+SHAPES = [(1, 1, 96), (3, 5, 512), (1, 50, 768), (3, 77, 96), (1, 77, 512)]  # (batch, L, d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch, length, d", SHAPES)
+def test_down_gelu(gen, dtype, batch, length, d):
+    h = torch.randn(batch, length, d, generator=gen)
+    w = torch.randn(128, d, generator=gen) * d ** -0.5
+    b = torch.randn(128, generator=gen) * 0.1
+    check(down.down_gelu, HF.down_gelu_ref, [h, w, b], dtype, ["z", "dh", "dW", "db"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch, length, d", SHAPES)
+@pytest.mark.parametrize("up_weights", ["zero", "random"])
+def test_mix_up_residual_block_output(gen, dtype, batch, length, d, up_weights):
+    r = 128
+    z, a = (torch.randn(batch, length, r, generator=gen) for _ in range(2))
+    h, x = (torch.randn(batch, length, d, generator=gen) for _ in range(2))
+    w = torch.randn(d, r, generator=gen) * r ** -0.5 if up_weights == "random" else torch.zeros(d, r)
+    b = torch.randn(d, generator=gen) * 0.1 if up_weights == "random" else torch.zeros(d)
+    g_mix, g_out = torch.tensor(0.6), torch.tensor(-0.3)
+    gamma = torch.rand(d, generator=gen) + 0.5
+
+    def fused(z, a, w, b, gm, h, go, x):  # γ is a frozen LayerScale: no gradient asked for
+        return up.mix_up_residual(z, a, w, b, gm, h, go, x, gamma.to(h.dtype))
+
+    def ref(z, a, w, b, gm, h, go, x):
+        return HF.mix_up_residual_ref(z, a, w, b, gm, h, go, x, gamma.to(h.dtype))
+    check(fused, ref, [z, a, w, b, g_mix, h, g_out, x], dtype,
+          ["out", "dz", "da", "dW", "db", "dg_a", "dh", "dg_blk", "dx"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch, length", [(1, 1), (3, 50), (1, 77)])
+def test_mix_up_residual_as_shared_subadapter_output(gen, dtype, batch, length):
+    v, u = (torch.randn(batch, length, 64, generator=gen) for _ in range(2))
+    a = torch.randn(batch, length, 128, generator=gen)
+    w, b = torch.randn(128, 64, generator=gen) * 0.125, torch.randn(128, generator=gen) * 0.1
+    check(up.mix_up_residual, HF.mix_up_residual_ref, [v, u, w, b, torch.tensor(0.6), a], dtype,
+          ["out", "dv", "du", "dW2", "db2", "dg_s", "da"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch, length", [(1, 1), (3, 5), (1, 50), (3, 77)])
+@pytest.mark.parametrize("width, heads", [(128, 8), (64, 8)])
+@pytest.mark.parametrize("seq_first", [False, True])
+def test_attention_core(gen, dtype, batch, length, width, heads, seq_first):
+    shape = (length, batch, 3 * width) if seq_first else (batch, length, 3 * width)
+    qkv = torch.randn(shape, generator=gen)
+    check(lambda t: attn.attention_core(t, heads, seq_first), lambda t: HF.attention_core_ref(t, heads, seq_first),
+          [qkv], dtype, ["out", "dqkv"])
+
+
+def test_attention_sdpa_path_equals_reference(gen):
+    qkv = torch.randn(2, 130, 384, generator=gen, dtype=torch.float64)  # > MAX_L: the SDPA route
+    assert_close(attn.attention_core(qkv, 8), HF.attention_core_ref(qkv, 8), atol=1e-12)
+    assert_close(attn.attention_sdpa(qkv.transpose(0, 1), 8, True), HF.attention_core_ref(qkv.transpose(0, 1), 8, True),
+                 atol=1e-12)
+
+
+@pytest.mark.parametrize("config", [harma_fast.HarMAConfig.paper(), harma_fast.HarMAConfig.released()])
+@pytest.mark.parametrize("seq_first", [False, True])
+def test_whole_tiny_model_triton_equals_reference(config, seq_first):
+    base = tiny_model(seq_first=seq_first)
+    ref = randomize_adapters(harma_fast.patch(copy.deepcopy(base), config, backend="reference"), seed=3)
+    fast = harma_fast.set_backend(copy.deepcopy(ref), "triton")
+    images, tokens = sample_inputs(base, batch=3)
+    outs = []
+    for model in (ref, fast):
+        img, txt = model.encode_image(images), model.encode_text(tokens)
+        (img.square().sum() + (txt * torch.linspace(-1, 1, txt.shape[1])).sum()).backward()
+        outs.append((img.detach(), txt.detach(), {k: p.grad for k, p in adapter_state_dict(model).items()}))
+    assert_close(outs[1][0], outs[0][0], atol=1e-5, rtol=1e-5, name="image embeddings")
+    assert_close(outs[1][1], outs[0][1], atol=1e-5, rtol=1e-5, name="text embeddings")
+    for key, g in outs[0][2].items():
+        assert g is not None and outs[1][2][key] is not None, key
+        assert_close(outs[1][2][key], g, atol=1e-5, rtol=1e-4, name=key)
+
+
+def test_auto_backend_uses_reference_on_cpu(monkeypatch):
+    model = harma_fast.patch(tiny_model(), backend="auto")
+    monkeypatch.setattr(down, "down_gelu", lambda *a: (_ for _ in ()).throw(AssertionError("triton on CPU")))
+    images, _ = sample_inputs(model)
+    model.encode_image(images)
+
+
+def test_compiled_adapter_has_no_graph_break(gen):
+    import torch._dynamo
+    adapter = harma_fast.modules.HarMAAdapter(96, 128, 8, 0.6) if hasattr(harma_fast, "modules") else None
+    from harma_fast.modules import HarMAAdapter
+    adapter = HarMAAdapter(96, 128, 8, 0.6)
+    adapter.set_backend("triton")
+    h, x = torch.randn(2, 5, 96, generator=gen), torch.randn(2, 5, 96, generator=gen)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(lambda h, x: adapter(h, x=x))(h, x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
