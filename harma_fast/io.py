@@ -9,6 +9,10 @@ from typing import Iterator, Union
 
 PathLike = Union[str, os.PathLike]
 
+# mkstemp creates 0600 files; finished files get the mode a plain open() would give them
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
@@ -30,6 +34,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

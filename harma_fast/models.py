@@ -140,6 +140,7 @@ def create_model(name: str, pretrained: Optional[PathLike] = None, device="cpu",
     model = open_clip.create_model(name, pretrained=None, device="cpu", precision="fp32")
     if path is not None:
         load_backbone_file(model, path, name)
+    model.harma_model_name = name  # for the tokenizer at export and evaluation time
     return _to(model, device, precision)
 
 

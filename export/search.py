@@ -1,0 +1,154 @@
+"""Text-to-image search over a folder of images, with an on-disk embedding index.
+
+The folder is embedded once; the index (``.npz``: embeddings + a manifest of each file's
+relative path, size and modification time + the export's id) is reused while nothing changed
+and updated incrementally when files are added, changed or removed, or rebuilt for another
+export. Images that cannot be read are skipped and reported, never silently embedded.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .runtime import OrtEncoder
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
+
+
+@dataclass
+class Hit:
+    rank: int
+    score: float
+    path: Path
+
+
+def default_index_path(folder: Path, encoder: OrtEncoder) -> Path:
+    root = Path(os.environ.get("HARMA_FAST_CACHE", Path.home() / ".cache" / "harma_fast")) / "gallery"
+    key = hashlib.sha1(f"{folder.resolve()}|{encoder.meta['export_id']}".encode()).hexdigest()[:20]
+    return root / f"{key}.npz"
+
+
+def scan(folder: Path) -> Dict[str, Tuple[int, int]]:
+    """{relative path: (size, mtime_ns)} of every image file below ``folder``."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            st = path.stat()
+            found[path.relative_to(folder).as_posix()] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+class GalleryIndex:
+    def __init__(self, folder, encoder: OrtEncoder, index_path: Optional[os.PathLike] = None, progress=None):
+        self.folder, self.encoder = Path(folder), encoder
+        self.path = Path(index_path) if index_path else default_index_path(self.folder, encoder)
+        self.progress = progress or (lambda msg: None)
+        self.names: List[str] = []
+        self.embeddings = np.zeros((0, encoder.embed_dim), np.float32)
+        self.skipped: Dict[str, str] = {}
+        self.status = ""
+        self._sync()
+
+    def _load(self):
+        if not self.path.is_file():
+            return {}, None
+        try:
+            with np.load(self.path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                if meta.get("export_id") != self.encoder.meta["export_id"]:
+                    return {}, "the index was built with another export"
+                emb = data["embeddings"]
+            return {n: (tuple(m), emb[i]) for i, (n, m) in enumerate(zip(meta["names"], meta["stats"]))}, None
+        except (OSError, ValueError, KeyError) as err:
+            return {}, f"the index file was unreadable ({err})"
+
+    def _sync(self) -> None:
+        current = scan(self.folder)
+        if not current:
+            raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {self.folder}")
+        cached, why = self._load()
+        keep = {n: cached[n][1] for n, st in current.items() if n in cached and cached[n][0] == tuple(st)}
+        todo = [n for n in current if n not in keep]
+        removed = [n for n in cached if n not in current]
+        for start in range(0, len(todo), 64):
+            chunk = todo[start:start + 64]
+            pixels, ok = [], []
+            for name in chunk:
+                try:
+                    pixels.append(self.encoder.preprocess(self.folder / name))
+                    ok.append(name)
+                except (ValueError, FileNotFoundError) as err:
+                    self.skipped[name] = str(err)
+            if ok:
+                for name, vec in zip(ok, self.encoder.encode_pixels(np.stack(pixels))):
+                    keep[name] = vec
+            self.progress(f"embedded {min(start + 64, len(todo))}/{len(todo)} images")
+        self.names = [n for n in current if n in keep]
+        self.embeddings = np.stack([keep[n] for n in self.names]).astype(np.float32) if self.names else self.embeddings
+        if todo or removed or why:
+            self.status = (f"index {'rebuilt' if why or not cached else 'updated'}: {len(todo)} embedded, "
+                           f"{len(removed)} removed, {len(self.names)} in all" + (f" ({why})" if why else ""))
+            self._save(current)
+        else:
+            self.status = f"index reused: {len(self.names)} images unchanged"
+
+    def _save(self, current) -> None:
+        from ..io import atomic_path
+
+        meta = {"export_id": self.encoder.meta["export_id"], "folder": str(self.folder.resolve()),
+                "names": self.names, "stats": [list(current[n]) for n in self.names]}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, embeddings=self.embeddings, meta=np.array(json.dumps(meta)))
+
+    def search(self, query: str, top_k: int = 10) -> List[Hit]:
+        if not self.names:
+            raise ValueError(f"no readable images in {self.folder}")
+        q = self.encoder.encode_texts([query])[0]
+        scores = self.embeddings @ q
+        order = np.argsort(-scores, kind="stable")[:top_k]
+        return [Hit(r + 1, float(scores[i]), self.folder / self.names[i]) for r, i in enumerate(order)]
+
+
+def _thumbnail(path: Path, size: int = 256) -> str:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        img.thumbnail((size, size))
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def write_html(path, query: str, hits: List[Hit]) -> None:
+    """A self-contained page: the query and the retrieved images (embedded thumbnails) with scores."""
+    from ..io import atomic_path
+
+    cards = "\n".join(
+        f'<figure><img src="{_thumbnail(h.path)}" alt="{html.escape(h.path.name)}"><figcaption>#{h.rank} · '
+        f'{h.score:.3f}<br><small>{html.escape(str(h.path))}</small></figcaption></figure>' for h in hits)
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>harma-fast search: {html.escape(query)}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2rem;background:#fafafa}}
+.grid{{display:flex;flex-wrap:wrap;gap:1rem}}figure{{margin:0;background:#fff;padding:.5rem;border-radius:6px;
+box-shadow:0 1px 3px #0002;width:256px}}img{{width:256px;height:256px;object-fit:cover}}
+figcaption{{font-size:.9rem;word-break:break-all}}</style></head>
+<body><h1>“{html.escape(query)}”</h1><p>top {len(hits)} images</p><div class="grid">
+{cards}
+</div></body></html>
+"""
+    with atomic_path(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")

@@ -1,0 +1,100 @@
+"""Training checkpoints: adapters + optimizer + scheduler + RNG + position, written atomically.
+
+A checkpoint holds no backbone weights (those come from ``--model``/``--pretrained``), only
+what training changes; resuming from it continues bit-for-bit on CPU. Loading validates that
+the checkpoint belongs to this model and adapter layout before anything is restored.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoints import adapter_state_dict, architecture, describe_mismatch
+from .config import HarMAConfig
+from .io import PathLike, atomic_path, require_file
+
+FORMAT = "harma_fast.train/1"
+
+
+@dataclass
+class Position:
+    step: int = 0             # optimizer steps taken
+    epoch: int = 0            # epoch in progress
+    batch: int = 0            # batches of that epoch already consumed
+    best_r_mean: float = -1.0
+    best_step: int = -1
+    extra: Dict = field(default_factory=dict)
+
+
+def rng_state() -> Dict:
+    # numpy's key array as a tensor, so checkpoints load with torch.load(weights_only=True)
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                    gauss), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_state(path: PathLike, model: nn.Module, model_name: str, loss: nn.Module,
+                        optimizer: torch.optim.Optimizer, scheduler, position: Position, config: Dict) -> None:
+    state = {
+        "format": FORMAT, "model_name": model_name, "architecture": architecture(model),
+        "harma_config": model.harma_config.to_json(),
+        "adapters": {k: v.detach().cpu().clone() for k, v in adapter_state_dict(model).items()},
+        "loss": loss.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "position": position.__dict__, "rng": rng_state(), "config": config,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_training_state(path: PathLike, model: nn.Module, model_name: str, loss: nn.Module,
+                        optimizer: Optional[torch.optim.Optimizer] = None, scheduler=None,
+                        restore_rng: bool = True) -> Position:
+    """Restore a checkpoint into a patched model (and optimizer/scheduler); validates first."""
+    path = require_file(path, "checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a harma_fast training checkpoint (format {FORMAT!r}); adapter files "
+                         "(.safetensors) load with harma_fast.load_adapters")
+    if state["model_name"] != model_name or state["architecture"] != architecture(model):
+        raise ValueError(f"checkpoint {path} was trained on {state['model_name']} {state['architecture']}, but "
+                         f"this run builds {model_name} {architecture(model)}: a checkpoint of another model")
+    config = HarMAConfig.from_json(state["harma_config"])
+    if config != model.harma_config:
+        raise ValueError(f"checkpoint {path} has adapters of another layout "
+                         f"({config.describe_difference(model.harma_config)})")
+    params = adapter_state_dict(model)
+    problem = describe_mismatch(params, state["adapters"])
+    if problem:
+        raise ValueError(f"checkpoint {path} does not fit this model: {problem}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state["adapters"][name])
+    loss.load_state_dict(state["loss"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if restore_rng:
+        set_rng_state(state["rng"])
+    return Position(**state["position"])
