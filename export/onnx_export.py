@@ -124,23 +124,23 @@ def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("i
     if is_patched(work):
         set_backend(work, "reference")
     size, mean, std = model_image_spec(work)
-    tokenizer = _tokenizer_spec(work, model_name)
+    tokenizer = _tokenizer_spec(work, model_name) if "text" in towers else None
     written = []
     previous = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # the MHA fast path has no ONNX mapping
     try:
         with torch.no_grad():
             if "image" in towers:
-                _export_tower(ImageTower(work, _DTYPES[dtype]), torch.randn(2, 3, size, size), out / "image.onnx",
+                _export_tower(ImageTower(work, _DTYPES[dtype]).eval(), torch.randn(2, 3, size, size), out / "image.onnx",
                               "pixels", opset, dynamic_batch)
                 written.append(out / "image.onnx")
             if "text" in towers:
                 example = torch.randint(1, 49406, (2, int(work.context_length)))
-                _export_tower(TextTower(work), example, out / "text.onnx", "tokens", opset, dynamic_batch)
+                _export_tower(TextTower(work).eval(), example, out / "text.onnx", "tokens", opset, dynamic_batch)
                 written.append(out / "text.onnx")
     finally:
         torch.backends.mha.set_fastpath_enabled(previous)
-    if tokenizer and "text" in towers:
+    if tokenizer:
         shutil.copyfile(_vocab_path(), out / VOCAB_FILE)
     with torch.no_grad():
         embed_dim = int(work.encode_image(torch.zeros(1, 3, size, size, dtype=_DTYPES[dtype])).shape[-1])

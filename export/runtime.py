@@ -121,6 +121,7 @@ class OrtEncoder:
         return self._session("text").run(None, {"tokens": np.ascontiguousarray(tokens, np.int64)})[0]
 
     def encode_texts(self, texts: Union[str, Sequence[str]], batch_size: int = 256) -> np.ndarray:
+        self._session("text")  # says so first if the text tower was not exported
         if self.tokenizer is None:
             raise ValueError(f"the export in {self.dir} has no CLIP tokenizer (the model's tokenizer is not CLIP "
                              "BPE); tokenize yourself and call encode_tokens")

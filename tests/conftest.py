@@ -26,3 +26,12 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def gen():
     """A seeded generator: fresh random inputs, reproducible failures."""
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def trained_demo(tmp_path_factory):
+    """One demo run (synthetic data, HarMA-Tiny, 300 steps), shared by the demo and search tests."""
+    from harma_fast.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    return run_demo(str(out), minutes=None, max_steps=300, progress=False, print_fn=lambda *a, **k: None)

@@ -27,3 +27,19 @@ def loss_worker(rank, world_size, tmp, image, text, ids, backend):
                     "d_tau": loss.temperature.grad}, f"{tmp}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def train_worker(rank, world_size, port, config):
+    """One rank of a torchrun-style launch of harma_fast.train on CPU (gloo)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    import logging
+
+    logging.getLogger().setLevel(logging.ERROR)
+    from harma_fast.train import train
+    try:
+        train(config)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

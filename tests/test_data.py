@@ -1,0 +1,107 @@
+import json
+
+import pytest
+import torch
+
+from harma_fast.data.annotations import AnnotationError, clean_caption, load_eval_records, load_train_records
+from harma_fast.data.datasets import EpochBatches, TrainDataset
+from harma_fast.data.synthetic import generate
+from harma_fast.data.transforms import train_transform
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("synth"), n_train=12, n_val=4, n_test=4, image_size=48, seed=3)
+
+
+def write(path, data):
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+def test_clean_caption():
+    assert clean_caption("A  Lake, next to MANY roofs!!  ") == "a lake next to many roofs"
+    assert clean_caption(" ".join(["w"] * 40)) == " ".join(["w"] * 30)
+    assert clean_caption("?!...") == ""
+
+
+def test_synthetic_dataset_has_the_rsitmd_layout_and_is_deterministic(synth, tmp_path):
+    train = json.loads(synth["train"].read_text())
+    assert len(train) == 12 * 5 and set(train[0]) == {"image", "caption", "image_id", "label_name", "label"}
+    val = json.loads(synth["val"].read_text())
+    assert len(val) == 4 and len(val[0]["caption"]) == 5
+    again = generate(tmp_path, n_train=12, n_val=4, n_test=4, image_size=48, seed=3)
+    assert again["train"].read_text() == synth["train"].read_text()
+    assert (again["image_root"] / "00003.tif").read_bytes() == (synth["image_root"] / "00003.tif").read_bytes()
+
+
+def test_loaders_read_the_synthetic_dataset(synth):
+    train = load_train_records(synth["train"], synth["image_root"])
+    assert len(train) == 60 and sorted(set(train.image_ids)) == list(range(12))
+    test = load_eval_records(synth["test"], synth["image_root"])
+    assert len(test.images) == 4 and len(test.captions) == 20 and test.text_to_image[:5] == [0] * 5
+
+
+def test_every_problem_is_reported_at_once(synth, tmp_path):
+    root = synth["image_root"]
+    (tmp_path / "broken.tif").write_bytes(b"II*\x00 this is not a tiff")
+    records = [
+        {"image": "00000.tif", "caption": "a lake", "image_id": 0},
+        {"image": "missing.tif", "caption": "a road", "image_id": 1},
+        {"image": "00001.tif", "caption": "", "image_id": 1},
+        {"image": "00002.tif", "image_id": 2},
+        {"image": str(tmp_path / "broken.tif"), "caption": "a field", "image_id": 3},
+    ]
+    with pytest.raises(AnnotationError) as info:
+        load_train_records(write(tmp_path / "train.json", records), root)
+    text = str(info.value)
+    assert "4 problem(s) in annotation file" in text and "train.json" in text
+    assert "record 1: image 'missing.tif' not found" in text
+    assert "record 2: record without caption" in text and "record 3: record without caption" in text
+    assert "record 4: image" in text and "broken.tif" in text and "cannot be decoded" in text
+
+
+def test_malformed_and_empty_files(synth, tmp_path):
+    root = synth["image_root"]
+    with pytest.raises(AnnotationError, match=r"not valid JSON: .* at line 1 column"):
+        load_train_records(write(tmp_path / "bad.json", '[{"image": "00000.tif",'), root)
+    with pytest.raises(AnnotationError, match="no records \\(empty dataset\\)"):
+        load_train_records(write(tmp_path / "empty.json", []), root)
+    with pytest.raises(AnnotationError, match="expected a JSON list"):
+        load_eval_records(write(tmp_path / "dict.json", {"image": "x"}), root)
+    with pytest.raises(FileNotFoundError, match="annotation file .*nope.json does not exist"):
+        load_train_records(tmp_path / "nope.json", root)
+    with pytest.raises(FileNotFoundError, match="image root .* is not a directory"):
+        load_train_records(synth["train"], tmp_path / "no_images")
+    with pytest.raises(AnnotationError, match="record 0: record without caption: 'caption' must be a non-empty list"):
+        load_eval_records(write(tmp_path / "ev.json", [{"image": "00000.tif", "caption": []}]), root)
+
+
+def test_batch_plan_shards_global_batches_and_resumes():
+    single = EpochBatches(50, 8, seed=1)
+    ranks = [EpochBatches(50, 8, seed=1, rank=r, world_size=2) for r in range(2)]
+    for s in [single, *ranks]:
+        s.set_epoch(3)
+    whole = list(single)
+    parts = [list(r) for r in ranks]
+    assert len(whole) == 6 and all(len(b) == 8 for b in whole)
+    assert [a + b for a, b in zip(*parts)] == whole  # the gathered batch is the single-process batch
+    single.set_epoch(3, start=4)
+    assert list(single) == whole[4:]
+    single.set_epoch(4)
+    assert list(single) != whole
+    with pytest.raises(ValueError, match="not a multiple of the 3 ranks"):
+        EpochBatches(50, 8, seed=1, world_size=3)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        EpochBatches(5, 8, seed=1)
+
+
+def test_augmentation_depends_only_on_seed_epoch_and_index(synth):
+    records = load_train_records(synth["train"], synth["image_root"], check_images=False)
+    ds = TrainDataset(records, train_transform(32), seed=7)
+    a = ds[5][0]
+    torch.manual_seed(123)  # global RNG state must not matter
+    ds[2]
+    assert torch.equal(ds[5][0], a)
+    ds.set_epoch(1)
+    assert not torch.equal(ds[5][0], a)

@@ -1,0 +1,159 @@
+import copy
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import harma_fast
+from harma_fast.cli import main
+from helpers import randomize_adapters, tiny_model
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from harma_fast.export import BPETokenizer, ExportParityError, OrtEncoder, export_onnx  # noqa: E402
+
+
+def torch_embeddings(model, pixels=None, tokens=None):
+    ref = harma_fast.set_backend(copy.deepcopy(model), "reference") if harma_fast.is_patched(model) else model
+    with torch.no_grad():
+        if pixels is not None:
+            return ref.encode_image(torch.from_numpy(pixels), normalize=True).numpy()
+        return ref.encode_text(torch.from_numpy(tokens), normalize=True).numpy()
+
+
+def assert_parity(encoder, model, max_abs, min_cos, seed=0):
+    rng = np.random.default_rng(seed)
+    size = encoder.meta["image"]["size"]
+    captions = ["a lake", "many red roofs next to a wide river crossing the green farmland " * 6]
+    for batch in (1, 7):
+        pixels = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+        pairs = [(encoder.encode_pixels(pixels), torch_embeddings(model, pixels=pixels))]
+        for text in captions:  # short and long (truncated at the context length)
+            tokens = encoder.tokenizer([text] * batch)
+            pairs.append((encoder.encode_tokens(tokens), torch_embeddings(model, tokens=tokens)))
+        for got, want in pairs:
+            assert got.shape == want.shape
+            assert np.abs(got - want).max() <= max_abs
+            cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+            assert cos.min() >= min_cos
+
+
+def only_standard_ops(path):
+    model = onnx.load(str(path))
+    domains = {n.domain for n in model.graph.node}
+    return domains <= {"", "ai.onnx"} and not model.functions, domains
+
+
+@pytest.mark.parametrize("patched", [True, False])
+def test_tiny_model_exports_and_matches_pytorch(tmp_path, patched):
+    model = tiny_model()
+    if patched:
+        randomize_adapters(harma_fast.patch(model), seed=2)
+    meta = export_onnx(model, tmp_path, model_name="HarMA-Tiny")
+    assert meta["harma_config"] is not None if patched else meta["harma_config"] is None
+    encoder = OrtEncoder(tmp_path)
+    assert_parity(encoder, model, max_abs=1e-4, min_cos=0.99999)
+    for tower in ("image", "text"):
+        ok, domains = only_standard_ops(tmp_path / f"{tower}.onnx")
+        assert ok, f"{tower}.onnx uses custom domains {domains}"
+    assert all(r["ok"] for rows in meta["parity"].values() for r in rows)
+    if patched:
+        assert harma_fast.is_patched(model) and model.transformer.resblocks[0].harma.backend == "auto"  # untouched
+
+
+@pytest.mark.slow
+def test_patched_vit_b32_exports_and_matches_pytorch(tmp_path):
+    torch.manual_seed(0)
+    model = randomize_adapters(harma_fast.patch(harma_fast.create_model("ViT-B-32")), seed=4, scale=0.1)
+    export_onnx(model, tmp_path)
+    assert_parity(OrtEncoder(tmp_path), model, max_abs=1e-4, min_cos=0.99999)
+
+
+def test_fp16_export_within_its_documented_tolerance(tmp_path):
+    model = randomize_adapters(harma_fast.patch(tiny_model()), seed=2)
+    meta = export_onnx(model, tmp_path, dtype="fp16", model_name="HarMA-Tiny")
+    assert meta["dtype"] == "fp16"
+    assert_parity(OrtEncoder(tmp_path), model, max_abs=2e-2, min_cos=0.999)
+
+
+def test_tokenizer_matches_open_clip(tmp_path):
+    import open_clip
+    from harma_fast.export.onnx_export import _vocab_path
+    reference = open_clip.get_tokenizer("ViT-B-32")
+    ours = BPETokenizer(str(_vocab_path()), 77)
+    texts = ["A lake at the top-left, with MANY red roofs!!", "café déjà vu &amp; naïve — 東京 123", "",
+             "x" * 300, " ".join(["storage tanks"] * 60), "it's the <start_of_text> token", "😀 emoji"]
+    assert np.array_equal(ours(texts), reference(texts).numpy())
+
+
+def test_failed_parity_removes_the_files(tmp_path, monkeypatch):
+    import harma_fast.export.onnx_export as ox
+    model = tiny_model()
+
+    def broken(model, out_dir, **kw):
+        return {"image": [{"batch": 1, "max_abs": 0.5, "min_cosine": 0.2, "ok": False}]}
+    monkeypatch.setattr(ox, "check_parity", broken)
+    with pytest.raises(ExportParityError, match="image tower at batch 1: max abs 5.00e-01.*files were removed"):
+        export_onnx(model, tmp_path, towers=("image",), model_name="HarMA-Tiny")
+    assert not (tmp_path / "image.onnx").exists() and not (tmp_path / "harma.json").exists()
+
+
+def test_runtime_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no harma.json"):
+        OrtEncoder(tmp_path)
+    export_onnx(tiny_model(), tmp_path, towers=("image",), model_name="HarMA-Tiny")
+    encoder = OrtEncoder(tmp_path)
+    with pytest.raises(ValueError, match="the text tower was not exported to .*holds: image"):
+        encoder.encode_texts(["a lake"])
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="image .*bad.jpg cannot be read"):
+        encoder.encode_images([bad])
+    with pytest.raises(FileNotFoundError, match="image .*nope.png does not exist"):
+        encoder.encode_images([tmp_path / "nope.png"])
+    meta = json.loads((tmp_path / "harma.json").read_text())
+    meta["format"] = "someone-else/2"
+    (tmp_path / "harma.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="has format 'someone-else/2'; this harma_fast reads"):
+        OrtEncoder(tmp_path)
+    (tmp_path / "harma.json").write_text("{not json")
+    with pytest.raises(ValueError, match="harma.json is not valid JSON"):
+        OrtEncoder(tmp_path)
+
+
+@pytest.mark.slow
+def test_search_finds_the_captioned_image_after_demo_training(trained_demo, tmp_path, capsys):
+    from harma_fast.data.annotations import load_eval_records
+    from harma_fast.export import GalleryIndex
+    root = tmp_path / "gallery"
+    run = f"{trained_demo['output_dir']}/run"
+    data = f"{trained_demo['output_dir']}/data"
+    assert main(["export", "--model", "HarMA-Tiny", "--pretrained", f"{run}/backbone.pt",
+                 "--adapters", f"{run}/best.safetensors", "--out", str(tmp_path / "onnx")]) == 0
+    records = load_eval_records(f"{data}/test.json", f"{data}/images")
+    root.mkdir()
+    queries = {}
+    for i, image in enumerate(records.images[:20]):
+        shutil.copy(image, root / image.name)
+        queries[image.name] = records.captions[records.text_to_image.index(i)]  # its full description
+    encoder = OrtEncoder(tmp_path / "onnx")
+    index = GalleryIndex(root, encoder, tmp_path / "index.npz")
+    hits = [name in {h.path.name for h in index.search(q, 5)} for name, q in queries.items()]
+    assert sum(hits) / len(hits) >= 0.6, f"top-5 hit rate {sum(hits)}/{len(hits)}"
+
+    capsys.readouterr()  # drop the export's output
+    args = ["search", "a lake at the center", "--onnx", str(tmp_path / "onnx"), "--images", str(root),
+            "--top-k", "3", "--index", str(tmp_path / "index.npz"), "--html", str(tmp_path / "page.html")]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "index reused: 20 images unchanged" in captured.err
+    assert len([line for line in captured.out.splitlines() if line.strip()]) == 3
+    page = (tmp_path / "page.html").read_text()
+    assert "a lake at the center" in page and page.count("<img ") == 3
+    (root / "broken.png").write_bytes(b"not a png")
+    shutil.copy(records.images[25], root / "new.tif")
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "index updated: 2 embedded, 0 removed, 21 in all" in err and "skipped broken.png" in err
