@@ -53,7 +53,7 @@ def run_search(args: argparse.Namespace) -> int:
     from .search import GalleryIndex, write_html
 
     encoder = OrtEncoder(args.onnx)
-    index = GalleryIndex(args.images, encoder, args.index, progress=lambda m: print(m, file=sys.stderr))
+    index = GalleryIndex(args.images, encoder, args.index, progress=True)
     print(index.status, file=sys.stderr)
     for name, why in index.skipped.items():
         print(f"skipped {name}: {why}", file=sys.stderr)

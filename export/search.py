@@ -50,10 +50,10 @@ def scan(folder: Path) -> Dict[str, Tuple[int, int]]:
 
 
 class GalleryIndex:
-    def __init__(self, folder, encoder: OrtEncoder, index_path: Optional[os.PathLike] = None, progress=None):
+    def __init__(self, folder, encoder: OrtEncoder, index_path: Optional[os.PathLike] = None, progress: bool = False):
         self.folder, self.encoder = Path(folder), encoder
         self.path = Path(index_path) if index_path else default_index_path(self.folder, encoder)
-        self.progress = progress or (lambda msg: None)
+        self.progress = progress
         self.names: List[str] = []
         self.embeddings = np.zeros((0, encoder.embed_dim), np.float32)
         self.skipped: Dict[str, str] = {}
@@ -81,6 +81,10 @@ class GalleryIndex:
         keep = {n: cached[n][1] for n, st in current.items() if n in cached and cached[n][0] == tuple(st)}
         todo = [n for n in current if n not in keep]
         removed = [n for n in cached if n not in current]
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="embedding images", unit="img", disable=not self.progress or not todo,
+                   leave=False)
         for start in range(0, len(todo), 64):
             chunk = todo[start:start + 64]
             pixels, ok = [], []
@@ -93,7 +97,8 @@ class GalleryIndex:
             if ok:
                 for name, vec in zip(ok, self.encoder.encode_pixels(np.stack(pixels))):
                     keep[name] = vec
-            self.progress(f"embedded {min(start + 64, len(todo))}/{len(todo)} images")
+            bar.update(len(chunk))
+        bar.close()
         self.names = [n for n in current if n in keep]
         self.embeddings = np.stack([keep[n] for n in self.names]).astype(np.float32) if self.names else self.embeddings
         if todo or removed or why:

@@ -41,10 +41,13 @@ def run_demo(output_dir: Optional[str] = None, minutes: Optional[float] = 2.0, m
     print_fn(format_metrics(before, "\ntest retrieval before training"))
     print_fn(format_metrics(after, "test retrieval after training (adapters chosen on validation)"))
     run = out / "run"
+    import json
+
+    query = json.loads(Path(data["test"]).read_text())[0]["caption"][0]  # a caption in the style trained on
     print_fn(f"\nrun directory: {run} (metrics.jsonl, loss.png, mr.png, best.safetensors, backbone.pt)")
     print_fn("serve it with ONNX Runtime:\n"
              f"  harma-fast export --model HarMA-Tiny --pretrained {run / 'backbone.pt'} "
              f"--adapters {run / 'best.safetensors'} --out {out / 'onnx'}\n"
-             f"  harma-fast search --onnx {out / 'onnx'} --images {data['image_root']} \"a lake at the center\" "
+             f"  harma-fast search --onnx {out / 'onnx'} --images {data['image_root']} \"{query}\" "
              f"--html {out / 'search.html'}")
     return {"before": before, "after": after, "output_dir": str(out)}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from pathlib import Path
 from typing import Optional, Tuple
@@ -137,11 +138,30 @@ def create_model(name: str, pretrained: Optional[PathLike] = None, device="cpu",
                     f"downloads. Fetch them on a machine with internet (open_clip.create_model({name!r}, "
                     f"pretrained={str(pretrained)!r}) fills the cache) and copy the file here, then pass its path "
                     "as pretrained=...")
-    model = open_clip.create_model(name, pretrained=None, device="cpu", precision="fp32")
+    with _quiet_open_clip():  # it warns "initialized randomly" although the weights come next
+        model = open_clip.create_model(name, pretrained=None, device="cpu", precision="fp32")
     if path is not None:
         load_backbone_file(model, path, name)
     model.harma_model_name = name  # for the tokenizer at export and evaluation time
     return _to(model, device, precision)
+
+
+class _quiet_open_clip:
+    class _Drop(logging.Filter):
+        def filter(self, record):
+            return "No pretrained weights loaded" not in record.getMessage()
+
+    def __enter__(self):
+        self.filter = self._Drop()
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(self.filter)
+        logging.getLogger().addFilter(self.filter)
+
+    def __exit__(self, *exc):
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(self.filter)
+        logging.getLogger().removeFilter(self.filter)
+        return False
 
 
 def _to(model: nn.Module, device, precision: str) -> nn.Module:

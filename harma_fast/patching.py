@@ -64,10 +64,14 @@ class HarMABlockMixin:
     harma: HarMAAdapter
     _harma_kind: str
     _harma_seq_first: bool
+    _harma_fast: bool = False
+    _harma_causal: bool = False
 
     def forward(self, q_x, k_x=None, v_x=None, attn_mask=None):
         if k_x is not None or v_x is not None:
             raise NotImplementedError("a HarMA-patched block does self-attention only (k_x/v_x given)")
+        if self._harma_fast:  # harma_fast.fast.enable_fast_path: same function, frozen-backbone plumbing
+            return _fast_forward()(self, q_x)
         y = self.ln_1(q_x)
         if self._harma_kind == "mha":
             mask = attn_mask.to(y.dtype) if attn_mask is not None else None
@@ -84,6 +88,12 @@ class HarMABlockMixin:
         if hasattr(ls_2, "gamma") and type(ls_2).__name__ == "LayerScale":
             return self.harma(h, x=x, gamma=ls_2.gamma, seq_first=self._harma_seq_first)
         return x + ls_2(self.harma(h, seq_first=self._harma_seq_first))
+
+
+def _fast_forward():
+    from .fast import fast_block_forward  # imported on use: fast.py builds on this module
+
+    return fast_block_forward
 
 
 _PATCHED_CLASSES: Dict[type, type] = {}
@@ -230,6 +240,8 @@ def unpatch(model: nn.Module) -> nn.Module:
         if isinstance(module, HarMABlockMixin):
             del module.harma
             del module._harma_kind, module._harma_seq_first
+            module.__dict__.pop("_harma_fast", None)
+            module.__dict__.pop("_harma_causal", None)
             module.__class__ = module._harma_original_class
     for name, p in model.named_parameters():
         p.requires_grad_(model._harma_requires_grad.get(name, p.requires_grad))

@@ -32,6 +32,7 @@ from .data.annotations import load_eval_records, load_train_records
 from .data.datasets import EpochBatches, TrainCollate, TrainDataset
 from .data.transforms import eval_transform, model_image_spec, train_transform
 from .evaluate import evaluate, format_metrics
+from .fast import enable_fast_path
 from .losses import HarMALoss
 from .models import create_model
 from .patching import patch, trainable_parameters
@@ -67,6 +68,8 @@ class TrainConfig:
     max_words: int = 30
     precision: str = "auto"                   # "auto" (bf16 on GPU, fp32 on CPU) | "bf16" | "fp32"
     backend: str = "auto"
+    fast: str = "auto"                        # frozen-backbone fast path: "auto" (on CUDA) | "on" | "off"
+    compile: bool = False                     # torch.compile the model's forward (works with our kernels)
     device: str = "auto"
     num_workers: int = 4
     seed: int = 42
@@ -184,6 +187,11 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = patch(create_model(config.model, config.pretrained), config.harma_config(), config.backend)
         self.model.to(self.device)
+        if config.fast not in ("auto", "on", "off"):
+            raise ValueError(f"fast must be auto, on or off, got {config.fast!r}")
+        self.fast = config.fast == "on" or (config.fast == "auto" and self.device.type == "cuda")
+        if self.fast:
+            enable_fast_path(self.model)
         self.loss = HarMALoss(config.margin, config.gamma, config.temperature, max_violation=config.max_violation,
                               backend=config.backend, check_finite=False).to(self.device)
         self.tokenizer = open_clip.get_tokenizer(config.model)
@@ -208,13 +216,37 @@ class Trainer:
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             self.ddp.register_comm_hook(None, _sum_gradients_hook)
+        self.forward = torch.compile(self.ddp) if config.compile else self.ddp
+        # the fast path keeps the step free of host synchronisation: a NaN is looked for at every
+        # log line and before every checkpoint, and the first bad step is remembered on the device
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         if self.main:
             self.log.write_json("config.json", dataclasses.asdict(config))
             if config.pretrained is None:
                 self._save_backbone()
 
     # -- checkpoints -------------------------------------------------------------------------
+    def _watch_loss(self, total: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(total.detach())
+        if not self.fast:
+            if bad.item():
+                raise TrainingDiverged(
+                    f"the loss became {total.item()} at step {step} (epoch {self.position.epoch}); nothing was "
+                    f"updated. Last good checkpoint: {self.out / 'last.pt'} (step {self._checkpoint_step()}). "
+                    "Lower --lr or check the data.")
+            return
+        self._first_bad = torch.where(bad & (self._first_bad < 0), step, self._first_bad)
+
+    def _check_diverged(self) -> None:
+        first = int(self._first_bad.item())
+        if first >= 0:
+            raise TrainingDiverged(
+                f"the loss became non-finite at step {first} (found at step {self.position.step}, before any "
+                f"checkpoint was written). Last good checkpoint: {self.out / 'last.pt'} (step "
+                f"{self._checkpoint_step()}). Lower --lr or check the data.")
+
     def save(self) -> None:
+        self._check_diverged()
         if self.main:
             save_training_state(self.out / "last.pt", self.model, self.config.model, self.loss, self.optimizer,
                                 self.scheduler, self.position, dataclasses.asdict(self.config))
@@ -264,8 +296,10 @@ class Trainer:
         context = self.ddp.no_sync() if (self.world > 1 and not sync) else contextlib.nullcontext()
         with context:
             with self._autocast():
-                image_f, text_f = _features(self.ddp(images, tokens))
-                out = self.loss(image_f.float(), text_f.float(), ids)
+                image_f, text_f = _features(self.forward(images, tokens))
+                if not self.fast:  # the fused loss takes bf16 features as they are (fp32 accumulation)
+                    image_f, text_f = image_f.float(), text_f.float()
+                out = self.loss(image_f, text_f, ids)
             (out.total / self.config.grad_accum).backward()
         return out
 
@@ -292,11 +326,7 @@ class Trainer:
                 window["pairs"] += images.shape[0] * self.world
                 if micro % config.grad_accum:
                     continue
-                if not torch.isfinite(out.total):
-                    raise TrainingDiverged(
-                        f"the loss became {out.total.item()} at step {pos.step + 1} (epoch {pos.epoch}); nothing was "
-                        f"updated. Last good checkpoint: {self.out / 'last.pt'} (step "
-                        f"{self._checkpoint_step()}). Lower --lr or check the data.")
+                self._watch_loss(out.total, pos.step + 1)
                 if config.clip_grad_norm:
                     params = [p for group in self.optimizer.param_groups for p in group["params"]]
                     torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
@@ -332,6 +362,7 @@ class Trainer:
         return str(torch.load(path, map_location="cpu", weights_only=True)["position"]["step"])
 
     def _log_train(self, out, window, bar) -> None:
+        self._check_diverged()
         now = time.monotonic()
         rate = window["pairs"] / max(1e-9, now - window["time"])
         window.update(pairs=0, time=now)

@@ -1,0 +1,123 @@
+"""Turn a pytest-benchmark JSON into a markdown table and a PNG chart.
+
+    pytest benchmarks/ --benchmark-json=RESULTS.json
+    python -m benchmarks.report RESULTS.json [--markdown report.md] [--png speedups.png]
+
+Every benchmark records its provider and case in ``extra_info``; rows are grouped by case
+(everything but the provider) and each provider is shown as a ratio to the baseline measured
+in the same run (``reference``; ``stock`` for encoding, ``matmul`` for recall, ``torch-cpu``
+for ONNX Runtime).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+BASELINES = ("reference", "stock", "matmul", "torch-cpu", "sdpa")
+_SKIP = {"provider", "median_ms", "q1_ms", "q3_ms", "peak_mem_mb", "device", "speedup", "baseline"}
+
+
+def load(path: Path) -> Tuple[Dict, List[Dict]]:
+    data = json.loads(Path(path).read_text())
+    rows = []
+    for bench in data.get("benchmarks", []):
+        info = dict(bench.get("extra_info", {}))
+        if "provider" not in info or "median_ms" not in info:
+            continue
+        info["name"] = bench["name"]
+        rows.append(info)
+    if not rows:
+        raise ValueError(f"{path} holds no harma_fast benchmark records (run `pytest benchmarks/ --benchmark-json=...`)")
+    return data, rows
+
+
+def _case(row: Dict) -> Tuple:
+    return tuple(sorted((k, str(v)) for k, v in row.items() if k not in _SKIP and k != "name"
+                        and not k.endswith("_per_s")))
+
+
+def _rate(row: Dict) -> str:
+    for key, value in row.items():
+        if key.endswith("_per_s"):
+            return f"{value:,.0f} {key[:-6]}/s"
+    return ""
+
+
+def speedups(rows: List[Dict]) -> List[Dict]:
+    """Rows with ``speedup`` = baseline median / this median, within each case."""
+    groups: Dict[Tuple, List[Dict]] = defaultdict(list)
+    for row in rows:
+        groups[_case(row)].append(row)
+    out = []
+    for case, members in groups.items():
+        base = next((m for b in BASELINES for m in members if m["provider"] == b), None)
+        for m in members:
+            m = dict(m)
+            m["speedup"] = base["median_ms"] / m["median_ms"] if base and m["median_ms"] > 0 else None
+            m["baseline"] = base["provider"] if base else None
+            out.append(m)
+    return sorted(out, key=lambda r: (r.get("op", ""), str(_case(r)), r["provider"]))
+
+
+def markdown(data: Dict, rows: List[Dict]) -> str:
+    machine = data.get("machine_info", {})
+    device = rows[0].get("device", "?")
+    head = [f"- device: {device}", f"- date: {data.get('datetime', '?')}",
+            f"- python {machine.get('python_version', '?')}, {machine.get('cpu', {}).get('brand_raw', '')}"]
+    lines = head + ["", "| op | case | provider | median ms (IQR) | throughput | peak MiB | vs baseline |",
+                    "|---|---|---|---|---|---|---|"]
+    for r in speedups(rows):
+        case = ", ".join(f"{k}={v}" for k, v in _case(r) if k != "op")
+        iqr = f"{r['median_ms']:.3f} ({r['q1_ms']:.3f}–{r['q3_ms']:.3f})"
+        mem = f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") is not None else "–"
+        ratio = f"{r['speedup']:.2f}x {r['baseline']}" if r["speedup"] is not None else "–"
+        lines.append(f"| {r.get('op', '')} | {case} | {r['provider']} | {iqr} | {_rate(r)} | {mem} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(rows: List[Dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picked = [r for r in speedups(rows) if r["speedup"] is not None and r["provider"] not in BASELINES]
+    if not picked:
+        return
+    labels = [f"{r.get('op', '')}: {r['provider']}\n" + ", ".join(f"{v}" for k, v in _case(r) if k != "op")
+              for r in picked]
+    fig, ax = plt.subplots(figsize=(9, max(3, 0.38 * len(picked))))
+    ax.barh(range(len(picked)), [r["speedup"] for r in picked], color="#3b7dd8")
+    ax.axvline(1.0, color="black", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yticks(range(len(picked)), labels, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed-up over the baseline of the same run (x)")
+    ax.set_title(picked[0].get("device", ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="pytest-benchmark JSON")
+    parser.add_argument("--markdown", type=Path, help="write the table here (default: print it)")
+    parser.add_argument("--png", type=Path, help="chart of the speed-ups (default: beside the JSON)")
+    args = parser.parse_args(argv)
+    data, rows = load(args.results)
+    text = markdown(data, rows)
+    if args.markdown:
+        args.markdown.write_text(text)
+    else:
+        sys.stdout.write(text)
+    chart(rows, args.png or args.results.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

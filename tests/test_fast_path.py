@@ -1,0 +1,143 @@
+"""The frozen-backbone fast path computes the reference function and saves less for backward."""
+import copy
+
+import pytest
+import torch
+
+import harma_fast
+from harma_fast.checkpoints import adapter_state_dict
+from harma_fast.fast import enable_fast_path
+from harma_fast.losses import harma_loss_ref
+from helpers import assert_close, randomize_adapters, sample_inputs, tiny_model
+
+
+def step(model, images, tokens, ids, autocast=False):
+    """One training step's loss and adapter gradients."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        img = model.encode_image(images, normalize=True)
+        txt = model.encode_text(tokens, normalize=True)
+        out = harma_loss_ref(img.float(), txt.float(), torch.tensor(0.07), ids)
+    out.total.backward()
+    grads = {k: p.grad.detach().clone() for k, p in adapter_state_dict(model).items()}
+    return out.total.detach(), grads
+
+
+@pytest.fixture
+def models():
+    ref = randomize_adapters(harma_fast.patch(tiny_model(seed=1), backend="reference"), seed=6)
+    fast = copy.deepcopy(ref)
+    assert enable_fast_path(fast) == 4  # 2 image + 2 text blocks
+    assert all(b._harma_causal for b in fast.transformer.resblocks)
+    assert not any(b._harma_causal for b in fast.visual.transformer.resblocks)
+    return ref, fast
+
+
+def test_fast_path_is_the_same_function_in_fp32(models):
+    ref, fast = models
+    images, tokens = sample_inputs(ref, batch=4)
+    ids = torch.tensor([0, 1, 1, 2])
+    loss_ref, g_ref = step(ref, images, tokens, ids)
+    loss_fast, g_fast = step(fast, images, tokens, ids)
+    assert_close(loss_fast, loss_ref, atol=1e-5, rtol=1e-5, name="loss")
+    for k in g_ref:
+        assert_close(g_fast[k], g_ref[k], atol=1e-6, rtol=1e-4, name=k)
+
+
+@pytest.mark.interpreter
+def test_fast_path_with_fused_kernels_under_bf16_autocast_matches_the_reference_path(models):
+    ref, fast = models
+    harma_fast.set_backend(fast, "triton")
+    images, tokens = sample_inputs(ref, batch=4)
+    ids = torch.arange(4)
+    exact = step(copy.deepcopy(ref), images, tokens, ids)            # fp32
+    loss_ref, g_ref = step(ref, images, tokens, ids, autocast=True)  # the library's reference path, bf16 autocast
+    loss_fast, g_fast = step(fast, images, tokens, ids, autocast=True)
+
+    def flat(grads):
+        return torch.cat([grads[k].flatten() for k in exact[1]])
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+    # judged against the reference path's own bf16 error; per-parameter errors of bf16 gradients
+    # are noisy (a small-gradient gate is easily 40% off in either path), the whole gradient is not
+    err_ref, err_fast = rel(flat(g_ref), flat(exact[1])), rel(flat(g_fast), flat(exact[1]))
+    assert err_fast <= 2 * err_ref + 1e-2, f"adapter gradients: fast {err_fast:.3e} vs reference bf16 {err_ref:.3e}"
+    assert rel(loss_fast, exact[0]) <= 2 * rel(loss_ref, exact[0]) + 5e-3
+
+
+def saved_for_backward(model, tokens):
+    """Shapes and dtypes of every activation the text forward saves (forward only)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = (tuple(t.shape), t.dtype)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.encode_text(tokens, normalize=True)
+    return list(seen.values())
+
+
+def test_frozen_blocks_save_only_what_input_gradients_need(models):
+    ref, fast = models
+    _, tokens = sample_inputs(ref, batch=4)
+    n, length = tokens.shape
+    width = ref.transformer.resblocks[0].mlp.c_fc.in_features
+    hidden = ref.transformer.resblocks[0].mlp.c_fc.out_features
+    blocks = len(ref.transformer.resblocks)
+    ref_saved, fast_saved = saved_for_backward(ref, tokens), saved_for_backward(fast, tokens)
+    # the reference keeps each MLP's (N, L, 4d) GELU input (but the first block's: nothing before
+    # the first adapter needs a gradient); the fast path keeps none
+    assert sum(s == (n, length, hidden) for s, _ in ref_saved) >= blocks - 1
+    assert not [s for s, _ in fast_saved if s == (n, length, hidden)]
+    # the residual stream (and so every LayerNorm input) is bf16, never an fp32 (N, L, d) copy
+    assert sum(s == (n, length, width) and d == torch.float32 for s, d in ref_saved) >= blocks - 1
+    assert not [s for s, d in fast_saved if s == (n, length, width) and d == torch.float32]
+
+
+def test_blocks_of_other_structures_keep_the_reference_forward():
+    import open_clip
+    model = open_clip.CLIP(embed_dim=32, vision_cfg=open_clip.CLIPVisionCfg(image_size=32, patch_size=16, width=64,
+                                                                            layers=1, scale_attn=True),
+                           text_cfg=open_clip.CLIPTextCfg(context_length=16, width=64, heads=2, layers=1))
+    harma_fast.patch(model)
+    assert enable_fast_path(model) == 1  # the text block; the image block has an extra attention norm
+    with pytest.raises(RuntimeError, match="for patched models"):
+        enable_fast_path(tiny_model())
+
+
+@pytest.mark.interpreter
+def test_compile_traces_through_the_fused_kernels(models):
+    ref, fast = models
+    harma_fast.set_backend(fast, "triton")
+    images, tokens = sample_inputs(ref, batch=3)
+    eager = copy.deepcopy(fast)
+    compiled = torch.compile(fast, backend="aot_eager")  # AOTAutograd over our custom ops' autograd
+    for model in (eager, compiled):
+        out = model(images, tokens)
+        (out["image_features"].sum() + out["text_features"].square().sum()).backward() if isinstance(out, dict) else \
+            (out[0].sum() + out[1].square().sum()).backward()
+    for (k, p), (_, q) in zip(adapter_state_dict(eager).items(), adapter_state_dict(fast).items()):
+        assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-4, name=k)
+
+
+def test_trainer_fast_mode_finds_a_nan_without_per_step_syncs(tmp_path, monkeypatch):
+    from harma_fast.data.synthetic import generate
+    from harma_fast.train import TrainConfig, TrainingDiverged, train
+    data = generate(tmp_path / "data", n_train=24, n_val=4, n_test=4, image_size=48)
+    calls = {"n": 0}
+    original = harma_fast.losses.HarMALoss.forward
+
+    def poisoned(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls["n"] += 1
+        return type(out)(out.total * float("nan"), out.contrastive, out.triplet) if calls["n"] == 3 else out
+    monkeypatch.setattr(harma_fast.losses.HarMALoss, "forward", poisoned)
+    cfg = TrainConfig(train_file=str(data["train"]), image_root=str(data["image_root"]), model="HarMA-Tiny",
+                      output_dir=str(tmp_path / "run"), epochs=2, batch_size=8, num_workers=0, progress=False,
+                      fast="on", backend="reference", save_every=2, log_every=100)
+    with pytest.raises(TrainingDiverged, match=r"non-finite at step 3 \(found at step 4, before any checkpoint"):
+        train(cfg)
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["position"]["step"] == 2
