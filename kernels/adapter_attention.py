@@ -36,35 +36,9 @@ def _warps(block_l: int) -> int:
 
 
 @triton.jit
-def _attn_fwd_kernel(qkv_ptr, out_ptr, lse_ptr, L, H, C, stride_b, stride_l, stride_ob, stride_ol, scale,
-                     HD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_HD: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
-    n = tl.program_id(0)
-    h = tl.program_id(1)
-    ls = tl.arange(0, BLOCK_L)
-    ds = tl.arange(0, BLOCK_HD)
-    lmask = ls < L
-    mask = lmask[:, None] & (ds < HD)[None, :]
-    src = qkv_ptr + n * stride_b + ls[:, None] * stride_l + h * HD + ds[None, :]
-    q = tl.load(src, mask=mask, other=0.0)
-    k = tl.load(src + C, mask=mask, other=0.0)
-    v = tl.load(src + 2 * C, mask=mask, other=0.0)
-    s = tl.dot(q, tl.trans(k), tl.zeros((BLOCK_L, BLOCK_L), tl.float32), input_precision=DOT_PRECISION)
-    s = tl.where(lmask[None, :], s * scale, float("-inf"))
-    row_max = tl.max(s, axis=1)
-    p = tl.exp(s - row_max[:, None])
-    row_sum = tl.sum(p, axis=1)
-    o = tl.dot(p.to(v.dtype), v, tl.zeros((BLOCK_L, BLOCK_HD), tl.float32), input_precision=DOT_PRECISION)
-    o = o / row_sum[:, None]
-    dst = out_ptr + n * stride_ob + ls[:, None] * stride_ol + h * HD + ds[None, :]
-    tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(lse_ptr + (n * H + h) * L + ls, row_max + tl.log(row_sum), mask=lmask)
-
-
-@triton.jit
-def _attn_bwd_kernel(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, C, stride_b, stride_l,
-                     stride_ob, stride_ol, scale, HD: tl.constexpr, BLOCK_L: tl.constexpr,
-                     BLOCK_HD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _sequence_tiles(qkv_ptr, L, C, stride_b, stride_l, stride_ob, stride_ol,
+                    HD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_HD: tl.constexpr):
+    """This program's (sample, head): the q, k, v tiles of its whole sequence and where its output goes."""
     n = tl.program_id(0)
     h = tl.program_id(1)
     ls = tl.arange(0, BLOCK_L)
@@ -72,10 +46,36 @@ def _attn_bwd_kernel(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, C, str
     lmask = ls < L
     mask = lmask[:, None] & (ds < HD)[None, :]
     qkv_off = n * stride_b + ls[:, None] * stride_l + h * HD + ds[None, :]
-    out_off = n * stride_ob + ls[:, None] * stride_ol + h * HD + ds[None, :]
     q = tl.load(qkv_ptr + qkv_off, mask=mask, other=0.0)
     k = tl.load(qkv_ptr + qkv_off + C, mask=mask, other=0.0)
     v = tl.load(qkv_ptr + qkv_off + 2 * C, mask=mask, other=0.0)
+    out_off = n * stride_ob + ls[:, None] * stride_ol + h * HD + ds[None, :]
+    return q, k, v, qkv_off, out_off, mask, lmask, ls, n, h
+
+
+@triton.jit
+def _attn_fwd_kernel(qkv_ptr, out_ptr, lse_ptr, L, H, C, stride_b, stride_l, stride_ob, stride_ol, scale,
+                     HD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_HD: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    q, k, v, _, out_off, mask, lmask, ls, n, h = _sequence_tiles(
+        qkv_ptr, L, C, stride_b, stride_l, stride_ob, stride_ol, HD, BLOCK_L, BLOCK_HD)
+    s = tl.dot(q, tl.trans(k), tl.zeros((BLOCK_L, BLOCK_L), tl.float32), input_precision=DOT_PRECISION)
+    s = tl.where(lmask[None, :], s * scale, float("-inf"))
+    row_max = tl.max(s, axis=1)
+    p = tl.exp(s - row_max[:, None])
+    row_sum = tl.sum(p, axis=1)
+    o = tl.dot(p.to(v.dtype), v, tl.zeros((BLOCK_L, BLOCK_HD), tl.float32), input_precision=DOT_PRECISION)
+    o = o / row_sum[:, None]
+    tl.store(out_ptr + out_off, o.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(lse_ptr + (n * H + h) * L + ls, row_max + tl.log(row_sum), mask=lmask)
+
+
+@triton.jit
+def _attn_bwd_kernel(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, C, stride_b, stride_l,
+                     stride_ob, stride_ol, scale, HD: tl.constexpr, BLOCK_L: tl.constexpr,
+                     BLOCK_HD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    q, k, v, qkv_off, out_off, mask, lmask, ls, n, h = _sequence_tiles(
+        qkv_ptr, L, C, stride_b, stride_l, stride_ob, stride_ol, HD, BLOCK_L, BLOCK_HD)
     o = tl.load(out_ptr + out_off, mask=mask, other=0.0)
     do = tl.load(dout_ptr + out_off, mask=mask, other=0.0)
     lse = tl.load(lse_ptr + (n * H + h) * L + ls, mask=lmask, other=0.0)

@@ -14,7 +14,7 @@ import string
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 from tqdm.auto import tqdm
 
@@ -116,72 +116,70 @@ def _image_path(record: dict, root: Path, problems: list, index: int):
     return root / name
 
 
-def load_train_records(path: PathLike, image_root: PathLike, max_words: int = 30,
-                       check_images: bool = True) -> TrainRecords:
-    """Read and validate a training file (one record per caption)."""
+def _load(path: PathLike, image_root: PathLike, check_images: bool, parse: Callable) -> List[Tuple[Path, object]]:
+    """Validate every record of a file; ``parse(record, index, problems)`` reads the captions.
+
+    Returns ``(image path, parsed)`` per valid record, or raises one AnnotationError listing
+    every problem of the file (and every image that is missing or does not decode).
+    """
     root = Path(image_root)
     if not root.is_dir():
         raise FileNotFoundError(f"image root {root} is not a directory")
-    data = _read_json(path)
     problems: list = []
-    images, captions, raw_ids = [], [], []
     uses: Dict[Path, List[int]] = {}
-    for i, rec in enumerate(data):
+    parsed = []
+    for i, rec in enumerate(_read_json(path)):
         if not isinstance(rec, dict):
             problems.append((i, f"expected an object, found a {type(rec).__name__}"))
             continue
         image = _image_path(rec, root, problems, i)
-        caption = rec.get("caption")
-        if not isinstance(caption, str) or not clean_caption(caption, max_words):
-            problems.append((i, "record without caption (missing, not a string, or empty after clean-up)"))
-            caption = None
-        image_id = rec.get("image_id")
-        if image_id is None or isinstance(image_id, (bool, float, list, dict)):
-            problems.append((i, "no usable 'image_id' (an integer or string naming the image)"))
-        if image is None or caption is None or image_id is None:
+        value = parse(rec, i, problems)
+        if image is None or value is None:
             continue
         uses.setdefault(image, []).append(i)
-        images.append(image)
-        captions.append(clean_caption(caption, max_words))
-        raw_ids.append(image_id)
+        parsed.append((image, value))
     if check_images:
         problems.extend(_check_images(uses, root, f"checking {Path(path).name}"))
     if problems:
         raise AnnotationError(path, sorted(problems, key=lambda p: (p[0] is None, p[0] or 0)))
-    dense = {v: k for k, v in enumerate(dict.fromkeys(raw_ids))}
-    return TrainRecords(images, captions, [dense[v] for v in raw_ids])
+    return parsed
+
+
+def load_train_records(path: PathLike, image_root: PathLike, max_words: int = 30,
+                       check_images: bool = True) -> TrainRecords:
+    """Read and validate a training file (one record per caption)."""
+    def parse(rec, i, problems):
+        caption = rec.get("caption")
+        caption = clean_caption(caption, max_words) if isinstance(caption, str) else ""
+        if not caption:
+            problems.append((i, "record without caption (missing, not a string, or empty after clean-up)"))
+        image_id = rec.get("image_id")
+        if image_id is None or isinstance(image_id, (bool, float, list, dict)):
+            problems.append((i, "no usable 'image_id' (an integer or string naming the image)"))
+            return None
+        return (caption, image_id) if caption else None
+
+    parsed = _load(path, image_root, check_images, parse)
+    dense = {v: k for k, v in enumerate(dict.fromkeys(raw for _, (_, raw) in parsed))}
+    return TrainRecords([img for img, _ in parsed], [cap for _, (cap, _) in parsed],
+                        [dense[raw] for _, (_, raw) in parsed])
 
 
 def load_eval_records(path: PathLike, image_root: PathLike, max_words: int = 30,
                       check_images: bool = True) -> EvalRecords:
     """Read and validate an evaluation file (one record per image with its captions)."""
-    root = Path(image_root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image root {root} is not a directory")
-    data = _read_json(path)
-    problems: list = []
-    images, captions, text_to_image = [], [], []
-    uses: Dict[Path, List[int]] = {}
-    for i, rec in enumerate(data):
-        if not isinstance(rec, dict):
-            problems.append((i, f"expected an object, found a {type(rec).__name__}"))
-            continue
-        image = _image_path(rec, root, problems, i)
+    def parse(rec, i, problems):
         caps = rec.get("caption")
         caps = [caps] if isinstance(caps, str) else caps
         cleaned = [clean_caption(c, max_words) for c in caps if isinstance(c, str)] if isinstance(caps, list) else []
         if not cleaned or not all(cleaned) or len(cleaned) != len(caps):
             problems.append((i, "record without caption: 'caption' must be a non-empty list of non-empty strings"))
-            continue
-        if image is None:
-            continue
-        uses.setdefault(image, []).append(i)
-        for c in cleaned:
-            captions.append(c)
-            text_to_image.append(len(images))
+            return None
+        return cleaned
+
+    images, captions, text_to_image = [], [], []
+    for image, cleaned in _load(path, image_root, check_images, parse):
+        captions.extend(cleaned)
+        text_to_image.extend([len(images)] * len(cleaned))
         images.append(image)
-    if check_images:
-        problems.extend(_check_images(uses, root, f"checking {Path(path).name}"))
-    if problems:
-        raise AnnotationError(path, sorted(problems, key=lambda p: (p[0] is None, p[0] or 0)))
     return EvalRecords(images, captions, text_to_image)
