@@ -56,7 +56,6 @@ def test_adapter(benchmark, provider, tower, mode, dtype):
     if provider == "compiled" and not ON_GPU:
         pytest.skip("torch.compile is only measured on the GPU (CI-sized mode skips the compile)")
     run = _runner(tower, provider, mode, dtype)
-    length = TOWERS[tower][0]
     measure(benchmark, run, provider=provider, mode=mode, items=N, item_name="sequences", tower=tower,
             dtype=dtype, batch=N, op="adapter")
 

@@ -31,7 +31,8 @@ def load(path: Path) -> Tuple[Dict, List[Dict]]:
         info["name"] = bench["name"]
         rows.append(info)
     if not rows:
-        raise ValueError(f"{path} holds no harma_fast benchmark records (run `pytest benchmarks/ --benchmark-json=...`)")
+        raise ValueError(f"{path} holds no harma_fast benchmark records "
+                         "(run `pytest benchmarks/ --benchmark-json=...`)")
     return data, rows
 
 
@@ -53,7 +54,7 @@ def speedups(rows: List[Dict]) -> List[Dict]:
     for row in rows:
         groups[_case(row)].append(row)
     out = []
-    for case, members in groups.items():
+    for members in groups.values():
         base = next((m for b in BASELINES for m in members if m["provider"] == b), None)
         for m in members:
             m = dict(m)

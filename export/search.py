@@ -69,7 +69,7 @@ class GalleryIndex:
                 if meta.get("export_id") != self.encoder.meta["export_id"]:
                     return {}, "the index was built with another export"
                 emb = data["embeddings"]
-            return {n: (tuple(m), emb[i]) for i, (n, m) in enumerate(zip(meta["names"], meta["stats"]))}, None
+            return {n: (tuple(m), emb[i]) for i, (n, m) in enumerate(zip(meta["names"], meta["stats"], strict=True))}, None
         except (OSError, ValueError, KeyError) as err:
             return {}, f"the index file was unreadable ({err})"
 
@@ -95,7 +95,7 @@ class GalleryIndex:
                 except (ValueError, FileNotFoundError) as err:
                     self.skipped[name] = str(err)
             if ok:
-                for name, vec in zip(ok, self.encoder.encode_pixels(np.stack(pixels))):
+                for name, vec in zip(ok, self.encoder.encode_pixels(np.stack(pixels)), strict=True):
                     keep[name] = vec
             bar.update(len(chunk))
         bar.close()

@@ -61,10 +61,6 @@ class HarMAConfig:
         """The layout of the released code and checkpoints: ``S`` in the text tower only."""
         return cls(share="text")
 
-    @property
-    def head_dim(self) -> int:
-        return self.bottleneck // self.heads
-
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 

@@ -45,13 +45,6 @@ def attention_core_ref(qkv: Tensor, heads: int, seq_first: bool = False) -> Tens
     return out.transpose(1, 2).reshape(n, length, c)
 
 
-def self_attention_ref(x: Tensor, in_weight: Tensor, in_bias: Tensor, out_weight: Tensor,
-                       out_bias: Tensor, heads: int, seq_first: bool = False) -> Tensor:
-    """``nn.MultiheadAttention(x, x, x)`` without mask, written out (ONNX-friendly)."""
-    core = attention_core_ref(F.linear(x, in_weight, in_bias), heads, seq_first)
-    return F.linear(core, out_weight, out_bias)
-
-
 def mix_up_residual_ref(z: Tensor, a: Tensor, weight: Tensor, bias: Tensor, gate_mix: Tensor,
                         h: Tensor, gate_out: Optional[Tensor] = None, x: Optional[Tensor] = None,
                         gamma: Optional[Tensor] = None) -> Tensor:

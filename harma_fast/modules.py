@@ -134,8 +134,4 @@ class HarMAAdapter(nn.Module):
         return f"dim={self.dim}, bottleneck={self.bottleneck}" + (", shared=<text tower's S>" if ref else "")
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-__all__ = ["AdapterAttention", "SharedSubAdapter", "HarMAAdapter", "count_parameters"]
+__all__ = ["AdapterAttention", "SharedSubAdapter", "HarMAAdapter"]

@@ -133,7 +133,7 @@ def _sum_gradients_hook(state, bucket):
 
 def _optimizer(model: nn.Module, loss: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
-    for name, p in list(model.named_parameters()) + [(f"loss.{n}", p) for n, p in loss.named_parameters()]:
+    for p in list(model.parameters()) + list(loss.parameters()):
         if p.requires_grad:
             # matrices decay; biases, gates and the temperature do not
             (decay if p.ndim >= 2 else no_decay).append(p)

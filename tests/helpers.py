@@ -70,7 +70,7 @@ def randomize_adapters(model, seed: int = 0, scale: float = 0.5):
     """Non-zero random values in every adapter weight and gate (a trained model's state)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in adapter_state_dict(model).items():
+        for p in adapter_state_dict(model).values():
             if p.ndim == 0:
                 p.copy_(torch.randn((), generator=g) * 1.5)
             else:

@@ -34,12 +34,12 @@ def check(fast, ref, inputs, dtype, names):
     want = run(ref, [t.double() if isinstance(t, torch.Tensor) else t for t in cast])
     got = run(fast, cast)
     if dtype == torch.float32:
-        for name, g, w in zip(names, got, want):
+        for name, g, w in zip(names, got, want, strict=True):
             assert g is not None, f"{name}: no gradient"
             assert_close(g, w, name=name, **FP32_TOL)
     else:
         base = run(ref, cast)
-        for name, g, b, w in zip(names, got, base, want):
+        for name, g, b, w in zip(names, got, base, want, strict=True):
             assert g is not None, f"{name}: no gradient"
             # plus one bf16 unit (2^-8) of the magnitude: reductions of bf16-rounded terms are noisy
             assert_within_torch_error(g, b, w, atol=2 ** -8 * max(1.0, w.abs().max().item()), name=name)
@@ -134,7 +134,6 @@ def test_auto_backend_uses_reference_on_cpu(monkeypatch):
 
 def test_compiled_adapter_has_no_graph_break(gen):
     import torch._dynamo
-    adapter = harma_fast.modules.HarMAAdapter(96, 128, 8, 0.6) if hasattr(harma_fast, "modules") else None
     from harma_fast.modules import HarMAAdapter
     adapter = HarMAAdapter(96, 128, 8, 0.6)
     adapter.set_backend("triton")

@@ -30,11 +30,11 @@ def compare(fast, ref, inputs, dtype):
     want = grads(ref, [t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in cast])
     got = grads(fast, cast)
     if dtype == torch.float32:
-        for g, w in zip(got, want):
+        for g, w in zip(got, want, strict=True):
             assert_close(g, w, atol=1e-4, rtol=1e-3)
     else:
         base = grads(ref, cast)
-        for g, b, w in zip(got, base, want):
+        for g, b, w in zip(got, base, want, strict=True):
             assert_within_torch_error(g, b, w, atol=2 ** -8 * max(1.0, w.abs().max().item()))
 
 

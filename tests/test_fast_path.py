@@ -119,7 +119,7 @@ def test_compile_traces_through_the_fused_kernels(models):
         out = model(images, tokens)
         (out["image_features"].sum() + out["text_features"].square().sum()).backward() if isinstance(out, dict) else \
             (out[0].sum() + out[1].square().sum()).backward()
-    for (k, p), (_, q) in zip(adapter_state_dict(eager).items(), adapter_state_dict(fast).items()):
+    for (k, p), (_, q) in zip(adapter_state_dict(eager).items(), adapter_state_dict(fast).items(), strict=True):
         assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-4, name=k)
 
 

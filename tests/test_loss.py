@@ -52,7 +52,7 @@ def test_reference_equals_the_formulas_in_float64(gen, with_ids, max_violation):
     ids = torch.tensor([0, 1, 1, 2, 0, 3, 1]) if with_ids else None
     got = harma_loss_ref(i, t, torch.tensor(0.07, dtype=torch.float64), ids, 0.2, 2.0, max_violation)
     want = loop_loss(i.tolist(), t.tolist(), 0.07, ids.tolist() if with_ids else None, 0.2, 2.0, max_violation)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert g.item() == pytest.approx(w, rel=1e-12, abs=1e-12)
     assert want[2] > 0  # the triplet term is active on this data
 
@@ -60,7 +60,7 @@ def test_reference_equals_the_formulas_in_float64(gen, with_ids, max_violation):
 def _run(fn, i, t, tau, ids, max_violation, upstream, **kw):
     i, t, tau = (x.detach().clone().requires_grad_() for x in (i, t, tau))
     out = fn(i, t, tau, ids, 0.2, 2.0, max_violation, **kw)
-    (sum(o * u for o, u in zip(out, upstream))).backward()
+    (sum(o * u for o, u in zip(out, upstream, strict=True))).backward()
     return [o.detach() for o in out], i.grad, t.grad, tau.grad
 
 
@@ -85,7 +85,7 @@ def test_triton_loss_equals_reference_fp32(gen, b, d, blocks, ids_kind):
     for max_violation in (False, True) if b in (37, 130) else (False,):
         ref = _run(harma_loss_ref, i.double(), t.double(), tau.double(), ids, max_violation, upstream.double())
         got = _run(kernels.harma_loss, i, t, tau, ids, max_violation, upstream, blocks=blocks)
-        for name, g, r in zip(("total", "contrastive", "triplet"), got[0], ref[0]):
+        for name, g, r in zip(("total", "contrastive", "triplet"), got[0], ref[0], strict=True):
             assert_close(g, r, atol=2e-5, rtol=2e-5, name=f"{name} mv={max_violation}")
         assert_close(got[1], ref[1], atol=2e-6, rtol=1e-4, name="d_image")
         assert_close(got[2], ref[2], atol=2e-6, rtol=1e-4, name="d_text")
@@ -139,7 +139,7 @@ def test_loss_module_triton_backend_matches_reference(gen):
     ids = torch.randint(0, 7, (21,), generator=gen)
     ref = harma_fast.HarMALoss(backend="reference")(i, t, ids)
     fused = harma_fast.HarMALoss(backend="triton")(i, t, ids)
-    for a, b in zip(fused, ref):
+    for a, b in zip(fused, ref, strict=True):
         assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 

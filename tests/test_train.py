@@ -36,7 +36,7 @@ def assert_same_tensors(a, b, exact=True, name=""):
         for k in a:
             assert_same_tensors(a[k], b[k], exact, f"{name}.{k}")
     elif isinstance(a, (list, tuple)):
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_same_tensors(x, y, exact, f"{name}[{i}]")
     elif isinstance(a, torch.Tensor):
         assert (torch.equal(a, b) if exact else torch.allclose(a, b, rtol=2e-4, atol=1e-6)), name
