@@ -86,12 +86,7 @@ def fast_block_forward(block: nn.Module, x: Tensor) -> Tensor:
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))  # bf16 residual stream
     x = x + block.ls_1(_attention(block.attn, _layer_norm(block.ln_1, x), block._harma_causal))
-    h = _frozen_mlp(block.mlp, _layer_norm(block.ln_2, x))
-    ls_2 = block.ls_2
-    gamma = ls_2.gamma if type(ls_2).__name__ == "LayerScale" else None
-    if gamma is None and not isinstance(ls_2, nn.Identity):
-        return x + ls_2(block.harma(h))
-    return block.harma(h, x=x, gamma=gamma)
+    return block._harma_residual(x, _frozen_mlp(block.mlp, _layer_norm(block.ln_2, x)))
 
 
 def _fast_capable(block: nn.Module) -> bool:

@@ -81,7 +81,11 @@ class HarMABlockMixin:
         if hasattr(self, "ln_attn"):
             y = self.ln_attn(y)
         x = q_x + self.ls_1(y)
-        h = self.mlp(self.ln_2(x))
+        return self._harma_residual(x, self.mlp(self.ln_2(x)))
+
+    def _harma_residual(self, x, h):
+        """``x + ls_2(h + σ(g_blk) A(h))``: the residual add and LayerScale go into the fused
+        output op when ``ls_2`` is the identity or open_clip's LayerScale, else ``ls_2`` runs as is."""
         ls_2 = self.ls_2
         if isinstance(ls_2, nn.Identity):
             return self.harma(h, x=x, seq_first=self._harma_seq_first)
