@@ -1,0 +1,24 @@
+"""The project's expected failures.
+
+Everything a user can cause — a bad flag, a missing or corrupt file, a malformed record, a
+checkpoint of another model — raises a :class:`HarmaError` whose message names the culprit
+(file, flag, field, value) and says what to do. The CLI prints such messages without a
+traceback; anything else is a bug and is reported as one.
+"""
+from __future__ import annotations
+
+
+class HarmaError(Exception):
+    """An expected failure caused by input; its message is meant for the user."""
+
+
+class ConfigError(HarmaError, ValueError):
+    """A setting (flag, preset field, argument) is missing, of the wrong type or out of range."""
+
+
+class CheckpointError(HarmaError, ValueError):
+    """A checkpoint or adapter file is unreadable, corrupt, or belongs to another model."""
+
+
+class OutputPathError(HarmaError, ValueError):
+    """An output path cannot be written (its parent is a file, it is a folder, no permission)."""
