@@ -87,7 +87,8 @@ def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="retrieval metrics of a model on an evaluation file")
     p.add_argument("--test-file", required=True, help="evaluation annotations (one record per image)")
     p.add_argument("--image-root", required=True)
-    p.add_argument("--split", default="test", help="split of a Karpathy/NWPU file to evaluate (default: test)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"),
+                   help="split of a Karpathy/NWPU file to evaluate (default: test)")
     p.add_argument("--model", default="ViT-B-32")
     p.add_argument("--pretrained", help="backbone weights: local file or cached tag")
     src = p.add_mutually_exclusive_group()

@@ -88,7 +88,9 @@ def check_report(path: str, image_root: str, max_words: int = 30, check_images: 
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines += ["  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
                   for r in rows]
-    if check_images:
+    if layout is None:
+        pass  # nothing to count: the problems below say why
+    elif check_images:
         missing = sorted(p for p, why in parsed.bad_images.items() if why == "not found")
         unreadable = len(parsed.bad_images) - len(missing)
         lines.append(f"images checked: {parsed.images_checked}; missing: {len(missing)}; unreadable: {unreadable}")

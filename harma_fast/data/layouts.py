@@ -25,7 +25,7 @@ from typing import Hashable, List, NamedTuple, Optional, Union
 
 from ..io import PathLike
 
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+_PUNCT = str.maketrans(string.punctuation, " " * len(string.punctuation))
 _RAW_KEY = re.compile(r"raw(?:_(\d+))?")
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"restval": "train"}  # Karpathy's extra training images
@@ -49,7 +49,7 @@ class Problem(NamedTuple):
 
 def clean_caption(text: str, max_words: int = 30) -> str:
     """Lower-case, strip punctuation, collapse spaces, keep at most ``max_words`` words."""
-    words = _PUNCT.sub(" ", text.lower()).split()
+    words = text.lower().translate(_PUNCT).split()
     return " ".join(words[:max_words])
 
 
