@@ -116,23 +116,23 @@ def _select(parsed: ParsedFile, role: str, split: Optional[str]) -> Tuple[List[E
                 elif e.key is None or isinstance(e.key, (bool, float, list, dict)):
                     problems.append(Problem(path, e.record, "image_id", "no usable image id (an integer or string "
                                             "naming the image; captions of one image share it)", e.order))
-        else:
-            problems += [Problem(path, e.record, "caption", "is a single string: an evaluation file holds one record "
-                                 "per image with the list of its captions (is this a training file?)", e.order)
-                         for e in entries if e.single]
+        else:  # Karpathy/NWPU files are checked for repeated images whatever the role (_duplicates)
+            seen: Dict[Path, Entry] = {}
+            for e in entries:
+                if e.single:
+                    problems.append(Problem(path, e.record, "caption", "is a single string: an evaluation file holds "
+                                            "one record per image with the list of its captions (is this a training "
+                                            "file?)", e.order))
+                first = seen.setdefault(e.image, e)
+                if first is not e:
+                    problems.append(Problem(path, e.record, "image", f"'{e.image.name}' repeats record "
+                                            f"{first.record}: an evaluation set holds each image once", e.order))
     else:
         entries = [e for e in parsed.entries if e.split == split]
         if not entries and parsed.entries:
             present = Counter(e.split for e in parsed.entries)
             problems.append(Problem(path, None, "split", f"no images with split '{split}' (the file has "
                                     + ", ".join(f"{n} {s}" for s, n in sorted(present.items())) + ")"))
-    if role == "eval":
-        seen: Dict[Path, Entry] = {}
-        for e in entries:
-            first = seen.setdefault(e.image, e)
-            if first is not e:
-                problems.append(Problem(path, e.record, "image", f"'{e.image.name}' repeats record {first.record}: "
-                                        "an evaluation set holds each image once", e.order))
     return entries, problems
 
 
