@@ -73,6 +73,7 @@ def test_malformed_karpathy_file_names_file_record_and_field(synth, tmp_path):
     images[5]["filename"] = "missing.tif"
     images[6]["sentences"] = []
     images[7]["imgid"] = [7]
+    images[9]["filename"] = images[8]["filename"]
     bad = write(tmp_path / "dataset_bad.json", data)
     with pytest.raises(AnnotationError) as info:
         load_splits(bad, bad, bad, synth["image_root"])
@@ -84,7 +85,8 @@ def test_malformed_karpathy_file_names_file_record_and_field(synth, tmp_path):
                      "record images[4], field 'imgid': 4 is already used by record images[3]",
                      "record images[5], field 'filename': image 'missing.tif' not found",
                      "record images[6], field 'sentences': missing or not a non-empty list",
-                     "record images[7], field 'imgid': [7] is not an image id"):
+                     "record images[7], field 'imgid': [7] is not an image id",
+                     f"record images[9], field 'filename': '{images[8]['filename']}' is already used by record images[8]"):
         assert expected in text, expected
     assert isinstance(info.value, HarmaError) and isinstance(info.value, ValueError)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..errors import ConfigError
-from .annotations import AnnotationError, EvalRecords, TrainRecords, splits_in, survey
+from .annotations import AnnotationError, TrainRecords, splits_in, survey
 from .layouts import SPLITS
 
 LAYOUT_NAMES = {"harma": "HarMA layout (one file per split)",
