@@ -38,6 +38,10 @@ def train_config(args: argparse.Namespace):
 
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     settings = load_preset(args.preset) if args.preset else {}
+    if getattr(args, "data", None):  # one file with every split; explicit --*-file flags still win
+        from .data.command import data_files
+
+        settings.update(data_files(args.data))
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown} in preset {args.preset}; known: {sorted(known)}")
@@ -56,6 +60,8 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="fine-tune HarMA adapters (paper recipe)",
                        description="Fine-tune HarMA adapters. A --preset fills every setting; flags override it.")
     p.add_argument("--preset", help=f"one of {', '.join(PRESETS)}, or a YAML file")
+    p.add_argument("--data", help="one Karpathy/NWPU file with every split (dataset_rsicd.json, dataset_nwpu.json); "
+                   "fills --train-file/--val-file/--test-file")
     for flag, kind, text in (
             ("--train-file", str, "training annotations (JSON, one record per caption)"),
             ("--val-file", str, "validation annotations (chooses the best checkpoint)"),
@@ -81,6 +87,8 @@ def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="retrieval metrics of a model on an evaluation file")
     p.add_argument("--test-file", required=True, help="evaluation annotations (one record per image)")
     p.add_argument("--image-root", required=True)
+    p.add_argument("--split", default="test", choices=("train", "val", "test"),
+                   help="split of a Karpathy/NWPU file to evaluate (default: test)")
     p.add_argument("--model", default="ViT-B-32")
     p.add_argument("--pretrained", help="backbone weights: local file or cached tag")
     src = p.add_mutually_exclusive_group()
@@ -109,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_demo(sub)
+    from .data.command import add_data_parser
+
+    add_data_parser(sub)
     from .export.cli import add_export_parsers
 
     add_export_parsers(sub)
@@ -128,7 +139,7 @@ def run_eval(args: argparse.Namespace) -> Dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    records = load_eval_records(args.test_file, args.image_root)
+    records = load_eval_records(args.test_file, args.image_root, split=args.split)
     model = create_model(args.model, args.pretrained)
     if args.adapters:
         load_adapters(model, args.adapters)

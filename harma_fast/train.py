@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .checkpoints import load_adapters, save_adapters
 from .config import HarMAConfig
-from .data.annotations import load_eval_records, load_train_records
+from .data.annotations import load_splits
 from .data.datasets import EpochBatches, TrainCollate, TrainDataset
 from .data.transforms import eval_transform, model_image_spec, train_transform
 from .evaluate import evaluate, format_metrics
@@ -178,11 +178,9 @@ class Trainer:
 
         # data: every file is validated before the model is even built
         check = config.check_images and self.main
-        self.train_records = load_train_records(config.train_file, config.image_root, config.max_words, check)
-        self.val_records = (load_eval_records(config.val_file, config.image_root, config.max_words, check)
-                            if config.val_file else None)
-        self.test_records = (load_eval_records(config.test_file, config.image_root, config.max_words, check)
-                             if config.test_file else None)
+        data = load_splits(config.train_file, config.val_file, config.test_file, config.image_root, config.max_words,
+                           check)  # every file's problems reported at once
+        self.train_records, self.val_records, self.test_records = data.train, data.val, data.test
 
         torch.manual_seed(config.seed)
         self.model = patch(create_model(config.model, config.pretrained), config.harma_config(), config.backend)

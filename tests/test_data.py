@@ -56,9 +56,9 @@ def test_every_problem_is_reported_at_once(synth, tmp_path):
         load_train_records(write(tmp_path / "train.json", records), root)
     text = str(info.value)
     assert "4 problem(s) in annotation file" in text and "train.json" in text
-    assert "record 1: image 'missing.tif' not found" in text
-    assert "record 2: record without caption" in text and "record 3: record without caption" in text
-    assert "record 4: image" in text and "broken.tif" in text and "cannot be decoded" in text
+    assert "record 1, field 'image': image 'missing.tif' not found" in text
+    assert "record 2, field 'caption': no caption" in text and "record 3, field 'caption': no caption" in text
+    assert "record 4, field 'image': image" in text and "broken.tif" in text and "cannot be decoded" in text
 
 
 def test_malformed_and_empty_files(synth, tmp_path):
@@ -69,11 +69,11 @@ def test_malformed_and_empty_files(synth, tmp_path):
         load_train_records(write(tmp_path / "empty.json", []), root)
     with pytest.raises(AnnotationError, match="expected a JSON list"):
         load_eval_records(write(tmp_path / "dict.json", {"image": "x"}), root)
-    with pytest.raises(FileNotFoundError, match="annotation file .*nope.json does not exist"):
+    with pytest.raises(AnnotationError, match="annotation file .*nope.json:\n  the annotation file does not exist"):
         load_train_records(tmp_path / "nope.json", root)
-    with pytest.raises(FileNotFoundError, match="image root .* is not a directory"):
+    with pytest.raises(AnnotationError, match="no_images:\n  the image root is not a directory"):
         load_train_records(synth["train"], tmp_path / "no_images")
-    with pytest.raises(AnnotationError, match="record 0: record without caption: 'caption' must be a non-empty list"):
+    with pytest.raises(AnnotationError, match="record 0, field 'caption': no caption: .* non-empty list of strings"):
         load_eval_records(write(tmp_path / "ev.json", [{"image": "00000.tif", "caption": []}]), root)
 
 

@@ -1,45 +1,51 @@
-"""Annotation files in the RSITMD/RSICD layout (DESIGN §2), read and validated up front.
+"""Annotation files read into training and evaluation records, validated up front.
 
-Training files hold one record per caption, ``{"image", "caption", "image_id", ...}``;
-evaluation files one record per image, ``{"image", "caption": [captions]}``; image paths are
-relative to an image root. Every problem — malformed JSON, a record without a caption, a
-missing or unreadable image — is collected and reported in one error naming the file, the
-record index and the image path, before any training starts.
+A file may be in any of the three layouts of :mod:`harma_fast.data.layouts` (HarMA,
+Karpathy, NWPU-Captions), recognised from its content. A training file (or split) becomes one
+record per caption, an evaluation file (or split) one record per image. Every problem — a file
+that is missing or not JSON, a record without a caption or image id, an evaluation file with
+repeated images or single-string captions (a training file given for evaluation), a missing or
+unreadable image — is collected, for every file of a run at once (:func:`load_splits`), and
+reported in one :class:`AnnotationError` naming the file, the record and the field, before any
+training starts.
 """
 from __future__ import annotations
 
-import json
-import re
-import string
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError, HarmaError
 from ..io import PathLike
+from .layouts import SPLITS, Entry, ParsedFile, Problem, clean_caption, read_annotations
 
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
-MAX_REPORTED = 20
+__all__ = ["AnnotationError", "Problem", "TrainRecords", "EvalRecords", "Splits", "Survey", "clean_caption",
+           "load_train_records", "load_eval_records", "load_splits", "survey"]
 
-
-class AnnotationError(ValueError):
-    """Problems found in an annotation file; ``problems`` lists (record index or None, message)."""
-
-    def __init__(self, path: PathLike, problems: Sequence[Tuple[object, str]]):
-        self.path, self.problems = Path(path), list(problems)
-        lines = [f"  record {i}: {msg}" if i is not None else f"  {msg}" for i, msg in self.problems[:MAX_REPORTED]]
-        more = len(self.problems) - MAX_REPORTED
-        if more > 0:
-            lines.append(f"  ... and {more} more")
-        super().__init__(f"{len(self.problems)} problem(s) in annotation file {self.path}:\n" + "\n".join(lines))
+MAX_REPORTED = 20  # per file
 
 
-def clean_caption(text: str, max_words: int = 30) -> str:
-    """Lower-case, strip punctuation, collapse spaces, keep at most ``max_words`` words."""
-    words = _PUNCT.sub(" ", text.lower()).split()
-    return " ".join(words[:max_words])
+class AnnotationError(HarmaError, ValueError):
+    """Problems found in one or more annotation files; ``problems`` lists every one."""
+
+    def __init__(self, problems: Sequence[Problem]):
+        self.problems = list(problems)
+        self.paths = list(dict.fromkeys(p.file for p in self.problems))
+        self.path = self.paths[0] if self.paths else None
+        lines = []
+        for path in self.paths:
+            mine = [p for p in self.problems if p.file == path]
+            if len(self.paths) > 1:
+                lines.append(f"{path}: {len(mine)} problem(s)")
+            lines += [f"  {p}" for p in mine[:MAX_REPORTED]]
+            if len(mine) > MAX_REPORTED:
+                lines.append(f"  ... and {len(mine) - MAX_REPORTED} more")
+        where = f"annotation file {self.path}" if len(self.paths) == 1 else f"{len(self.paths)} annotation files"
+        super().__init__(f"{len(self.problems)} problem(s) in {where}:\n" + "\n".join(lines))
 
 
 @dataclass
@@ -47,7 +53,7 @@ class TrainRecords:
     """One entry per caption."""
     images: List[Path]
     captions: List[str]
-    image_ids: List[int]   # dense 0..K-1, one per distinct ``image_id`` of the file
+    image_ids: List[int]   # dense 0..K-1, one per distinct image id of the dataset
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -64,23 +70,103 @@ class EvalRecords:
         return len(self.images)
 
 
-def _read_json(path: PathLike) -> list:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation file {path} does not exist")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise AnnotationError(path, [(None, f"not valid JSON: {err.msg} at line {err.lineno} column {err.colno}")]) from err
-    except UnicodeDecodeError as err:
-        raise AnnotationError(path, [(None, f"not UTF-8 text ({err.reason})")]) from err
-    if not isinstance(data, list):
-        raise AnnotationError(path, [(None, f"expected a JSON list of records, found a {type(data).__name__}")])
-    if not data:
-        raise AnnotationError(path, [(None, "the file holds no records (empty dataset)")])
-    return data
+Records = Union[TrainRecords, EvalRecords]
 
 
+@dataclass
+class Splits:
+    train: Optional[TrainRecords] = None
+    val: Optional[EvalRecords] = None
+    test: Optional[EvalRecords] = None
+
+
+@dataclass
+class Survey:
+    """What :func:`survey` found: records per request (valid entries only), every problem."""
+    records: List[Optional[Records]]
+    problems: List[Problem]
+    files: Dict[Path, ParsedFile]
+    bad_images: Dict[Path, str] = field(default_factory=dict)   # image -> why it cannot be used
+    images_checked: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# choosing a file's records for a role
+# --------------------------------------------------------------------------------------------
+def _select(parsed: ParsedFile, role: str, split: Optional[str]) -> Tuple[List[Entry], List[Problem]]:
+    """The entries of ``parsed`` a role reads, and what makes them unfit for it."""
+    path, problems = parsed.path, []
+    if parsed.layout is None:
+        return [], []
+    if parsed.layout == "harma":
+        entries = parsed.entries
+        wrong = [e for e in entries if e.single != (role == "train")]
+        if entries and len(wrong) == len(entries):  # a whole file of the other kind: say so once
+            return [], [Problem(path, None, "caption", (
+                "every caption is a list: this is an evaluation file (one record per image); a training file holds "
+                "one record per caption" if role == "train" else
+                f"every caption is a single string and {len(entries) - len({e.image for e in entries})} records "
+                "repeat an image: this is a training file (one record per caption); an evaluation file holds one "
+                "record per image with the list of its captions"))]
+        if role == "train":
+            for e in entries:
+                if not e.single:
+                    problems.append(Problem(path, e.record, "caption", "is a list: a training file holds one record "
+                                            "per caption (is this an evaluation file?)", e.order))
+                elif e.key is None or isinstance(e.key, (bool, float, list, dict)):
+                    problems.append(Problem(path, e.record, "image_id", "no usable image id (an integer or string "
+                                            "naming the image; captions of one image share it)", e.order))
+        else:  # Karpathy/NWPU files are checked for repeated images whatever the role (_duplicates)
+            seen: Dict[Path, Entry] = {}
+            for e in entries:
+                if e.single:
+                    problems.append(Problem(path, e.record, "caption", "is a single string: an evaluation file holds "
+                                            "one record per image with the list of its captions (is this a training "
+                                            "file?)", e.order))
+                first = seen.setdefault(e.image, e)
+                if first is not e:
+                    problems.append(Problem(path, e.record, "image", f"'{e.image.name}' repeats record "
+                                            f"{first.record}: an evaluation set holds each image once", e.order))
+    else:
+        entries = [e for e in parsed.entries if e.split == split]
+        if not entries and parsed.entries:
+            present = Counter(e.split for e in parsed.entries)
+            problems.append(Problem(path, None, "split", f"no images with split '{split}' (the file has "
+                                    + ", ".join(f"{n} {s}" for s, n in sorted(present.items())) + ")"))
+    return entries, problems
+
+
+def _duplicates(parsed: ParsedFile) -> List[Problem]:
+    """Karpathy/NWPU files describe each image once, whatever its split."""
+    if parsed.layout in (None, "harma"):
+        return []
+    problems, by_key, by_image = [], {}, {}
+    for e in parsed.entries:
+        for seen, value, name in ((by_key, e.key, "imgid"), (by_image, e.image, "filename")):
+            first = seen.setdefault(value, e)
+            if first is not e:
+                shown = repr(value) if name == "imgid" else f"'{value.name}'"
+                problems.append(Problem(parsed.path, e.record, name, f"{shown} is already used by record "
+                                        f"{first.record}: each image is described once", e.order))
+    return problems
+
+
+def _records(role: str, entries: List[Entry]) -> Records:
+    if role == "train":
+        flat = [(e.image, c, e.key) for e in entries for c in e.captions]
+        dense = {k: i for i, k in enumerate(dict.fromkeys(k for _, _, k in flat))}
+        return TrainRecords([i for i, _, _ in flat], [c for _, c, _ in flat], [dense[k] for _, _, k in flat])
+    images, captions, text_to_image = [], [], []
+    for e in entries:
+        captions += e.captions
+        text_to_image += [len(images)] * len(e.captions)
+        images.append(e.image)
+    return EvalRecords(images, captions, text_to_image)
+
+
+# --------------------------------------------------------------------------------------------
+# images
+# --------------------------------------------------------------------------------------------
 def _check_image(path: Path) -> str:
     """'' if the image decodes, else why not."""
     from PIL import Image, UnidentifiedImageError
@@ -95,91 +181,97 @@ def _check_image(path: Path) -> str:
     return ""
 
 
-def _check_images(paths: Dict[Path, List[int]], root: Path, desc: str, workers: int = 8) -> List[Tuple[int, str]]:
-    ordered = list(paths)
+def _check_images(paths: Sequence[Path], workers: int = 8) -> Dict[Path, str]:
     with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL decodes without the GIL
-        verdicts = list(tqdm(pool.map(_check_image, ordered), total=len(ordered), desc=desc, unit="img",
-                             leave=False, disable=len(ordered) < 200))
-    problems = []
-    for path, why in zip(ordered, verdicts):
-        if why:
-            rel = path.relative_to(root) if path.is_relative_to(root) else path
-            problems.extend((i, f"image '{rel}' {why} (under {root})") for i in paths[path])
-    return problems
+        verdicts = list(tqdm(pool.map(_check_image, paths), total=len(paths), desc="checking images", unit="img",
+                             leave=False, disable=len(paths) < 200))
+    return {p: why for p, why in zip(paths, verdicts) if why}
 
 
-def _image_path(record: dict, root: Path, problems: list, index: int):
-    name = record.get("image")
-    if not isinstance(name, str) or not name:
-        problems.append((index, "no 'image' path"))
-        return None
-    return root / name
+# --------------------------------------------------------------------------------------------
+# the loaders
+# --------------------------------------------------------------------------------------------
+def survey(requests: Sequence[Tuple[str, PathLike, Optional[str]]], image_root: PathLike, max_words: int = 30,
+           check_images: bool = True) -> Survey:
+    """Read every ``(role, file, split)`` request ("train" or "eval"; the split names the part of
+    a Karpathy/NWPU file and is ignored for HarMA files) and collect every problem, without raising.
 
-
-def _load(path: PathLike, image_root: PathLike, check_images: bool, parse: Callable) -> List[Tuple[Path, object]]:
-    """Validate every record of a file; ``parse(record, index, problems)`` reads the captions.
-
-    Returns ``(image path, parsed)`` per valid record, or raises one AnnotationError listing
-    every problem of the file (and every image that is missing or does not decode).
+    Each file is parsed once and each image checked once, however many requests share them.
     """
     root = Path(image_root)
+    files: Dict[Path, ParsedFile] = {}
+    problems: List[Problem] = []
+    chosen: List[Tuple[str, List[Entry]]] = []
+    seen_requests = set()
+    for role, path, split in requests:
+        path = Path(path)
+        if path not in files:
+            files[path] = read_annotations(path, root, max_words)
+            problems += files[path].problems + _duplicates(files[path])
+        entries, unfit = _select(files[path], role, split)
+        request = (role, path, None if files[path].layout == "harma" else split)
+        if request not in seen_requests:  # the same file given twice is reported once
+            problems += unfit
+        seen_requests.add(request)
+        chosen.append((role, entries))
+    result = Survey([_records(role, e) if e else None for role, e in chosen], problems, files)
     if not root.is_dir():
-        raise FileNotFoundError(f"image root {root} is not a directory")
-    problems: list = []
-    uses: Dict[Path, List[int]] = {}
-    parsed = []
-    for i, rec in enumerate(_read_json(path)):
-        if not isinstance(rec, dict):
-            problems.append((i, f"expected an object, found a {type(rec).__name__}"))
-            continue
-        image = _image_path(rec, root, problems, i)
-        value = parse(rec, i, problems)
-        if image is None or value is None:
-            continue
-        uses.setdefault(image, []).append(i)
-        parsed.append((image, value))
-    if check_images:
-        problems.extend(_check_images(uses, root, f"checking {Path(path).name}"))
-    if problems:
-        raise AnnotationError(path, sorted(problems, key=lambda p: (p[0] is None, p[0] or 0)))
-    return parsed
+        problems.insert(0, Problem(root, None, None, "the image root is not a directory (--image-root: the folder "
+                                   "the annotations' image paths are relative to)"))
+    elif check_images:
+        uses: Dict[Path, Dict[Tuple[Path, object], Entry]] = {}
+        for (_, path, _), (_, entries) in zip(requests, chosen):
+            for e in entries:
+                uses.setdefault(e.image, {})[(Path(path), e.record)] = e
+        result.bad_images = _check_images(list(uses))
+        result.images_checked = len(uses)
+        for image, why in result.bad_images.items():
+            rel = image.relative_to(root) if image.is_relative_to(root) else image
+            problems += [Problem(path, record, "image" if files[path].layout == "harma" else "filename",
+                                 f"image '{rel}' {why} (under {root})", e.order)
+                         for (path, record), e in uses[image].items()]
+    order = {p: i for i, p in enumerate(dict.fromkeys([root, *files]))}
+    problems.sort(key=lambda p: (order.get(p.file, len(order)), p.order))
+    return result
 
 
-def load_train_records(path: PathLike, image_root: PathLike, max_words: int = 30,
-                       check_images: bool = True) -> TrainRecords:
-    """Read and validate a training file (one record per caption)."""
-    def parse(rec, i, problems):
-        caption = rec.get("caption")
-        caption = clean_caption(caption, max_words) if isinstance(caption, str) else ""
-        if not caption:
-            problems.append((i, "record without caption (missing, not a string, or empty after clean-up)"))
-        image_id = rec.get("image_id")
-        if image_id is None or isinstance(image_id, (bool, float, list, dict)):
-            problems.append((i, "no usable 'image_id' (an integer or string naming the image)"))
-            return None
-        return (caption, image_id) if caption else None
-
-    parsed = _load(path, image_root, check_images, parse)
-    dense = {v: k for k, v in enumerate(dict.fromkeys(raw for _, (_, raw) in parsed))}
-    return TrainRecords([img for img, _ in parsed], [cap for _, (cap, _) in parsed],
-                        [dense[raw] for _, (_, raw) in parsed])
+def _load(requests, image_root, max_words, check_images) -> List[Optional[Records]]:
+    found = survey(requests, image_root, max_words, check_images)
+    if found.problems:
+        raise AnnotationError(found.problems)
+    return found.records
 
 
-def load_eval_records(path: PathLike, image_root: PathLike, max_words: int = 30,
-                      check_images: bool = True) -> EvalRecords:
-    """Read and validate an evaluation file (one record per image with its captions)."""
-    def parse(rec, i, problems):
-        caps = rec.get("caption")
-        caps = [caps] if isinstance(caps, str) else caps
-        cleaned = [clean_caption(c, max_words) for c in caps if isinstance(c, str)] if isinstance(caps, list) else []
-        if not cleaned or not all(cleaned) or len(cleaned) != len(caps):
-            problems.append((i, "record without caption: 'caption' must be a non-empty list of non-empty strings"))
-            return None
-        return cleaned
+def load_train_records(path: PathLike, image_root: PathLike, max_words: int = 30, check_images: bool = True,
+                       split: str = "train") -> TrainRecords:
+    """Read and validate a training file (HarMA, or the ``split`` of a Karpathy/NWPU file)."""
+    return _load([("train", path, split)], image_root, max_words, check_images)[0]
 
-    images, captions, text_to_image = [], [], []
-    for image, cleaned in _load(path, image_root, check_images, parse):
-        captions.extend(cleaned)
-        text_to_image.extend([len(images)] * len(cleaned))
-        images.append(image)
-    return EvalRecords(images, captions, text_to_image)
+
+def load_eval_records(path: PathLike, image_root: PathLike, max_words: int = 30, check_images: bool = True,
+                      split: str = "test") -> EvalRecords:
+    """Read and validate an evaluation file (HarMA, or the ``split`` of a Karpathy/NWPU file)."""
+    return _load([("eval", path, split)], image_root, max_words, check_images)[0]
+
+
+def load_splits(train_file: Optional[PathLike], val_file: Optional[PathLike], test_file: Optional[PathLike],
+                image_root: PathLike, max_words: int = 30, check_images: bool = True) -> Splits:
+    """The records of a run; every problem of every file is reported in one AnnotationError.
+
+    A Karpathy/NWPU file may be given for several roles: each reads the split named after it.
+    """
+    if not train_file:
+        raise ConfigError("no training file: set train_file (--train-file, or --data for a file holding every split)")
+    wanted = [(role, f, split) for role, f, split in (("train", train_file, "train"), ("eval", val_file, "val"),
+                                                       ("eval", test_file, "test")) if f]
+    records = iter(_load(wanted, image_root, max_words, check_images))
+    return Splits(*(next(records) if f else None for f in (train_file, val_file, test_file)))
+
+
+def splits_in(path: PathLike) -> Optional[List[str]]:
+    """The splits a Karpathy/NWPU file holds; None for a HarMA file (one split per file); all
+    three for a file that cannot be read, so that its loader reports why."""
+    parsed = read_annotations(path, ".")
+    if parsed.layout in (None, "harma"):
+        return None if parsed.layout == "harma" else list(SPLITS)
+    return parsed.splits()
