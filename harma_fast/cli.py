@@ -215,10 +215,20 @@ _LEGACY_EXPECTED = (("harma_fast.data.annotations", "AnnotationError"), ("harma_
                     ("harma_fast.export.onnx_export", "ExportParityError"))
 
 
+def _raised_by_our_check(err: BaseException) -> bool:
+    """A ValueError raised by a ``raise`` statement of harma_fast itself (not deep inside torch or numpy):
+    an input check written before HarmaError existed, whose message is meant for the user."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    return type(err) is ValueError and (module == "harma_fast" or module.startswith("harma_fast."))
+
+
 def is_expected(err: BaseException) -> bool:
     """Whether ``err`` is a failure the user can fix (bad input, missing file, full disk), not a bug."""
     legacy = tuple(getattr(sys.modules[m], name) for m, name in _LEGACY_EXPECTED if m in sys.modules)
-    return isinstance(err, (HarmaError, OSError) + legacy)
+    return isinstance(err, (HarmaError, OSError) + legacy) or _raised_by_our_check(err)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -6,6 +6,7 @@ import math
 import re
 
 import pytest
+import torch
 
 import harma_fast
 from harma_fast import cli
@@ -160,6 +161,19 @@ def test_a_bug_shows_its_traceback_and_asks_for_a_report(monkeypatch, capsys):
     assert "Traceback" in err and "ZeroDivisionError" in err and "bug in harma-fast" in err and "report" in err
 
 
+def test_a_value_error_from_outside_harma_fast_is_a_bug(monkeypatch, capsys):
+    assert main(fail_with(monkeypatch, ValueError("operands could not be broadcast"))) == 1
+    assert "bug in harma-fast" in capsys.readouterr().err
+
+
+def test_an_input_check_of_harma_fast_is_one_line(data, tmp_path, capsys):
+    # a ValueError raised by harma_fast's own check (here: an adapter file that is not one) is the user's to fix
+    (tmp_path / "a.safetensors").write_bytes(b"not safetensors")
+    assert main(eval_argv(data, "--adapters", str(tmp_path / "a.safetensors"))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("harma-fast eval: error: ") and "a.safetensors" in err and "Traceback" not in err
+
+
 def test_interrupt_is_exit_130(monkeypatch, capsys):
     assert main(fail_with(monkeypatch, KeyboardInterrupt())) == 130
     assert "interrupted" in capsys.readouterr().err
@@ -174,6 +188,8 @@ def test_user_errors_of_the_library_are_harma_errors(tmp_path):
         create_model("HarMA-Tiny", str(tmp_path / "nope.pt"))
     with pytest.raises(FileNotFoundError):  # the old base class still catches it
         create_model("HarMA-Tiny", str(tmp_path / "nope.pt"))
+    with pytest.raises(HarmaError, match="expects an open_clip CLIP model"):
+        harma_fast.patch(torch.nn.Linear(2, 2))
 
 
 # --- output paths are checked before work, and nothing on disk is overwritten ------------------
