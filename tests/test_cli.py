@@ -369,3 +369,12 @@ def test_search_outputs_below_a_file_are_refused_before_embedding(gallery, tmp_p
     assert f"{flag} {tmp_path / 'f' / 'out.npz'} cannot be written" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists(), "the folder was embedded before the path was checked"
     assert (tmp_path / "f").read_text() == "keep me"
+
+
+def test_evaluate_refuses_a_batch_size_below_one(data):
+    from harma_fast.data.annotations import load_eval_records
+    from harma_fast.evaluate import evaluate
+
+    records = load_eval_records(data["test"], data["image_root"])
+    with pytest.raises(ConfigError, match="batch size must be an integer >= 1, got 0"):
+        evaluate(torch.nn.Identity(), records, None, None, batch_size=0)
