@@ -193,7 +193,8 @@ def write_html(path, query: str, hits: List[Hit]) -> None:
 .grid{{display:flex;flex-wrap:wrap;gap:1rem}}figure{{margin:0;background:#fff;padding:.5rem;border-radius:6px;
 box-shadow:0 1px 3px #0002;width:256px}}img{{width:256px;height:256px;object-fit:cover}}
 figcaption{{font-size:.9rem;word-break:break-all}}</style></head>
-<body><h1>“{html.escape(query)}”</h1><p>top {len(hits)} images, by cosine similarity of image and query embeddings</p><div class="grid">
+<body><h1>“{html.escape(query)}”</h1>
+<p>top {len(hits)} images, by cosine similarity of image and query embeddings</p><div class="grid">
 {cards}
 </div></body></html>
 """

@@ -34,7 +34,8 @@ def mentioned_paths(document: Path):
     """Relative link targets and repository paths (``benchmarks/x.py``, ``../shared/y.sh``) of a markdown file."""
     text = document.read_text()
     links = [t for t in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"[a-z]+:|#", t)]
-    quoted = re.findall(r"(?<![\w/.])((?:\.\./)*(?:harma_fast|kernels|export|benchmarks|tests|shared)/[\w./-]*\w)", text)
+    top = "harma_fast|kernels|export|benchmarks|tests|shared"
+    quoted = re.findall(rf"(?<![\w/.])((?:\.\./)*(?:{top})/[\w./-]*\w)", text)
     return sorted({(document.parent / t.split("#")[0]).resolve() if t in links else (ROOT / t).resolve()
                    for t in links + quoted})
 
