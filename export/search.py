@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OutputPathError
 from ..io import require_dir
 from .runtime import OrtEncoder
 
@@ -52,6 +52,8 @@ def resolve_index_path(index: Optional[os.PathLike], folder: Path, encoder: OrtE
     path = Path(index)
     if path.is_dir() or (not path.exists() and (str(index).endswith(("/", os.sep)) or not path.suffix)):
         path = default_index_path(folder, encoder, path)
+    elif path.is_file() and path.suffix != ".npz":  # an unreadable index is rebuilt: never over a user's file
+        raise OutputPathError(f"--index {path} is a file but not an index (.npz); give a .npz file or a folder")
     return check_output_file(path, "--index")
 
 

@@ -378,3 +378,10 @@ def test_evaluate_refuses_a_batch_size_below_one(data):
     records = load_eval_records(data["test"], data["image_root"])
     with pytest.raises(ConfigError, match="batch size must be an integer >= 1, got 0"):
         evaluate(torch.nn.Identity(), records, None, None, batch_size=0)
+
+
+def test_search_never_overwrites_a_file_that_is_not_an_index(gallery, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert main(search_argv(gallery, "a lake", "--index", str(tmp_path / "notes.txt"))) == 2
+    assert "is a file but not an index" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
