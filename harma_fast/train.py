@@ -26,13 +26,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .checkpoints import load_adapters, save_adapters
 from .backend import BACKENDS
+from .checkpoints import load_adapters, save_adapters
 from .config import HarMAConfig, Rule, above, at_least, check_settings, in_range, one_of
-from .errors import ConfigError
 from .data.annotations import load_eval_records, load_train_records
 from .data.datasets import EpochBatches, TrainCollate, TrainDataset
 from .data.transforms import eval_transform, model_image_spec, train_transform
+from .errors import ConfigError
 from .evaluate import evaluate, format_metrics
 from .fast import enable_fast_path
 from .losses import HarMALoss
