@@ -84,7 +84,8 @@ def _add_train(sub) -> None:
             ("--resume", str, "continue from a last.pt"), ("--precision", PRECISIONS, "training precision"),
             ("--backend", BACKENDS, "kernels: triton on CUDA under auto"),
             ("--num-workers", non_negative_int, "data-loading processes"),
-            ("--seed", int, "seed"), ("--max-steps", positive_int, "stop after this many steps (default: no limit)"),
+            ("--seed", non_negative_int, "seed"),
+            ("--max-steps", positive_int, "stop after this many steps (default: no limit)"),
             ("--eval-every", positive_int, "validate every N epochs"),
             ("--save-every", positive_int, "also checkpoint every N steps (default: at epoch ends only)")):
         key = flag[2:].replace("-", "_")
@@ -126,7 +127,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--output-dir", help="where data and run go (default: a new temporary folder)")
     p.add_argument("--minutes", type=positive_float, default=2.0, help="training time budget")
     p.add_argument("--steps", type=positive_int, help="training step budget instead of minutes")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data and the run")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the data and the run")
 
 
 def build_parser() -> argparse.ArgumentParser:

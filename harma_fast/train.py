@@ -122,7 +122,7 @@ TRAIN_RULES = {
     "precision": one_of("auto", "bf16", "fp32"), "backend": one_of(*BACKENDS), "fast": one_of("auto", "on", "off"),
     "device": Rule(lambda d: d == "auto" or _is_device(d), "auto or a torch device (cpu, cuda, cuda:1, ...)"),
     "num_workers": at_least(0), "eval_every": at_least(1), "eval_batch_size": at_least(1), "log_every": at_least(1),
-    "save_every": at_least(1), "max_steps": at_least(1), "max_minutes": above(0),
+    "save_every": at_least(1), "max_steps": at_least(1), "max_minutes": above(0), "seed": at_least(0),
 }
 # YAML 1.1 reads on/off/yes/no as booleans; for ``fast`` they mean the words.
 YAML_ALIASES = {"fast": {True: "on", False: "off"}}

@@ -86,7 +86,7 @@ BAD_FIELDS = [("batch_size", 0), ("batch_size", -8), ("epochs", -1), ("epochs", 
               ("eval_batch_size", 0), ("log_every", 0), ("temperature", 0.0), ("margin", -0.1), ("gamma", -1.0),
               ("clip_grad_norm", 0.0), ("precision", "fp16"), ("backend", "cuda"), ("fast", False), ("fast", "yes"),
               ("harma", "paperr"), ("device", "gpu"), ("max_words", 0), ("epochs", 2.5), ("epochs", True),
-              ("betas", (0.9,)), ("compile", "no"), ("train_file", 3)]
+              ("betas", (0.9,)), ("compile", "no"), ("train_file", 3), ("seed", -1)]
 
 
 @pytest.mark.parametrize("field, value", BAD_FIELDS)
