@@ -4,32 +4,48 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cliargs import add_subparser, positive_int
+from ..io import check_output_dir, check_output_file, require_dir
+
 
 def add_export_parsers(sub) -> None:
-    p = sub.add_parser("export", help="export the (adapted) encoders to ONNX, checked against PyTorch")
+    p = add_subparser(sub, "export", "export the (adapted) encoders to ONNX, checked against PyTorch",
+                      "Export the image and text encoders (backbone plus adapters) to ONNX graphs with a "
+                      "harma.json describing them. Each graph is run with ONNX Runtime against PyTorch on "
+                      "fresh inputs and refused, its files removed, if they differ.")
     p.add_argument("--model", default="ViT-B-32", help="open_clip architecture")
-    p.add_argument("--pretrained", help="backbone weights: local file or cached tag")
+    p.add_argument("--pretrained", help="backbone weights: local file or cached tag (default: random weights)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--adapters", help="adapter file (.safetensors) from training")
     src.add_argument("--released", help="checkpoint of the released HarMA code (backbone + adapters)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--towers", nargs="+", default=["image", "text"], choices=["image", "text"])
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
-    p.add_argument("--opset", type=int)
+    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument("--towers", nargs="+", default=["image", "text"], choices=["image", "text"],
+                   help="which encoders to export")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="weights and activations of the graphs")
+    p.add_argument("--opset", type=positive_int, help="ONNX opset (default: the exporter's)")
     p.add_argument("--static-batch", action="store_true", help="fix the batch axis (default: dynamic)")
     p.set_defaults(handler=run_export)
 
-    s = sub.add_parser("search", help="search a folder of images with a caption, through the ONNX encoders")
+    s = add_subparser(sub, "search", "search a folder of images with a caption, through the ONNX encoders",
+                      "Rank the images of a folder by the cosine similarity of their embedding to the "
+                      "caption's (1 = same direction; compare scores within one query, not across queries). "
+                      "The folder is embedded once into an index that later searches reuse.")
     s.add_argument("query", help="the caption to search for")
-    s.add_argument("--onnx", required=True, help="export directory (from harma-fast export)")
+    s.add_argument("--onnx", required=True, help="export folder (from harma-fast export)")
     s.add_argument("--images", required=True, help="folder of images (searched recursively)")
-    s.add_argument("--top-k", type=int, default=10)
-    s.add_argument("--html", help="also write a page with the query and the retrieved images")
-    s.add_argument("--index", help="where the folder's embedding index lives (default: ~/.cache/harma_fast)")
+    s.add_argument("--top-k", type=positive_int, default=10, help="how many images to show")
+    s.add_argument("--html", help="also write a page with the query and the retrieved images to this file")
+    s.add_argument("--index", help="the embedding index: a .npz file, or a folder to keep indexes in (one per "
+                   "image folder and export) (default: a folder in ~/.cache/harma_fast, or $HARMA_FAST_CACHE)")
     s.set_defaults(handler=run_search)
 
 
 def run_export(args: argparse.Namespace) -> int:
+    for flag in ("adapters", "released"):
+        if getattr(args, flag):
+            require_file(getattr(args, flag), f"--{flag}")
+    check_output_dir(args.out, "--out")
+
     from .. import create_model, load_adapters, load_released_checkpoint
     from .onnx_export import export_onnx
 
@@ -49,18 +65,29 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_search(args: argparse.Namespace) -> int:
+    from .search import check_query
+
+    query = check_query(args.query)  # before anything is loaded or embedded
+    if args.html:
+        check_output_file(args.html, "--html")
+    require_dir(args.images, "--images")
+
     from .runtime import OrtEncoder
-    from .search import GalleryIndex, write_html
+    from .search import GalleryIndex, truncation_warning, write_html
 
     encoder = OrtEncoder(args.onnx)
+    warning = truncation_warning(encoder, query)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     index = GalleryIndex(args.images, encoder, args.index, progress=True)
     print(index.status, file=sys.stderr)
     for name, why in index.skipped.items():
         print(f"skipped {name}: {why}", file=sys.stderr)
-    hits = index.search(args.query, args.top_k)
+    hits = index.search(query, args.top_k)
+    print(f"rank, cosine similarity of image and query, image ({len(hits)} of {len(index.names)})", file=sys.stderr)
     for hit in hits:
-        print(f"{hit.rank:>3}  {hit.score:.4f}  {hit.path}")
+        print(f"{hit.rank:>3}  cos {hit.score:+.4f}  {hit.path}")
     if args.html:
-        write_html(args.html, args.query, hits)
+        write_html(args.html, query, hits)
         print(f"wrote {args.html}", file=sys.stderr)
     return 0

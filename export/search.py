@@ -19,6 +19,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ..errors import ConfigError, OutputPathError
+from ..io import require_dir
 from .runtime import OrtEncoder
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
@@ -31,16 +33,54 @@ class Hit:
     path: Path
 
 
-def default_index_path(folder: Path, encoder: OrtEncoder) -> Path:
-    root = Path(os.environ.get("HARMA_FAST_CACHE", Path.home() / ".cache" / "harma_fast")) / "gallery"
+def default_index_path(folder: Path, encoder: OrtEncoder, root: Optional[Path] = None) -> Path:
+    """``<root>/<key>.npz``, one index per image folder and export (root: the user's cache)."""
+    if root is None:
+        root = Path(os.environ.get("HARMA_FAST_CACHE", Path.home() / ".cache" / "harma_fast")) / "gallery"
     key = hashlib.sha1(f"{folder.resolve()}|{encoder.meta['export_id']}".encode()).hexdigest()[:20]
     return root / f"{key}.npz"
 
 
+def resolve_index_path(index: Optional[os.PathLike], folder: Path, encoder: OrtEncoder) -> Path:
+    """Where the index of ``folder`` lives: ``index`` itself if it names a file, a file inside it if it
+    is a folder (an existing one, or a new path ending in a separator or without a suffix), the
+    cache otherwise. Checked writable here, before anything is embedded."""
+    from ..io import check_output_file
+
+    if index is None:
+        return default_index_path(folder, encoder)
+    path = Path(index)
+    if path.is_dir() or (not path.exists() and (str(index).endswith(("/", os.sep)) or not path.suffix)):
+        path = default_index_path(folder, encoder, path)
+    elif path.is_file() and path.suffix != ".npz":  # an unreadable index is rebuilt: never over a user's file
+        raise OutputPathError(f"--index {path} is a file but not an index (.npz); give a .npz file or a folder")
+    return check_output_file(path, "--index")
+
+
+def check_query(query: str) -> str:
+    """The query, refused if blank (it would rank the gallery by nothing)."""
+    if not isinstance(query, str) or not query.strip():
+        raise ConfigError(f"the query {query!r} is empty; give a caption to search for, e.g. \"a river crossing "
+                          "farmland\"")
+    return query
+
+
+def truncation_warning(encoder: OrtEncoder, query: str) -> Optional[str]:
+    """A sentence saying how much of ``query`` the text encoder cannot read, or None if it all fits."""
+    tokenizer = encoder.tokenizer
+    if tokenizer is None:
+        return None
+    tokens = tokenizer.encode(query)
+    room = tokenizer.context_length - 2  # start and end of text
+    if len(tokens) <= room:
+        return None
+    return (f"the query is {len(tokens)} tokens long but the text encoder reads {room}; it was truncated, the "
+            f"last {len(tokens) - room} tokens are ignored (shorten the query to keep them)")
+
+
 def scan(folder: Path) -> Dict[str, Tuple[int, int]]:
     """{relative path: (size, mtime_ns)} of every image file below ``folder``."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist")
+    require_dir(folder, "image folder")
     found = {}
     for path in sorted(folder.rglob("*")):
         if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
@@ -52,7 +92,7 @@ def scan(folder: Path) -> Dict[str, Tuple[int, int]]:
 class GalleryIndex:
     def __init__(self, folder, encoder: OrtEncoder, index_path: Optional[os.PathLike] = None, progress: bool = False):
         self.folder, self.encoder = Path(folder), encoder
-        self.path = Path(index_path) if index_path else default_index_path(self.folder, encoder)
+        self.path = resolve_index_path(index_path, self.folder, encoder)
         self.progress = progress
         self.names: List[str] = []
         self.embeddings = np.zeros((0, encoder.embed_dim), np.float32)
@@ -76,7 +116,7 @@ class GalleryIndex:
     def _sync(self) -> None:
         current = scan(self.folder)
         if not current:
-            raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {self.folder}")
+            raise ConfigError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {self.folder}")
         cached, why = self._load()
         keep = {n: cached[n][1] for n, st in current.items() if n in cached and cached[n][0] == tuple(st)}
         todo = [n for n in current if n not in keep]
@@ -119,8 +159,12 @@ class GalleryIndex:
                 np.savez(f, embeddings=self.embeddings, meta=np.array(json.dumps(meta)))
 
     def search(self, query: str, top_k: int = 10) -> List[Hit]:
+        """The ``top_k`` images most similar to ``query``; ``Hit.score`` is their cosine similarity."""
+        check_query(query)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ConfigError(f"top_k (--top-k) must be an integer >= 1, got {top_k!r}")
         if not self.names:
-            raise ValueError(f"no readable images in {self.folder}")
+            raise ConfigError(f"no readable images in {self.folder} (every image was skipped)")
         q = self.encoder.encode_texts([query])[0]
         scores = self.embeddings @ q
         order = np.argsort(-scores, kind="stable")[:top_k]
@@ -144,14 +188,15 @@ def write_html(path, query: str, hits: List[Hit]) -> None:
 
     cards = "\n".join(
         f'<figure><img src="{_thumbnail(h.path)}" alt="{html.escape(h.path.name)}"><figcaption>#{h.rank} · '
-        f'{h.score:.3f}<br><small>{html.escape(str(h.path))}</small></figcaption></figure>' for h in hits)
+        f'cosine {h.score:.3f}<br><small>{html.escape(str(h.path))}</small></figcaption></figure>' for h in hits)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>harma-fast search: {html.escape(query)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2rem;background:#fafafa}}
 .grid{{display:flex;flex-wrap:wrap;gap:1rem}}figure{{margin:0;background:#fff;padding:.5rem;border-radius:6px;
 box-shadow:0 1px 3px #0002;width:256px}}img{{width:256px;height:256px;object-fit:cover}}
 figcaption{{font-size:.9rem;word-break:break-all}}</style></head>
-<body><h1>“{html.escape(query)}”</h1><p>top {len(hits)} images</p><div class="grid">
+<body><h1>“{html.escape(query)}”</h1>
+<p>top {len(hits)} images, by cosine similarity of image and query embeddings</p><div class="grid">
 {cards}
 </div></body></html>
 """

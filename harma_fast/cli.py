@@ -6,45 +6,49 @@ import dataclasses
 import json
 import os
 import sys
+import traceback
 from importlib import resources
 from pathlib import Path
 from typing import Dict, List, Optional
+
+from .cliargs import (BACKENDS, HARMA_LAYOUTS, PRECISIONS, HelpFormatter, add_subparser, non_negative_int,
+                      positive_float, positive_int)
+from .errors import ConfigError, HarmaError
+from .io import check_output_dir, check_output_file, require_dir, require_file
 
 PRESETS = ("rsitmd-clip", "rsitmd-georsclip", "rsicd-clip", "rsicd-georsclip")
 
 
 def load_preset(name_or_path: str) -> Dict:
-    """A preset's settings, by name (``rsitmd-clip``, ...) or from a YAML file."""
+    """A preset's raw settings, by name (``rsitmd-clip``, ...) or from a YAML file."""
     import yaml
 
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        text = path.read_text()
+        text = require_file(path, "--preset file").read_text()
     elif name_or_path in PRESETS:
         text = resources.files("harma_fast").joinpath("presets", f"{name_or_path}.yaml").read_text()
     else:
-        raise ValueError(f"unknown preset {name_or_path!r}; choose one of {', '.join(PRESETS)} or give a .yaml file")
+        raise ConfigError(f"unknown preset {name_or_path!r}; choose one of {', '.join(PRESETS)} or give a .yaml file")
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ValueError(f"preset {name_or_path} is not valid YAML: {err}") from err
-    return data
+        raise ConfigError(f"preset {name_or_path} is not valid YAML: {err}") from err
+    return {} if data is None else data
 
 
 def train_config(args: argparse.Namespace):
-    from .train import TrainConfig
+    from .config import settings_from_yaml
+    from .train import TRAIN_RULES, YAML_ALIASES, TrainConfig
 
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    settings = load_preset(args.preset) if args.preset else {}
+    # every preset value is type- and range-checked here, so an error names the file and the key
+    settings = (settings_from_yaml(TrainConfig, TRAIN_RULES, load_preset(args.preset), f"preset {args.preset}",
+                                   YAML_ALIASES) if args.preset else {})
     if getattr(args, "data", None):  # one file with every split; explicit --*-file flags still win
         from .data.command import data_files
 
         settings.update(data_files(args.data))
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise ValueError(f"unknown setting(s) {unknown} in preset {args.preset}; known: {sorted(known)}")
     for key in known:
         value = getattr(args, key, None)
         if value is not None:
@@ -52,14 +56,23 @@ def train_config(args: argparse.Namespace):
     config = TrainConfig(**settings)
     missing = [k for k in ("train_file", "image_root") if not getattr(config, k)]
     if missing:
-        raise ValueError(f"set {', '.join('--' + m.replace('_', '-') for m in missing)} (or use a --preset)")
+        raise ConfigError(f"set {', '.join('--' + m.replace('_', '-') for m in missing)} (or use a --preset)")
     return config
 
 
+# TrainConfig's defaults, for the help text (a test keeps them equal; importing train.py here
+# would load torch for every `--help`)
+TRAIN_DEFAULTS = {"model": "ViT-B-32", "harma": "paper", "output_dir": "runs/harma", "epochs": 10, "batch_size": 214,
+                  "lr": 4e-4, "grad_accum": 1, "precision": "auto", "backend": "auto", "num_workers": 4,
+                  "seed": 42, "eval_every": 1}
+
+
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune HarMA adapters (paper recipe)",
-                       description="Fine-tune HarMA adapters. A --preset fills every setting; flags override it.")
-    p.add_argument("--preset", help=f"one of {', '.join(PRESETS)}, or a YAML file")
+    p = add_subparser(sub, "train", "fine-tune HarMA adapters (paper recipe)",
+                      "Fine-tune HarMA adapters on image-caption data (RSITMD/RSICD layout). A --preset fills "
+                      "every setting; flags override it; a setting given by neither takes TrainConfig's "
+                      "default, shown below.")
+    p.add_argument("--preset", help=f"one of {', '.join(PRESETS)}, or a YAML file of TrainConfig fields")
     p.add_argument("--data", help="one Karpathy/NWPU file with every split (dataset_rsicd.json, dataset_nwpu.json); "
                    "fills --train-file/--val-file/--test-file")
     for flag, kind, text in (
@@ -68,52 +81,69 @@ def _add_train(sub) -> None:
             ("--test-file", str, "test annotations (evaluated once, with the best adapters)"),
             ("--image-root", str, "folder the annotations' image paths are relative to"),
             ("--model", str, "open_clip architecture, e.g. ViT-B-32"),
-            ("--pretrained", str, "local checkpoint file or cached open_clip tag"),
-            ("--harma", str, "adapter layout: paper | released | none"),
-            ("--output-dir", str, "run directory"), ("--epochs", int, "epochs"),
-            ("--batch-size", int, "batch per process"), ("--lr", float, "peak learning rate"),
-            ("--grad-accum", int, "batches per optimizer step"), ("--clip-grad-norm", float, "clip gradients"),
-            ("--resume", str, "continue from a last.pt"), ("--precision", str, "auto | bf16 | fp32"),
-            ("--backend", str, "auto | triton | reference"), ("--num-workers", int, "data-loading processes"),
-            ("--seed", int, "seed"), ("--max-steps", int, "stop after this many steps"),
-            ("--eval-every", int, "validate every N epochs"), ("--save-every", int, "checkpoint every N steps")):
-        p.add_argument(flag, type=kind, help=text)
+            ("--pretrained", str, "local checkpoint file or cached open_clip tag (default: random weights)"),
+            ("--harma", HARMA_LAYOUTS, "adapter layout"),
+            ("--output-dir", str, "run directory"), ("--epochs", positive_int, "epochs"),
+            ("--batch-size", positive_int, "batch per process"), ("--lr", positive_float, "peak learning rate"),
+            ("--grad-accum", positive_int, "batches per optimizer step"),
+            ("--clip-grad-norm", positive_float, "clip the gradient norm to this (default: no clipping)"),
+            ("--resume", str, "continue from a last.pt"), ("--precision", PRECISIONS, "training precision"),
+            ("--backend", BACKENDS, "kernels: triton on CUDA under auto"),
+            ("--num-workers", non_negative_int, "data-loading processes"),
+            ("--seed", non_negative_int, "seed"),
+            ("--max-steps", positive_int, "stop after this many steps (default: no limit)"),
+            ("--eval-every", positive_int, "validate every N epochs"),
+            ("--save-every", positive_int, "also checkpoint every N steps (default: at epoch ends only)")):
+        key = flag[2:].replace("-", "_")
+        if key in TRAIN_DEFAULTS:
+            text += f" (default: the preset's, else {TRAIN_DEFAULTS[key]})"
+        if isinstance(kind, tuple):
+            p.add_argument(flag, choices=kind, help=text)
+        else:
+            p.add_argument(flag, type=kind, help=text)
     p.add_argument("--overwrite", action="store_true", default=None, help="start over in an existing run directory")
     p.add_argument("--no-check-images", dest="check_images", action="store_false", default=None,
                    help="skip decoding every image before training")
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="retrieval metrics of a model on an evaluation file")
+    p = add_subparser(sub, "eval", "retrieval metrics of a model on an evaluation file",
+                      "Evaluate image-text retrieval (R@1/5/10 both ways and mR, in percent) of a backbone, "
+                      "optionally with trained adapters, on an evaluation file with one record per image.")
     p.add_argument("--test-file", required=True, help="evaluation annotations (one record per image)")
-    p.add_argument("--image-root", required=True)
+    p.add_argument("--image-root", required=True, help="folder the annotations' image paths are relative to")
     p.add_argument("--split", default="test", choices=("train", "val", "test"),
-                   help="split of a Karpathy/NWPU file to evaluate (default: test)")
-    p.add_argument("--model", default="ViT-B-32")
-    p.add_argument("--pretrained", help="backbone weights: local file or cached tag")
+                   help="split of a Karpathy/NWPU file to evaluate")
+    p.add_argument("--model", default="ViT-B-32", help="open_clip architecture")
+    p.add_argument("--pretrained", help="backbone weights: local file or cached tag (default: random weights)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--adapters", help="adapter file (.safetensors) from training")
     src.add_argument("--checkpoint", help="training checkpoint (last.pt)")
     src.add_argument("--released", help="checkpoint of the released HarMA code (backbone + adapters)")
-    p.add_argument("--harma", default="paper", help="adapter layout of --checkpoint: paper | released | none")
-    p.add_argument("--output", help="write the metrics here as JSON")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--precision", default="auto")
-    p.add_argument("--backend", default="auto")
+    p.add_argument("--harma", default="paper", choices=HARMA_LAYOUTS, help="adapter layout of --checkpoint")
+    p.add_argument("--output", help="also write the metrics to this JSON file")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images or captions per forward pass")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="bf16 on CUDA under auto, else fp32")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="kernels: triton on CUDA under auto")
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="generate synthetic data, train ~2 minutes on CPU, evaluate before and after")
+    p = add_subparser(sub, "demo", "generate synthetic data, train ~2 minutes on CPU, evaluate before and after",
+                      "The whole pipeline with nothing to download: writes a small synthetic aerial dataset, "
+                      "trains the adapters of a random-initialised HarMA-Tiny on the CPU, and prints the test "
+                      "retrieval table before and after training.")
     p.add_argument("--output-dir", help="where data and run go (default: a new temporary folder)")
-    p.add_argument("--minutes", type=float, default=2.0, help="training time budget")
-    p.add_argument("--steps", type=int, help="training step budget instead of minutes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--minutes", type=positive_float, default=2.0, help="training time budget")
+    p.add_argument("--steps", type=positive_int, help="training step budget instead of minutes")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the data and the run")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="harma-fast", description="HarMA adapters for open_clip: train, evaluate, "
-                                     "export and serve remote-sensing image-text retrieval.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="harma-fast", formatter_class=HelpFormatter,
+                                     description="HarMA adapters for open_clip: train, evaluate, export and serve "
+                                     "remote-sensing image-text retrieval. `harma-fast <command> --help` describes "
+                                     "each command.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     _add_train(sub)
     _add_eval(sub)
     _add_demo(sub)
@@ -127,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_eval(args: argparse.Namespace) -> Dict:
+    # every path is checked before the model is built or an image read
+    require_file(args.test_file, "--test-file")
+    require_dir(args.image_root, "--image-root")
+    for flag in ("adapters", "checkpoint", "released"):
+        if getattr(args, flag):
+            require_file(getattr(args, flag), f"--{flag}")
+    if args.output:
+        check_output_file(args.output, "--output")
+
     import open_clip
     import torch
 
@@ -163,26 +202,67 @@ def run_eval(args: argparse.Namespace) -> Dict:
     return metrics
 
 
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        from .train import train
+
+        config = train_config(args)
+        check_output_dir(config.output_dir, "--output-dir")
+        train(config)
+    elif args.command == "eval":
+        run_eval(args)
+    elif args.command == "demo":
+        from .demo import run_demo
+
+        if args.output_dir:
+            check_output_dir(args.output_dir, "--output-dir")
+        run_demo(args.output_dir, None if args.steps else args.minutes, args.steps, args.seed)
+    else:
+        return args.handler(args)
+    return 0
+
+
+# Expected failures of modules that predate HarmaError (matched only once their module is loaded).
+_LEGACY_EXPECTED = (("harma_fast.data.annotations", "AnnotationError"), ("harma_fast.train", "TrainingDiverged"),
+                    ("harma_fast.export.onnx_export", "ExportParityError"))
+
+
+def _raised_by_our_check(err: BaseException) -> bool:
+    """A ValueError raised by a ``raise`` statement of harma_fast itself (not deep inside torch or numpy):
+    an input check written before HarmaError existed, whose message is meant for the user."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    return type(err) is ValueError and (module == "harma_fast" or module.startswith("harma_fast."))
+
+
+def is_expected(err: BaseException) -> bool:
+    """Whether ``err`` is a failure the user can fix (bad input, missing file, full disk), not a bug."""
+    legacy = tuple(getattr(sys.modules[m], name) for m, name in _LEGACY_EXPECTED if m in sys.modules)
+    return isinstance(err, (HarmaError, OSError) + legacy) or _raised_by_our_check(err)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Exit status: 0 done, 2 bad input (one line, no traceback), 1 a bug (traceback), 130 interrupted."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
     args = build_parser().parse_args(argv)
+    name = f"harma-fast {args.command}"
     try:
-        if args.command == "train":
-            from .train import train
-
-            train(train_config(args))
-        elif args.command == "eval":
-            run_eval(args)
-        elif args.command == "demo":
-            from .demo import run_demo
-
-            run_demo(args.output_dir, None if args.steps else args.minutes, args.steps, args.seed)
-        else:
-            return args.handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError) as err:
-        print(f"harma-fast {args.command}: error: {err}", file=sys.stderr)
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the one place every failure is reported
+        if not is_expected(err):
+            traceback.print_exc()
+            print(f"{name}: internal error ({type(err).__name__}: {err}). This is a bug in harma-fast, not in "
+                  "your input: please report it with the command line and the traceback above.", file=sys.stderr)
+            return 1
+        if os.environ.get("HARMA_FAST_DEBUG"):
+            traceback.print_exc()
+        print(f"{name}: error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -16,6 +16,14 @@ class ConfigError(HarmaError, ValueError):
     """A setting (flag, preset field, argument) is missing, of the wrong type or out of range."""
 
 
+class InputPathError(HarmaError, FileNotFoundError):
+    """An input file or folder named by the user does not exist or is of the wrong kind."""
+
+
+class UnsupportedModelError(HarmaError, TypeError):
+    """A model harma_fast cannot patch (not an open_clip ViT CLIP, or an unknown block layout)."""
+
+
 class CheckpointError(HarmaError, ValueError):
     """A checkpoint or adapter file is unreadable, corrupt, or belongs to another model."""
 

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from .data.annotations import EvalRecords
 from .data.datasets import ImageDataset, batched
+from .errors import ConfigError
 from .metrics import retrieval_metrics
 
 Tensor = torch.Tensor
@@ -25,6 +26,8 @@ def encode_records(model: nn.Module, records: EvalRecords, transform: Callable, 
                    device="cpu", batch_size: int = 128, num_workers: int = 0, precision: str = "fp32",
                    progress: bool = True) -> Tuple[Tensor, Tensor]:
     """L2-normalised (image, caption) embeddings of an evaluation set, in file order."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"the evaluation batch size must be an integer >= 1, got {batch_size!r}")
     device = torch.device(device)
     was_training = model.training
     model.eval()

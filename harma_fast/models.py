@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from .errors import CheckpointError, ConfigError, InputPathError
 from .io import PathLike
 
 _HF_WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -32,7 +33,7 @@ def _check_name(name: str) -> None:
     if name not in known:
         close = difflib.get_close_matches(name, known, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown open_clip model {name!r}.{hint} See open_clip.list_models().")
+        raise ConfigError(f"unknown open_clip model {name!r}.{hint} See open_clip.list_models().")
 
 
 def cached_pretrained_path(name: str, tag: str, cache_dir: Optional[str] = None) -> Optional[Path]:
@@ -42,7 +43,7 @@ def cached_pretrained_path(name: str, tag: str, cache_dir: Optional[str] = None)
     cfg = open_clip.get_pretrained_cfg(name, tag)
     if not cfg:
         tags = open_clip.list_pretrained_tags_by_model(name)
-        raise ValueError(f"{tag!r} is neither a file nor a known pretrained tag of {name} "
+        raise ConfigError(f"{tag!r} is neither a file nor a known pretrained tag of {name} "
                          f"(known tags: {', '.join(tags) or 'none'})")
     if cfg.get("file"):
         return Path(cfg["file"]) if Path(cfg["file"]).is_file() else None
@@ -74,7 +75,7 @@ def _read_state_dict(path: Path) -> Tuple[dict, bool]:
         try:  # OpenAI's original .pt files are TorchScript archives, which weights_only refuses
             state = torch.jit.load(str(path), map_location="cpu").state_dict()
         except Exception:  # noqa: BLE001
-            raise ValueError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from err
+            raise CheckpointError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from err
         for key in ("input_resolution", "context_length", "vocab_size"):
             state.pop(key, None)
         return state, True
@@ -104,7 +105,7 @@ def load_backbone_file(model: nn.Module, path: PathLike, name: str = "model") ->
             problem = describe_mismatch(model.state_dict(), state) or str(err).strip().splitlines()[-1]
     hint = (" It looks like a HarMA training checkpoint: use harma_fast.load_released_checkpoint."
             if any("mmadapter" in k for k in state) else "")
-    raise ValueError(f"checkpoint {path} does not fit {name}: {problem}.{hint}")
+    raise CheckpointError(f"checkpoint {path} does not fit {name}: {problem}.{hint}")
 
 
 def create_model(name: str, pretrained: Optional[PathLike] = None, device="cpu",
@@ -129,11 +130,11 @@ def create_model(name: str, pretrained: Optional[PathLike] = None, device="cpu",
         if candidate.is_file():
             path = candidate
         elif looks_like_path:
-            raise FileNotFoundError(f"pretrained checkpoint {candidate} does not exist")
+            raise InputPathError(f"pretrained checkpoint {candidate} does not exist")
         else:
             path = cached_pretrained_path(name, str(pretrained), cache_dir)
             if path is None:
-                raise FileNotFoundError(
+                raise InputPathError(
                     f"pretrained weights {pretrained!r} for {name} are not in the local cache, and harma_fast never "
                     f"downloads. Fetch them on a machine with internet (open_clip.create_model({name!r}, "
                     f"pretrained={str(pretrained)!r}) fills the cache) and copy the file here, then pass its path "

@@ -19,6 +19,7 @@ from torch import nn
 
 from .backend import check_backend
 from .config import HarMAConfig
+from .errors import UnsupportedModelError
 from .modules import HarMAAdapter, SharedSubAdapter
 
 SUPPORTED = ("open_clip CLIP / CustomTextCLIP / CoCa models with a ViT image tower "
@@ -47,15 +48,18 @@ def _block_kind(block: nn.Module, where: str) -> str:
     if not missing:
         missing = [f"mlp.{n}" for n in ("c_fc", "c_proj") if not hasattr(block.mlp, n)]
     if missing:
-        raise TypeError(f"{where} ({type(block).__name__}) is not a transformer block harma_fast can patch: "
-                        f"it lacks {', '.join(missing)}. Supported: {SUPPORTED}.")
+        raise UnsupportedModelError(
+            f"{where} ({type(block).__name__}) is not a transformer block harma_fast can patch: "
+            f"it lacks {', '.join(missing)}. Supported: {SUPPORTED}.")
     if hasattr(block, "ln_1_kv"):
-        raise TypeError(f"{where} is a cross-attention block; HarMA adapts self-attention towers only.")
+        raise UnsupportedModelError(
+            f"{where} is a cross-attention block; HarMA adapts self-attention towers only.")
     for kind, matches in _ATTENTION_KINDS:
         if matches(block.attn):
             return kind
-    raise TypeError(f"{where}.attn is a {type(block.attn).__name__}, which harma_fast does not know how to call; "
-                    "supported: nn.MultiheadAttention and open_clip's Attention (in_proj_weight + out_proj).")
+    raise UnsupportedModelError(
+        f"{where}.attn is a {type(block.attn).__name__}, which harma_fast does not know how to call; "
+        "supported: nn.MultiheadAttention and open_clip's Attention (in_proj_weight + out_proj).")
 
 
 class HarMABlockMixin:
@@ -130,21 +134,24 @@ class Tower:
 def find_towers(model: nn.Module) -> Dict[str, Tower]:
     """The image and text transformer stacks of an open_clip model (clear errors otherwise)."""
     if not isinstance(model, nn.Module) or not hasattr(model, "visual") or not hasattr(model, "encode_text"):
-        raise TypeError(f"harma_fast.patch expects an open_clip CLIP model, got {type(model).__name__}. "
-                        f"Supported: {SUPPORTED}.")
+        raise UnsupportedModelError(
+            f"harma_fast.patch expects an open_clip CLIP model, got {type(model).__name__}. "
+            f"Supported: {SUPPORTED}.")
     visual = model.visual
     if not hasattr(getattr(visual, "transformer", None), "resblocks"):
         kind = "a ResNet" if hasattr(visual, "layer1") else f"a {type(visual).__name__}"
-        raise TypeError(f"the image tower is {kind}, not a ViT; HarMA adapts ViT CLIP models only. "
-                        f"Supported: {SUPPORTED}.")
+        raise UnsupportedModelError(
+            f"the image tower is {kind}, not a ViT; HarMA adapts ViT CLIP models only. "
+            f"Supported: {SUPPORTED}.")
     if hasattr(getattr(model, "transformer", None), "resblocks"):
         text = Tower("text", "transformer", model.transformer)
     elif hasattr(getattr(getattr(model, "text", None), "transformer", None), "resblocks"):
         text = Tower("text", "text.transformer", model.text.transformer)
     else:
         kind = type(getattr(model, "text", None)).__name__
-        raise TypeError(f"the text tower ({kind}) is not an open_clip transformer (e.g. a Hugging Face text "
-                        f"model); HarMA adapts open_clip text transformers only. Supported: {SUPPORTED}.")
+        raise UnsupportedModelError(
+            f"the text tower ({kind}) is not an open_clip transformer (e.g. a Hugging Face text "
+            f"model); HarMA adapts open_clip text transformers only. Supported: {SUPPORTED}.")
     return {"image": Tower("image", "visual.transformer", visual.transformer), "text": text}
 
 

@@ -26,11 +26,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .backend import BACKENDS
 from .checkpoints import load_adapters, save_adapters
-from .config import HarMAConfig
+from .config import HarMAConfig, Rule, above, at_least, check_settings, in_range, one_of
 from .data.annotations import load_splits
 from .data.datasets import EpochBatches, TrainCollate, TrainDataset
 from .data.transforms import eval_transform, model_image_spec, train_transform
+from .errors import ConfigError
 from .evaluate import evaluate, format_metrics
 from .fast import enable_fast_path
 from .losses import HarMALoss
@@ -85,12 +87,45 @@ class TrainConfig:
     progress: bool = True
     extra: Dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "TrainConfig":
+        """Type- and range-check every field (lists become tuples); raises ConfigError naming it."""
+        check_settings(self, TRAIN_RULES)
+        return self
+
     def harma_config(self) -> HarMAConfig:
         presets = {"paper": HarMAConfig.paper(), "released": HarMAConfig.released(),
                    "none": HarMAConfig(share="none")}
         if self.harma not in presets:
-            raise ValueError(f"harma must be one of {sorted(presets)}, got {self.harma!r}")
+            raise ConfigError(f"harma must be one of {sorted(presets)}, got {self.harma!r}")
         return presets[self.harma]
+
+
+def _is_device(name: str) -> bool:
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+# The range of every checked TrainConfig field (types come from the annotations above).
+TRAIN_RULES = {
+    "harma": one_of("paper", "released", "none"),
+    "epochs": at_least(1), "batch_size": at_least(1), "grad_accum": at_least(1),
+    "lr": above(0), "weight_decay": at_least(0), "eps": above(0),
+    "betas": Rule(lambda b: all(0 <= x < 1 for x in b), "two numbers in [0, 1)"),
+    "warmup": in_range(0, 1), "clip_grad_norm": above(0),
+    "temperature": above(0), "margin": at_least(0), "gamma": at_least(0), "max_words": at_least(1),
+    "precision": one_of("auto", "bf16", "fp32"), "backend": one_of(*BACKENDS), "fast": one_of("auto", "on", "off"),
+    "device": Rule(lambda d: d == "auto" or _is_device(d), "auto or a torch device (cpu, cuda, cuda:1, ...)"),
+    "num_workers": at_least(0), "eval_every": at_least(1), "eval_batch_size": at_least(1), "log_every": at_least(1),
+    "save_every": at_least(1), "max_steps": at_least(1), "max_minutes": above(0), "seed": at_least(0),
+}
+# YAML 1.1 reads on/off/yes/no as booleans; for ``fast`` they mean the words.
+YAML_ALIASES = {"fast": {True: "on", False: "off"}}
 
 
 class TrainingDiverged(RuntimeError):

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from ..errors import ConfigError
 from .annotations import EvalRecords, TrainRecords
 
 
@@ -78,9 +79,9 @@ class EpochBatches(Sampler[List[int]]):
 
     def __init__(self, n: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1):
         if global_batch % world_size:
-            raise ValueError(f"global batch {global_batch} is not a multiple of the {world_size} ranks")
+            raise ConfigError(f"global batch {global_batch} is not a multiple of the {world_size} ranks")
         if n < global_batch:
-            raise ValueError(f"the dataset has {n} captions, fewer than one batch of {global_batch}; "
+            raise ConfigError(f"the dataset has {n} captions, fewer than one batch of {global_batch}; "
                              "lower the batch size")
         self.n, self.global_batch, self.seed = n, global_batch, seed
         self.rank, self.world_size = rank, world_size

@@ -1,0 +1,393 @@
+"""The command line's error boundary: bad flags, presets and paths are one clear line, exit 2, before any work."""
+import argparse
+import dataclasses
+import json
+import math
+import re
+
+import pytest
+import torch
+
+import harma_fast
+from harma_fast import cli
+from harma_fast.cli import build_parser, main, train_config
+from harma_fast.data.synthetic import generate
+from harma_fast.errors import ConfigError, HarmaError, OutputPathError
+from harma_fast.train import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("data"), n_train=24, n_val=6, n_test=6, image_size=32, seed=3)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Building a model means the command got past its checks: make that fail loudly."""
+    def boom(*args, **kwargs):
+        raise AssertionError("the command started work before checking its inputs")
+    monkeypatch.setattr(harma_fast, "create_model", boom, raising=False)
+    monkeypatch.setattr(harma_fast.models, "create_model", boom)
+
+
+def exits_with_usage_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def train_argv(data, out, *extra):
+    return ["train", "--train-file", str(data["train"]), "--image-root", str(data["image_root"]), "--model",
+            "HarMA-Tiny", "--output-dir", str(out), "--num-workers", "0", "--epochs", "1", *extra]
+
+
+# --- numeric flags are checked when parsed -----------------------------------------------------
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--batch-size", "-8"), ("--epochs", "-1"),
+                                         ("--grad-accum", "0"), ("--eval-every", "0"), ("--save-every", "0"),
+                                         ("--max-steps", "0"), ("--lr", "0"), ("--lr", "nan"), ("--lr", "-0.5"),
+                                         ("--num-workers", "-1"), ("--clip-grad-norm", "0"), ("--epochs", "2.5")])
+def test_train_refuses_out_of_range_flags_before_any_work(data, tmp_path, capsys, flag, value):
+    out = tmp_path / "run"
+    err = exits_with_usage_error(train_argv(data, out, flag, value), capsys)
+    assert f"harma-fast train: error: argument {flag}: must be" in err and value in err
+    assert not out.exists(), "a refused command wrote a run directory"
+
+
+@pytest.mark.parametrize("argv", [["eval", "--test-file", "t.json", "--image-root", ".", "--batch-size", "0"],
+                                  ["demo", "--steps", "0"], ["demo", "--minutes", "-2"],
+                                  ["search", "lake", "--onnx", "o", "--images", "i", "--top-k", "-1"],
+                                  ["search", "lake", "--onnx", "o", "--images", "i", "--top-k", "0"],
+                                  ["export", "--out", "o", "--opset", "0"],
+                                  ["train", "--precision", "fp16"], ["eval", "--test-file", "t", "--image-root", ".",
+                                                                     "--backend", "cuda"]])
+def test_every_command_checks_its_numbers_and_choices(argv, capsys):
+    err = exits_with_usage_error(argv, capsys)
+    assert f"harma-fast {argv[0]}: error: argument" in err
+
+
+def test_train_flag_table_matches_train_config_defaults():
+    from harma_fast import backend, cliargs
+    from harma_fast.train import TRAIN_RULES
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    assert {k: defaults[k] for k in cli.TRAIN_DEFAULTS} == cli.TRAIN_DEFAULTS
+    assert cliargs.BACKENDS == backend.BACKENDS
+    assert all(TRAIN_RULES["precision"].ok(p) for p in cliargs.PRECISIONS)
+    assert all(TRAIN_RULES["harma"].ok(h) for h in cliargs.HARMA_LAYOUTS)
+
+
+# --- TrainConfig checks every field ------------------------------------------------------------
+BAD_FIELDS = [("batch_size", 0), ("batch_size", -8), ("epochs", -1), ("epochs", 0), ("grad_accum", 0),
+              ("eval_every", 0), ("save_every", 0), ("lr", 0.0), ("lr", math.nan), ("lr", math.inf), ("lr", "4e-4"),
+              ("warmup", 1.0), ("warmup", -0.1), ("max_steps", 0), ("max_minutes", 0.0), ("num_workers", -1),
+              ("eval_batch_size", 0), ("log_every", 0), ("temperature", 0.0), ("margin", -0.1), ("gamma", -1.0),
+              ("clip_grad_norm", 0.0), ("precision", "fp16"), ("backend", "cuda"), ("fast", False), ("fast", "yes"),
+              ("harma", "paperr"), ("device", "gpu"), ("max_words", 0), ("epochs", 2.5), ("epochs", True),
+              ("betas", (0.9,)), ("compile", "no"), ("train_file", 3), ("seed", -1)]
+
+
+@pytest.mark.parametrize("field, value", BAD_FIELDS)
+def test_train_config_refuses_bad_fields(field, value):
+    with pytest.raises(ConfigError, match=f"^{field} must be"):
+        TrainConfig(**{field: value})
+
+
+def test_train_config_accepts_edge_values_and_normalises_types():
+    cfg = TrainConfig(warmup=0.0, num_workers=0, margin=0, gamma=0, lr=1, betas=[0.9, 0.98], max_steps=None,
+                      device="cpu", fast="off", clip_grad_norm=None)
+    assert cfg.betas == (0.9, 0.98) and isinstance(cfg.lr, float) and isinstance(cfg.margin, float)
+    assert TrainConfig(device="cuda:1").device == "cuda:1"
+
+
+# --- YAML presets ------------------------------------------------------------------------------
+def preset(tmp_path, text):
+    path = tmp_path / "my.yaml"
+    path.write_text("train_file: t.json\nimage_root: imgs\n" + text)
+    return str(path)
+
+
+def test_yaml_lr_written_without_a_dot_is_a_number(tmp_path):
+    # PyYAML (YAML 1.1) reads 4e-4 as the string "4e-4"; AdamW then failed with a TypeError
+    cfg = train_config(build_parser().parse_args(["train", "--preset", preset(tmp_path, "lr: 4e-4\n")]))
+    assert cfg.lr == 4e-4 and isinstance(cfg.lr, float)
+
+
+def test_yaml_fast_off_means_off(tmp_path):
+    # YAML 1.1 reads off/on as booleans
+    cfg = train_config(build_parser().parse_args(["train", "--preset", preset(tmp_path, "fast: off\n")]))
+    assert cfg.fast == "off"
+    cfg = train_config(build_parser().parse_args(["train", "--preset", preset(tmp_path, "fast: on\n")]))
+    assert cfg.fast == "on"
+
+
+@pytest.mark.parametrize("text, key", [("lr: fast\n", "lr"), ("batch_size: 0\n", "batch_size"),
+                                       ("epochs: ten\n", "epochs"), ("warmup: 1.5\n", "warmup"),
+                                       ("betas: 0.9\n", "betas"), ("fast: 3\n", "fast"),
+                                       ("learning_rate: 1e-4\n", "learning_rate")])
+def test_bad_yaml_values_name_the_file_and_the_key(tmp_path, text, key):
+    path = preset(tmp_path, text)
+    with pytest.raises(ConfigError, match=f"preset {re.escape(path)}: .*{key}"):
+        train_config(build_parser().parse_args(["train", "--preset", path]))
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- lr\n- 1\n")
+    with pytest.raises(ConfigError, match="list.yaml must hold a mapping"):
+        train_config(build_parser().parse_args(["train", "--preset", str(path)]))
+
+
+def test_bad_preset_through_main_is_one_line(tmp_path, capsys):
+    path = preset(tmp_path, "batch_size: -8\n")
+    assert main(["train", "--preset", path, "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"harma-fast train: error: preset {path}: batch_size must be >= 1, got -8\n"
+    assert not (tmp_path / "run").exists()
+
+
+# --- the error boundary ------------------------------------------------------------------------
+def fail_with(monkeypatch, error):
+    def run_eval(args):
+        raise error
+    monkeypatch.setattr(cli, "run_eval", run_eval)
+    return ["eval", "--test-file", "t.json", "--image-root", "."]
+
+
+def test_expected_error_is_one_line_exit_2(monkeypatch, capsys):
+    assert main(fail_with(monkeypatch, OutputPathError("--output x is a directory"))) == 2
+    assert capsys.readouterr().err == "harma-fast eval: error: --output x is a directory\n"
+
+
+def test_a_bug_shows_its_traceback_and_asks_for_a_report(monkeypatch, capsys):
+    assert main(fail_with(monkeypatch, ZeroDivisionError("division by zero"))) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ZeroDivisionError" in err and "bug in harma-fast" in err and "report" in err
+
+
+def test_a_value_error_from_outside_harma_fast_is_a_bug(monkeypatch, capsys):
+    assert main(fail_with(monkeypatch, ValueError("operands could not be broadcast"))) == 1
+    assert "bug in harma-fast" in capsys.readouterr().err
+
+
+def test_an_input_check_of_harma_fast_is_one_line(data, tmp_path, capsys):
+    # a ValueError raised by harma_fast's own check (here: an adapter file that is not one) is the user's to fix
+    (tmp_path / "a.safetensors").write_bytes(b"not safetensors")
+    assert main(eval_argv(data, "--adapters", str(tmp_path / "a.safetensors"))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("harma-fast eval: error: ") and "a.safetensors" in err and "Traceback" not in err
+
+
+def test_interrupt_is_exit_130(monkeypatch, capsys):
+    assert main(fail_with(monkeypatch, KeyboardInterrupt())) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_user_errors_of_the_library_are_harma_errors(tmp_path):
+    from harma_fast.models import create_model
+
+    with pytest.raises(HarmaError, match="unknown open_clip model"):
+        create_model("ViT-B-33")
+    with pytest.raises(HarmaError, match="pretrained checkpoint .*nope.pt does not exist"):
+        create_model("HarMA-Tiny", str(tmp_path / "nope.pt"))
+    with pytest.raises(FileNotFoundError):  # the old base class still catches it
+        create_model("HarMA-Tiny", str(tmp_path / "nope.pt"))
+    with pytest.raises(HarmaError, match="expects an open_clip CLIP model"):
+        harma_fast.patch(torch.nn.Linear(2, 2))
+
+
+# --- output paths are checked before work, and nothing on disk is overwritten ------------------
+def eval_argv(data, *extra):
+    return ["eval", "--test-file", str(data["test"]), "--image-root", str(data["image_root"]), "--model",
+            "HarMA-Tiny", *extra]
+
+
+def test_eval_output_that_is_a_directory(data, tmp_path, capsys, no_model):
+    assert main(eval_argv(data, "--output", str(tmp_path))) == 2
+    assert f"--output {tmp_path} is a directory" in capsys.readouterr().err
+
+
+def test_eval_output_below_a_file(data, tmp_path, capsys, no_model):
+    (tmp_path / "f").write_text("keep me")
+    assert main(eval_argv(data, "--output", str(tmp_path / "f" / "m.json"))) == 2
+    assert f"{tmp_path / 'f'} is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "f").read_text() == "keep me"
+
+
+def test_eval_missing_inputs_are_named(data, tmp_path, capsys, no_model):
+    assert main(eval_argv(data, "--adapters", str(tmp_path / "a.safetensors"))) == 2
+    assert f"--adapters {tmp_path / 'a.safetensors'} does not exist" in capsys.readouterr().err
+    assert main(["eval", "--test-file", str(tmp_path / "t.json"), "--image-root", str(tmp_path)]) == 2
+    assert f"--test-file {tmp_path / 't.json'} does not exist" in capsys.readouterr().err
+
+
+def test_eval_failing_late_keeps_the_old_output(data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "metrics.json"
+    out.write_text("old")
+
+    def broken_evaluate(*args, **kwargs):
+        raise ConfigError("late failure")
+    monkeypatch.setattr("harma_fast.evaluate.evaluate", broken_evaluate)
+    assert main(eval_argv(data, "--output", str(out))) == 2
+    assert out.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_eval_writes_its_output(data, tmp_path, capsys):
+    out = tmp_path / "new" / "metrics.json"
+    assert main(eval_argv(data, "--output", str(out), "--batch-size", "4")) == 0
+    assert set(json.loads(out.read_text())) >= {"r_mean", "txt_r1", "img_r1"}
+
+
+def test_export_out_below_a_file(tmp_path, capsys, no_model):
+    (tmp_path / "f").write_text("")
+    assert main(["export", "--model", "HarMA-Tiny", "--out", str(tmp_path / "f" / "onnx")]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_demo_output_dir_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "f").write_text("keep me")
+    assert main(["demo", "--output-dir", str(tmp_path / "f"), "--steps", "1"]) == 2
+    assert f"--output-dir {tmp_path / 'f'} is a file" in capsys.readouterr().err
+    assert (tmp_path / "f").read_text() == "keep me"
+
+
+# --- help pages --------------------------------------------------------------------------------
+def subparsers():
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, action.choices
+
+
+def test_every_help_page_has_a_description_and_shows_defaults(capsys):
+    parser, commands = subparsers()
+    assert set(commands) == {"train", "eval", "demo", "export", "search"}
+    for name, sub in [("harma-fast", parser), *commands.items()]:
+        assert sub.description, f"{name} --help has no description"
+        page = sub.format_help()
+        for action in sub._actions:
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+                assert action.help, f"{name} {action.option_strings[0]} has no help"
+                assert "default" in sub._get_formatter()._get_help_string(action), \
+                    f"{name} {action.option_strings[0]} does not show its default {action.default!r}"
+        assert "(default: " in page or name == "harma-fast", f"{name} --help shows no default"
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--help"])
+    assert exc.value.code == 0 and "(default: ViT-B-32)" in " ".join(capsys.readouterr().out.split())
+
+
+# --- search ------------------------------------------------------------------------------------
+class FakeEncoder:
+    """OrtEncoder's interface without an export: an image's embedding is its mean colour."""
+
+    def __init__(self, onnx_dir, *args, **kwargs):
+        from open_clip.tokenizer import default_bpe
+
+        from harma_fast.export.tokenizer import BPETokenizer
+
+        self.meta = {"export_id": "fake"}
+        self.embed_dim = 3
+        self.tokenizer = BPETokenizer(default_bpe(), context_length=16)
+
+    def preprocess(self, path):
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"), np.float32).mean((0, 1)) + 1.0
+
+    def encode_pixels(self, pixels):
+        return pixels / (pixels ** 2).sum(1, keepdims=True) ** 0.5
+
+    def encode_texts(self, texts):
+        import numpy as np
+
+        return np.tile(np.array([[1.0, 0.0, 0.0]], np.float32), (len(texts), 1))
+
+
+@pytest.fixture
+def gallery(tmp_path, monkeypatch):
+    from PIL import Image
+
+    import harma_fast.export.runtime
+
+    monkeypatch.setattr(harma_fast.export.runtime, "OrtEncoder", FakeEncoder)
+    monkeypatch.setenv("HARMA_FAST_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    for i, colour in enumerate([(250, 0, 0), (0, 250, 0), (0, 0, 250), (120, 120, 0)]):
+        Image.new("RGB", (8, 8), colour).save(folder / f"{i}.png")
+    return folder
+
+
+def search_argv(folder, query, *extra):
+    return ["search", query, "--onnx", "unused", "--images", str(folder), *extra]
+
+
+def test_search_labels_scores_as_cosine_similarity(gallery, capsys):
+    assert main(search_argv(gallery, "a red roof", "--top-k", "2")) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert len(lines) == 2 and lines[0].split()[:2] == ["1", "cos"] and lines[0].endswith("0.png")
+    assert "cosine similarity" in captured.err
+
+
+@pytest.mark.parametrize("query", ["", "   "])
+def test_search_refuses_an_empty_query(gallery, capsys, query):
+    assert main(search_argv(gallery, query)) == 2
+    assert "the query" in capsys.readouterr().err
+
+
+def test_search_warns_when_the_query_is_truncated(gallery, capsys):
+    assert main(search_argv(gallery, "a red roof", "--top-k", "1")) == 0
+    assert "truncated" not in capsys.readouterr().err
+    assert main(search_argv(gallery, " ".join(["red roof"] * 20), "--top-k", "1")) == 0
+    assert "warning: the query is 40 tokens long but the text encoder reads 14; it was truncated" in \
+        capsys.readouterr().err
+
+
+def test_search_top_k_must_be_positive(gallery):
+    from harma_fast.export.search import GalleryIndex
+
+    index = GalleryIndex(gallery, FakeEncoder("unused"))
+    assert len(index.search("a lake", 10)) == 4
+    for bad in (0, -1):
+        with pytest.raises(ConfigError, match="top_k .* must be an integer >= 1"):
+            index.search("a lake", bad)
+
+
+def test_search_index_may_be_a_folder(gallery, tmp_path, capsys):
+    folder = tmp_path / "indexes"
+    folder.mkdir()
+    assert main(search_argv(gallery, "a lake", "--index", str(folder))) == 0
+    assert len(list(folder.glob("*.npz"))) == 1
+    assert main(search_argv(gallery, "a lake", "--index", str(folder))) == 0
+    assert "index reused: 4 images unchanged" in capsys.readouterr().err
+    assert main(search_argv(gallery, "a lake", "--index", str(tmp_path / "one.npz"))) == 0
+    assert (tmp_path / "one.npz").is_file()
+
+
+@pytest.mark.parametrize("flag", ["--html", "--index"])
+def test_search_outputs_below_a_file_are_refused_before_embedding(gallery, tmp_path, capsys, flag):
+    (tmp_path / "f").write_text("keep me")
+    assert main(search_argv(gallery, "a lake", flag, str(tmp_path / "f" / "out.npz"))) == 2
+    assert f"{flag} {tmp_path / 'f' / 'out.npz'} cannot be written" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists(), "the folder was embedded before the path was checked"
+    assert (tmp_path / "f").read_text() == "keep me"
+
+
+def test_evaluate_refuses_a_batch_size_below_one(data):
+    from harma_fast.data.annotations import load_eval_records
+    from harma_fast.evaluate import evaluate
+
+    records = load_eval_records(data["test"], data["image_root"])
+    with pytest.raises(ConfigError, match="batch size must be an integer >= 1, got 0"):
+        evaluate(torch.nn.Identity(), records, None, None, batch_size=0)
+
+
+def test_search_never_overwrites_a_file_that_is_not_an_index(gallery, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert main(search_argv(gallery, "a lake", "--index", str(tmp_path / "notes.txt"))) == 2
+    assert "is a file but not an index" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
