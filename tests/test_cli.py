@@ -255,14 +255,22 @@ def test_demo_output_dir_that_is_a_file(tmp_path, capsys):
 
 # --- help pages --------------------------------------------------------------------------------
 def subparsers():
+    """The top parser and every sub-command, nested ones (``data check``) by their full name."""
     parser = build_parser()
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return parser, action.choices
+
+    def walk(p, prefix):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield f"{prefix}{name}", sub
+                    yield from walk(sub, f"{prefix}{name} ")
+
+    return parser, dict(walk(parser, ""))
 
 
 def test_every_help_page_has_a_description_and_shows_defaults(capsys):
     parser, commands = subparsers()
-    assert set(commands) == {"train", "eval", "demo", "export", "search"}
+    assert set(commands) == {"train", "eval", "demo", "data", "data check", "export", "search"}
     for name, sub in [("harma-fast", parser), *commands.items()]:
         assert sub.description, f"{name} --help has no description"
         page = sub.format_help()
@@ -271,7 +279,7 @@ def test_every_help_page_has_a_description_and_shows_defaults(capsys):
                 assert action.help, f"{name} {action.option_strings[0]} has no help"
                 assert "default" in sub._get_formatter()._get_help_string(action), \
                     f"{name} {action.option_strings[0]} does not show its default {action.default!r}"
-        assert "(default: " in page or name == "harma-fast", f"{name} --help shows no default"
+        assert "(default: " in page or name in ("harma-fast", "data"), f"{name} --help shows no default"
     with pytest.raises(SystemExit) as exc:
         main(["eval", "--help"])
     assert exc.value.code == 0 and "(default: ViT-B-32)" in " ".join(capsys.readouterr().out.split())

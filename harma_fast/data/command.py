@@ -40,17 +40,18 @@ def data_files(path: str, warn=lambda msg: print(msg, file=sys.stderr)) -> Dict[
 
 
 def add_data_parser(sub) -> None:
-    p = sub.add_parser("data", help="inspect datasets (validate and summarise annotation files)",
-                       description="Inspect datasets without training.")
+    from ..cliargs import add_subparser, positive_int
+
+    p = add_subparser(sub, "data", "inspect datasets (validate and summarise annotation files)",
+                      "Inspect datasets without training: `harma-fast data check FILE --image-root DIR`.")
     commands = p.add_subparsers(dest="data_command", required=True)
-    c = commands.add_parser("check", help="validate and summarise an annotation file",
-                            description="Validate an annotation file as training would (every record, every image) "
-                            "and summarise it: layout, images and captions per split, captions per image, missing "
-                            "files. Exits 1 if the dataset has problems.",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c = add_subparser(commands, "check", "validate and summarise an annotation file",
+                      "Validate an annotation file as training would (every record, every image) "
+                      "and summarise it: layout, images and captions per split, captions per image, missing "
+                      "files. Exits 1 if the dataset has problems.")
     c.add_argument("file", help="annotation file: HarMA, Karpathy (dataset_rsicd.json, ...) or NWPU layout")
     c.add_argument("--image-root", required=True, help="folder the file's image paths are relative to")
-    c.add_argument("--max-words", type=int, default=30, help="captions are cut to this many words")
+    c.add_argument("--max-words", type=positive_int, default=30, help="captions are cut to this many words")
     c.add_argument("--no-check-images", dest="check_images", action="store_false",
                    help="do not open every image (faster; missing files are then not reported)")
     c.set_defaults(handler=run_data_check)
