@@ -45,6 +45,10 @@ def train_config(args: argparse.Namespace):
         value = getattr(args, key, None)
         if value is not None:
             settings[key] = value
+    if getattr(args, "resume", None):  # the run's own config.json; flags given override it
+        from .train import resumed_config
+
+        return resumed_config(args.resume, settings)
     config = TrainConfig(**settings)
     missing = [k for k in ("train_file", "image_root") if not getattr(config, k)]
     if missing:
@@ -67,7 +71,7 @@ def _add_train(sub) -> None:
             ("--output-dir", str, "run directory"), ("--epochs", int, "epochs"),
             ("--batch-size", int, "batch per process"), ("--lr", float, "peak learning rate"),
             ("--grad-accum", int, "batches per optimizer step"), ("--clip-grad-norm", float, "clip gradients"),
-            ("--resume", str, "continue from a last.pt"), ("--precision", str, "auto | bf16 | fp32"),
+            ("--resume", str, "continue a run: its directory or its last.pt (its config.json fills the settings)"), ("--precision", str, "auto | bf16 | fp32"),
             ("--backend", str, "auto | triton | reference"), ("--num-workers", int, "data-loading processes"),
             ("--seed", int, "seed"), ("--max-steps", int, "stop after this many steps"),
             ("--eval-every", int, "validate every N epochs"), ("--save-every", int, "checkpoint every N steps")):
@@ -75,6 +79,8 @@ def _add_train(sub) -> None:
     p.add_argument("--overwrite", action="store_true", default=None, help="start over in an existing run directory")
     p.add_argument("--no-check-images", dest="check_images", action="store_false", default=None,
                    help="skip decoding every image before training")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="plain log lines instead of a progress bar (also: TQDM_DISABLE=1, or stderr not a terminal)")
 
 
 def _add_eval(sub) -> None:
@@ -88,6 +94,8 @@ def _add_eval(sub) -> None:
     src.add_argument("--checkpoint", help="training checkpoint (last.pt)")
     src.add_argument("--released", help="checkpoint of the released HarMA code (backbone + adapters)")
     p.add_argument("--harma", default="paper", help="adapter layout of --checkpoint: paper | released | none")
+    p.add_argument("--ignore-backbone-mismatch", action="store_true",
+                   help="use adapters on a backbone other than the one they were trained on")
     p.add_argument("--output", help="write the metrics here as JSON")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--precision", default="auto")
@@ -100,6 +108,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--minutes", type=float, default=2.0, help="training time budget")
     p.add_argument("--steps", type=int, help="training step budget instead of minutes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="plain log lines instead of a progress bar (also: TQDM_DISABLE=1, or stderr not a terminal)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,14 +141,15 @@ def run_eval(args: argparse.Namespace) -> Dict:
     records = load_eval_records(args.test_file, args.image_root)
     model = create_model(args.model, args.pretrained)
     if args.adapters:
-        load_adapters(model, args.adapters)
+        load_adapters(model, args.adapters, check_backbone=not args.ignore_backbone_mismatch)
     elif args.released:
         load_released_checkpoint(model, args.released)
     elif args.checkpoint:
         from .losses import HarMALoss
 
         patch(model, TrainConfig(harma=args.harma).harma_config())
-        load_training_state(args.checkpoint, model, args.model, HarMALoss(), restore_rng=False)
+        load_training_state(args.checkpoint, model, args.model, HarMALoss(), restore_rng=False,
+                            check_backbone=not args.ignore_backbone_mismatch)
     model.to(device)
     size, mean, std = model_image_spec(model)
     metrics = evaluate(model, records, eval_transform(size, mean, std), open_clip.get_tokenizer(args.model), device,
@@ -165,7 +176,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         elif args.command == "demo":
             from .demo import run_demo
 
-            run_demo(args.output_dir, None if args.steps else args.minutes, args.steps, args.seed)
+            run_demo(args.output_dir, None if args.steps else args.minutes, args.steps, args.seed,
+                     progress=args.progress)
         else:
             return args.handler(args)
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError) as err:

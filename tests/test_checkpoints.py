@@ -64,6 +64,7 @@ def test_load_adapters_names_the_offending_key(tmp_path):
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    del meta["checksum"]  # a file of this shape written by someone else: the checksum test is elsewhere
     key = "transformer.resblocks.1.harma.up.weight"
     tensors[key] = torch.zeros(3, 3)
     save_file(tensors, str(path), metadata=meta)
