@@ -543,7 +543,8 @@ class Trainer:
     def _already_finished(self) -> Dict:
         pos = self.position
         result = dict(pos.extra.get("result") or {"step": pos.step, "best_val_r_mean": pos.best_r_mean,
-                                                   "best_step": pos.best_step, "output_dir": str(self.out)})
+                                                   "best_step": pos.best_step})
+        result["output_dir"] = str(self.out)
         self._say(f"{self.out}: the run already finished at step {pos.step}; nothing to do (raise --epochs or "
                   "--max-steps to train further)")
         if self.main and not (self.out / "result.json").exists():  # killed after its last checkpoint
