@@ -71,7 +71,8 @@ def _add_train(sub) -> None:
             ("--output-dir", str, "run directory"), ("--epochs", int, "epochs"),
             ("--batch-size", int, "batch per process"), ("--lr", float, "peak learning rate"),
             ("--grad-accum", int, "batches per optimizer step"), ("--clip-grad-norm", float, "clip gradients"),
-            ("--resume", str, "continue a run: its directory or its last.pt (its config.json fills the settings)"), ("--precision", str, "auto | bf16 | fp32"),
+            ("--resume", str, "continue a run: its directory or its last.pt (its config.json fills the settings)"),
+            ("--precision", str, "auto | bf16 | fp32"),
             ("--backend", str, "auto | triton | reference"), ("--num-workers", int, "data-loading processes"),
             ("--seed", int, "seed"), ("--max-steps", int, "stop after this many steps"),
             ("--eval-every", int, "validate every N epochs"), ("--save-every", int, "checkpoint every N steps")):

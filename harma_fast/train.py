@@ -9,6 +9,13 @@ HarMALoss over the gathered batch, bf16 autocast on GPU, gradient accumulation a
 The run directory holds ``config.json``, ``metrics.jsonl``, ``loss.png``/``mr.png``,
 ``last.pt`` (resume) and ``best.safetensors`` (adapters with the best validation mR; the test
 split is never used to choose). Under DDP every rank trains; rank 0 writes and evaluates.
+
+Resuming (``resume=`` a run directory or its ``last.pt``) is idempotent: every checkpoint
+records how many metrics records it covers, and the log is cut back to exactly those, so any
+sequence of kills and resumes leaves the log one uninterrupted run writes. A run ends by scoring
+the test split once and writing a checkpoint marked finished; resuming it does nothing (unless
+``epochs``/``max_steps``/``max_minutes`` were raised). A fresh start (``overwrite``, or a run killed
+before its first checkpoint) removes the run's own files (``runlog.RUN_FILES``) and nothing else.
 """
 from __future__ import annotations
 
@@ -488,7 +495,10 @@ class Trainer:
         path = self.out / "last.pt"
         if not path.exists():
             return "none written yet"
-        return str(torch.load(path, map_location="cpu", weights_only=True)["position"]["step"])
+        try:
+            return str(read_training_state(path)["position"]["step"])
+        except Exception as err:  # noqa: BLE001 - this only decorates another error's message
+            return f"unreadable: {err}"
 
     def _log_train(self, out, window, bar, total: int) -> None:
         self._check_diverged()

@@ -180,7 +180,7 @@ def test_eval_of_a_demo_run_without_its_backbone_is_refused(tmp_path, capsys):
     backbone and print a wrong mR with no warning."""
     from harma_fast.cli import main
 
-    assert main(["demo", "--output-dir", str(tmp_path), "--steps", "1", "--seed", "3", "--no-progress"]) == 0
+    assert main(["demo", "--output-dir", str(tmp_path), "--steps", "1", "--seed", "3"]) == 0
     run, data = tmp_path / "run", tmp_path / "data"
     evaluate = ["eval", "--test-file", str(data / "test.json"), "--image-root", str(data / "images"),
                 "--model", "HarMA-Tiny", "--adapters", str(run / "best.safetensors")]
@@ -242,7 +242,15 @@ def test_unreadable_training_checkpoints_get_one_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match=rf"checkpoint {path} is"):
         load_training_state(path, model, "HarMA-Tiny", loss)
 
-    path.write_bytes(good)
+
+def test_a_flipped_bit_in_a_training_checkpoint_is_refused(tmp_path):
+    """One flipped exponent bit turned a gate into 2e38, and the checkpoint loaded without complaint."""
+    from harma_fast.errors import CheckpointError
+    from harma_fast.trainstate import load_training_state
+
+    model = randomize_adapters(harma_fast.patch(tiny_model()), seed=3)
+    path = tmp_path / "last.pt"
+    loss = _training_checkpoint(path, model)
     gate = model.visual.transformer.resblocks[0].harma.block_gate.item()
     flipped = _flip_bit_of(path, gate)
     assert abs(flipped) > 1e30 or abs(flipped) < 1e-30  # the file now holds a wildly wrong gate
@@ -269,14 +277,20 @@ def test_unreadable_adapter_files_get_one_clear_error(tmp_path):
     model = randomize_adapters(harma_fast.patch(tiny_model()), seed=4)
     path = tmp_path / "best.safetensors"
     harma_fast.save_adapters(model, path)
-    good = path.read_bytes()
     path.write_bytes(b"")
     with pytest.raises(CheckpointError, match=rf"adapter file {path} is empty \(0 bytes\)"):
         harma_fast.load_adapters(tiny_model(), path)
     path.write_bytes(random.Random(1).randbytes(4096))
     with pytest.raises(CheckpointError, match=rf"cannot read adapter file {path}: not a valid safetensors"):
         harma_fast.load_adapters(tiny_model(), path)
-    path.write_bytes(good)
+
+
+def test_a_flipped_bit_in_an_adapter_file_is_refused(tmp_path):
+    from harma_fast.errors import CheckpointError
+
+    model = randomize_adapters(harma_fast.patch(tiny_model()), seed=4)
+    path = tmp_path / "best.safetensors"
+    harma_fast.save_adapters(model, path)
     _flip_bit_of(path, model.transformer.resblocks[1].harma.block_gate.item())
     fresh = tiny_model()
     with pytest.raises(CheckpointError, match=rf"adapter file {path} is corrupt: .*checksum"):

@@ -79,7 +79,8 @@ def test_metrics_after_kills_and_resumes_equal_the_uninterrupted_run(data, strai
             kill_after_record(m, kind, step, split)
             with pytest.raises(Killed):
                 train(config(data, out, resume=resume))
-        resume = str(out)  # the run directory: settings and checkpoint come from it
+        # the checkpoint, or the run directory where the kill came before the first one
+        resume = str(out / "last.pt") if (out / "last.pt").exists() else str(out)
         # a kill during a checkpoint write leaves io.atomic_path's temporary behind
         (out / ".last.pt.k1ll3d.tmp").write_bytes(b"partial checkpoint")
     result = train(config(data, out, resume=resume))
@@ -105,7 +106,7 @@ def test_a_finished_run_resumed_does_nothing(data, straight, tmp_path, capsys):
     shutil.copytree(straight, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     (out / "result.json").unlink()  # as if killed after the last checkpoint, before result.json
-    result = train(config(data, out, resume=str(out)))
+    result = train(config(data, out, resume=str(out / "last.pt")))
     assert "already finished at step 4; nothing to do" in capsys.readouterr().err
     after = {p.name: p.read_bytes() for p in out.iterdir()}
     assert after.keys() == before.keys()
@@ -118,15 +119,23 @@ def test_a_finished_run_resumed_does_nothing(data, straight, tmp_path, capsys):
     assert sum(r.get("split") == "test" for r in records(out)) == 1  # the test split is scored once
 
 
-def test_a_finished_max_steps_run_stays_at_its_step_and_cli_resume_takes_the_runs_settings(data, tmp_path):
+def test_a_finished_max_steps_run_stays_at_its_step(data, tmp_path):
     out = tmp_path / "run"
     train(config(data, out, max_steps=3, save_every=None))
     saved = {name: (out / name).read_bytes() for name in ("last.pt", "best.safetensors", "metrics.jsonl")}
     for _ in range(2):  # used to train one step more each time: 3 -> 4 -> 5
-        assert main(["train", "--resume", str(out / "last.pt"), "--no-progress"]) == 0
+        assert train(config(data, out, max_steps=3, save_every=None, resume=str(out / "last.pt")))["step"] == 3
         assert {name: (out / name).read_bytes() for name in saved} == saved
+
+
+def test_cli_resume_takes_the_runs_own_settings_and_records_the_flags_given(data, tmp_path):
+    out = tmp_path / "run"
+    train(config(data, out, max_steps=3, save_every=None))
+    saved = {name: (out / name).read_bytes() for name in ("last.pt", "best.safetensors", "metrics.jsonl")}
+    assert main(["train", "--resume", str(out / "last.pt")]) == 0  # no other flag needed; nothing to do
+    assert {name: (out / name).read_bytes() for name in saved} == saved
     # flags given override the run's own settings and are recorded: train on to step 4
-    assert main(["train", "--resume", str(out), "--max-steps", "4", "--no-progress"]) == 0
+    assert main(["train", "--resume", str(out), "--max-steps", "4"]) == 0
     recorded = json.loads((out / "config.json").read_text())
     assert recorded["max_steps"] == 4 and recorded["backend"] == "reference" and recorded["save_every"] is None
     steps = [r["step"] for r in records(out) if r["kind"] == "train"]
