@@ -18,6 +18,8 @@ def add_export_parsers(sub) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--adapters", help="adapter file (.safetensors) from training")
     src.add_argument("--released", help="checkpoint of the released HarMA code (backbone + adapters)")
+    p.add_argument("--ignore-backbone-mismatch", action="store_true",
+                   help="use adapters on a backbone other than the one they were trained on")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--towers", nargs="+", default=["image", "text"], choices=["image", "text"],
                    help="which encoders to export")
@@ -51,7 +53,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     model = create_model(args.model, args.pretrained)
     if args.adapters:
-        load_adapters(model, args.adapters)
+        load_adapters(model, args.adapters, check_backbone=not args.ignore_backbone_mismatch)
     elif args.released:
         load_released_checkpoint(model, args.released)
     meta = export_onnx(model, args.out, towers=args.towers, dtype=args.dtype, opset=args.opset,

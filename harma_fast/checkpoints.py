@@ -1,15 +1,19 @@
 """Adapter checkpoints (safetensors, adapters only) and import of released HarMA checkpoints."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Dict, Optional, Union
 
 import torch
 from torch import nn
 
 from .config import HarMAConfig
+from .errors import CheckpointError
 from .io import PathLike, atomic_path, require_file
 from .patching import find_towers, is_patched, patch, unpatch
 
@@ -29,15 +33,24 @@ def architecture(model: nn.Module) -> Dict[str, list]:
     return {name: [len(t.blocks), t.blocks[0].mlp.c_fc.in_features] for name, t in find_towers(model).items()}
 
 
-def save_adapters(model: nn.Module, path: PathLike) -> None:
-    """Write the adapters (and the config, as metadata) to a safetensors file, atomically."""
+def save_adapters(model: nn.Module, path: PathLike, backbone: Optional[str] = None) -> None:
+    """Write the adapters (and the config, as metadata) to a safetensors file, atomically.
+
+    The metadata also holds the backbone's fingerprint (:func:`backbone_fingerprint`), so the
+    file refuses to load onto another backbone, and a checksum of the tensors, so a corrupt
+    file is refused rather than used. ``backbone`` says where the backbone came from (a
+    ``--pretrained`` file or tag); it is quoted when the file meets another backbone.
+    """
     from safetensors.torch import save_file
 
     from . import __version__
 
     tensors = {n: p.detach().contiguous().cpu() for n, p in adapter_state_dict(model).items()}
     metadata = {"format": ADAPTER_FORMAT, "harma_config": model.harma_config.to_json(),
-                "architecture": json.dumps(architecture(model)), "harma_fast_version": __version__}
+                "architecture": json.dumps(architecture(model)), "harma_fast_version": __version__,
+                "backbone_fingerprint": backbone_fingerprint(model), "checksum": tensor_checksum(tensors)}
+    if backbone:
+        metadata["backbone"] = str(backbone)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
@@ -47,23 +60,33 @@ def _read_adapter_file(path: PathLike):
     from safetensors.torch import load_file, safe_open
 
     path = require_file(path, "adapter file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"adapter file {path} is empty (0 bytes): the copy or the save that wrote it did not "
+                              "finish. Use another adapter file (the run's best.safetensors) or train again.")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         tensors = load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"cannot read adapter file {path}: not a valid safetensors file ({err})") from err
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"cannot read adapter file {path}: not a valid safetensors file ({err}); it is "
+                              "truncated, corrupt or of another format. Use another adapter file or train "
+                              "again.") from err
     if metadata.get("format") != ADAPTER_FORMAT or "harma_config" not in metadata:
-        raise ValueError(f"{path} is a safetensors file but not a harma_fast adapter file "
-                         f"(format {metadata.get('format')!r}, expected {ADAPTER_FORMAT!r})")
+        raise CheckpointError(f"{path} is a safetensors file but not a harma_fast adapter file "
+                              f"(format {metadata.get('format')!r}, expected {ADAPTER_FORMAT!r})")
+    if "checksum" in metadata and tensor_checksum(tensors) != metadata["checksum"]:
+        raise CheckpointError(f"adapter file {path} is corrupt: its tensors do not match the checksum written with "
+                              "them (a bit flipped on disk or in a copy). Use another copy, or the run's last.pt.")
     return path, metadata, tensors
 
 
-def load_adapters(model: nn.Module, path: PathLike) -> nn.Module:
+def load_adapters(model: nn.Module, path: PathLike, check_backbone: bool = True) -> nn.Module:
     """Load adapters written by :func:`save_adapters`; patches ``model`` first if needed.
 
-    Validates the config, the backbone's architecture and every key and shape, naming what
-    differs; nothing is copied unless everything fits.
+    Validates the checksum, the config, the backbone's architecture and fingerprint and every
+    key and shape, naming what differs; nothing is copied unless everything fits.
+    ``check_backbone=False`` loads adapters onto a backbone other than the one they were
+    trained on (they will not do what they were trained to).
     """
     path, metadata, tensors = _read_adapter_file(path)
     config = HarMAConfig.from_json(metadata["harma_config"])
@@ -71,15 +94,18 @@ def load_adapters(model: nn.Module, path: PathLike) -> nn.Module:
     arch = architecture(model)
     for tower, shape in saved_arch.items():
         if arch.get(tower) != shape:
-            raise ValueError(f"adapter file {path} was saved from a model whose {tower} tower has "
-                             f"{shape[0]} blocks of width {shape[1]}; this model's has "
-                             f"{arch[tower][0]} blocks of width {arch[tower][1]}")
+            raise CheckpointError(f"adapter file {path} was saved from a model whose {tower} tower has "
+                                  f"{shape[0]} blocks of width {shape[1]}; this model's has "
+                                  f"{arch[tower][0]} blocks of width {arch[tower][1]}")
+    if check_backbone:
+        check_backbone_fingerprint(model, metadata.get("backbone_fingerprint"), f"adapter file {path}", path,
+                                   metadata.get("backbone"))
     patched_here = not is_patched(model)
     if patched_here:
         patch(model, config)
     elif model.harma_config != config:
-        raise ValueError(f"adapter file {path} was saved with a different HarMAConfig than this model is "
-                         f"patched with ({config.describe_difference(model.harma_config)})")
+        raise CheckpointError(f"adapter file {path} was saved with a different HarMAConfig than this model is "
+                              f"patched with ({config.describe_difference(model.harma_config)})")
     try:
         _copy_checked(adapter_state_dict(model), tensors, f"adapter file {path}")
     except BaseException:
@@ -87,6 +113,97 @@ def load_adapters(model: nn.Module, path: PathLike) -> nn.Module:
             unpatch(model)
         raise
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# integrity: which backbone adapters belong to, and whether a file's tensors are intact
+# --------------------------------------------------------------------------------------------
+FINGERPRINT_VERSION = "bf16-sample-sha256/1"
+_FINGERPRINT_SAMPLES = 4096
+
+
+def backbone_fingerprint(model: nn.Module) -> str:
+    """A short hash identifying the frozen backbone weights adapters were trained on.
+
+    Definition (``bf16-sample-sha256/1``): over every floating-point tensor of the model's
+    state dict that is not an adapter's (no ``.harma.`` in its name) and has at least two
+    dimensions, in sorted name order, SHA-256 of its name, its shape, and up to 4,096 of its
+    elements (the flattened tensor at a stride of ``ceil(numel / 4096)``) rounded to bfloat16.
+    The first 16 hex digits are kept.
+
+    Same value for the same weights on any device, in float32 or bfloat16 (rounding to bf16
+    is idempotent), patched or not, fast path or not; a different initialisation, another
+    pretrained checkpoint or any fine-tuning of the backbone changes it. (A float16 copy
+    rounds elsewhere and differs: fingerprint the float32 model.) Costs one strided read per
+    tensor, milliseconds even for ViT-L.
+    """
+    digest = hashlib.sha256(FINGERPRINT_VERSION.encode())
+    state = model.state_dict()
+    for name in sorted(state):
+        t = state[name]
+        if _ADAPTER_MARK in name or not t.is_floating_point() or t.ndim < 2:
+            continue
+        flat = t.detach().reshape(-1)
+        stride = -(-flat.numel() // _FINGERPRINT_SAMPLES)
+        sample = flat[::stride].to("cpu", torch.bfloat16).contiguous()
+        digest.update(f"{name}:{tuple(t.shape)};".encode())
+        digest.update(sample.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_backbone_fingerprint(model: nn.Module, saved: Optional[str], source: str, path: PathLike,
+                               saved_backbone: Optional[str] = None) -> None:
+    """Refuse adapters (``source``) trained on another backbone than ``model``'s; warn if unknown."""
+    if saved is None:
+        warnings.warn(f"{source} records no backbone fingerprint (written by an older harma_fast): cannot check "
+                      "that the model's backbone is the one it was trained on", stacklevel=3)
+        return
+    ours = backbone_fingerprint(model)
+    if saved == ours:
+        return
+    run_backbone = Path(path).parent / "backbone.pt"
+    if saved_backbone:
+        fix = f"pass the backbone it was trained on, --pretrained {saved_backbone}"
+    elif run_backbone.is_file():
+        fix = f"pass the backbone its run saved, --pretrained {run_backbone}"
+    else:
+        fix = "pass the --pretrained weights it was trained with"
+    built = getattr(model, "harma_pretrained", None)
+    ours_from = f"built from {built}" if built else "as given"
+    raise CheckpointError(
+        f"{source} was trained on another backbone: its backbone fingerprint is {saved}, the model's ({ours_from}) "
+        f"is {ours}. Evaluating it on this backbone gives meaningless numbers. To fix it, {fix}. To use it anyway, "
+        "pass --ignore-backbone-mismatch (Python: check_backbone=False).")
+
+
+def tensor_checksum(value) -> str:
+    """SHA-256 (first 16 hex digits) over a nest of dicts/lists of tensors and plain values.
+
+    Tensors contribute their dtype, shape and raw bytes; dict keys are visited in sorted
+    order; lists and tuples are the same. Written into every checkpoint and verified on load:
+    ``torch.load`` and safetensors read a flipped bit in the data without complaint.
+    """
+    digest = hashlib.sha256()
+    _feed(digest, value)
+    return digest.hexdigest()[:16]
+
+
+def _feed(digest, value) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to("cpu").contiguous()
+        digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, Mapping):
+        digest.update(f"D{len(value)}".encode())
+        for key in sorted(value, key=str):
+            digest.update(f"K{key!s}".encode())
+            _feed(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"L{len(value)}".encode())
+        for item in value:
+            _feed(digest, item)
+    else:
+        digest.update(f"V{value!r}".encode())
 
 
 def _copy_checked(params: Mapping, tensors: Mapping, source: str) -> None:
@@ -98,10 +215,10 @@ def _copy_checked(params: Mapping, tensors: Mapping, source: str) -> None:
             parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        raise ValueError(f"{source} does not fit this model: keys {', '.join(parts)}")
+        raise CheckpointError(f"{source} does not fit this model: keys {', '.join(parts)}")
     for name, p in params.items():
         if tuple(tensors[name].shape) != tuple(p.shape):
-            raise ValueError(f"{source} does not fit this model: {name} has shape "
+            raise CheckpointError(f"{source} does not fit this model: {name} has shape "
                              f"{tuple(tensors[name].shape)} in the file, {tuple(p.shape)} in the model")
     with torch.no_grad():
         for name, p in params.items():

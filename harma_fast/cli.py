@@ -53,6 +53,10 @@ def train_config(args: argparse.Namespace):
         value = getattr(args, key, None)
         if value is not None:
             settings[key] = value
+    if getattr(args, "resume", None):  # the run's own config.json; flags given override it
+        from .train import resumed_config
+
+        return resumed_config(args.resume, settings)
     config = TrainConfig(**settings)
     missing = [k for k in ("train_file", "image_root") if not getattr(config, k)]
     if missing:
@@ -87,7 +91,8 @@ def _add_train(sub) -> None:
             ("--batch-size", positive_int, "batch per process"), ("--lr", positive_float, "peak learning rate"),
             ("--grad-accum", positive_int, "batches per optimizer step"),
             ("--clip-grad-norm", positive_float, "clip the gradient norm to this (default: no clipping)"),
-            ("--resume", str, "continue from a last.pt"), ("--precision", PRECISIONS, "training precision"),
+            ("--resume", str, "continue a run: its directory or its last.pt (its config.json fills the settings)"),
+            ("--precision", PRECISIONS, "training precision"),
             ("--backend", BACKENDS, "kernels: triton on CUDA under auto"),
             ("--num-workers", non_negative_int, "data-loading processes"),
             ("--seed", non_negative_int, "seed"),
@@ -104,6 +109,8 @@ def _add_train(sub) -> None:
     p.add_argument("--overwrite", action="store_true", default=None, help="start over in an existing run directory")
     p.add_argument("--no-check-images", dest="check_images", action="store_false", default=None,
                    help="skip decoding every image before training")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="plain log lines instead of a progress bar (also: TQDM_DISABLE=1, or stderr not a terminal)")
 
 
 def _add_eval(sub) -> None:
@@ -121,6 +128,8 @@ def _add_eval(sub) -> None:
     src.add_argument("--checkpoint", help="training checkpoint (last.pt)")
     src.add_argument("--released", help="checkpoint of the released HarMA code (backbone + adapters)")
     p.add_argument("--harma", default="paper", choices=HARMA_LAYOUTS, help="adapter layout of --checkpoint")
+    p.add_argument("--ignore-backbone-mismatch", action="store_true",
+                   help="use adapters on a backbone other than the one they were trained on")
     p.add_argument("--output", help="also write the metrics to this JSON file")
     p.add_argument("--batch-size", type=positive_int, default=256, help="images or captions per forward pass")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="bf16 on CUDA under auto, else fp32")
@@ -136,6 +145,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--minutes", type=positive_float, default=2.0, help="training time budget")
     p.add_argument("--steps", type=positive_int, help="training step budget instead of minutes")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the data and the run")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="plain log lines instead of a progress bar (also: TQDM_DISABLE=1, or stderr not a terminal)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,14 +192,15 @@ def run_eval(args: argparse.Namespace) -> Dict:
     records = load_eval_records(args.test_file, args.image_root, split=args.split)
     model = create_model(args.model, args.pretrained)
     if args.adapters:
-        load_adapters(model, args.adapters)
+        load_adapters(model, args.adapters, check_backbone=not args.ignore_backbone_mismatch)
     elif args.released:
         load_released_checkpoint(model, args.released)
     elif args.checkpoint:
         from .losses import HarMALoss
 
         patch(model, TrainConfig(harma=args.harma).harma_config())
-        load_training_state(args.checkpoint, model, args.model, HarMALoss(), restore_rng=False)
+        load_training_state(args.checkpoint, model, args.model, HarMALoss(), restore_rng=False,
+                            check_backbone=not args.ignore_backbone_mismatch)
     model.to(device)
     size, mean, std = model_image_spec(model)
     metrics = evaluate(model, records, eval_transform(size, mean, std), open_clip.get_tokenizer(args.model), device,
@@ -216,7 +228,8 @@ def _run(args: argparse.Namespace) -> int:
 
         if args.output_dir:
             check_output_dir(args.output_dir, "--output-dir")
-        run_demo(args.output_dir, None if args.steps else args.minutes, args.steps, args.seed)
+        run_demo(args.output_dir, None if args.steps else args.minutes, args.steps, args.seed,
+                 progress=args.progress)
     else:
         return args.handler(args)
     return 0

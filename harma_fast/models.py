@@ -144,6 +144,7 @@ def create_model(name: str, pretrained: Optional[PathLike] = None, device="cpu",
     if path is not None:
         load_backbone_file(model, path, name)
     model.harma_model_name = name  # for the tokenizer at export and evaluation time
+    model.harma_pretrained = str(path) if path is not None else None  # quoted if adapters meet the wrong backbone
     return _to(model, device, precision)
 
 

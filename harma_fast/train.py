@@ -9,12 +9,21 @@ HarMALoss over the gathered batch, bf16 autocast on GPU, gradient accumulation a
 The run directory holds ``config.json``, ``metrics.jsonl``, ``loss.png``/``mr.png``,
 ``last.pt`` (resume) and ``best.safetensors`` (adapters with the best validation mR; the test
 split is never used to choose). Under DDP every rank trains; rank 0 writes and evaluates.
+
+Resuming (``resume=`` a run directory or its ``last.pt``) is idempotent: every checkpoint
+records how many metrics records it covers, and the log is cut back to exactly those, so any
+sequence of kills and resumes leaves the log one uninterrupted run writes. A run ends by scoring
+the test split once and writing a checkpoint marked finished; resuming it does nothing (unless
+``epochs``/``max_steps``/``max_minutes`` were raised). A fresh start (``overwrite``, or a run killed
+before its first checkpoint) removes the run's own files (``runlog.RUN_FILES``) and nothing else.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,19 +36,19 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .backend import BACKENDS
-from .checkpoints import load_adapters, save_adapters
+from .checkpoints import adapter_state_dict, load_adapters, save_adapters
 from .config import HarMAConfig, Rule, above, at_least, check_settings, in_range, one_of
 from .data.annotations import load_splits
 from .data.datasets import EpochBatches, TrainCollate, TrainDataset
 from .data.transforms import eval_transform, model_image_spec, train_transform
-from .errors import ConfigError
+from .errors import ConfigError, OutputPathError
 from .evaluate import evaluate, format_metrics
 from .fast import enable_fast_path
 from .losses import HarMALoss
 from .models import create_model
 from .patching import patch, trainable_parameters
 from .runlog import RunLog, check_writable
-from .trainstate import Position, load_training_state, save_training_state
+from .trainstate import Position, load_training_state, read_training_state, save_training_state
 
 
 @dataclass
@@ -81,10 +90,11 @@ class TrainConfig:
     save_every: Optional[int] = None          # steps, besides every epoch end
     max_steps: Optional[int] = None           # stop early (the schedule still spans all epochs)
     max_minutes: Optional[float] = None
-    resume: Optional[str] = None
-    overwrite: bool = False
+    resume: Optional[str] = None              # a run directory or its last.pt
+    overwrite: bool = False                   # start over: removes the run's own files in output_dir
     check_images: bool = True
-    progress: bool = True
+    progress: bool = True                     # a progress bar on a terminal; False (or TQDM_DISABLE=1, or
+                                              # stderr not a terminal): plain log lines every log_every steps
     extra: Dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -130,6 +140,68 @@ YAML_ALIASES = {"fast": {True: "on", False: "off"}}
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/Inf; the last checkpoint on disk is the last good state."""
+
+
+class RunExistsError(OutputPathError, FileExistsError):
+    """The output directory already holds a run, and neither resume nor overwrite was asked for."""
+
+
+# --------------------------------------------------------------------------------------------
+# resuming: a run directory or its last.pt, with the run's own settings
+# --------------------------------------------------------------------------------------------
+_LENGTH = ("epochs", "max_steps", "max_minutes")  # the settings that say when a run is finished
+
+
+def resume_checkpoint(resume: str) -> Optional[Path]:
+    """The checkpoint ``--resume`` names (a run directory or a file); None for a run killed before its first."""
+    path = Path(resume)
+    if path.is_dir():
+        if (path / "last.pt").is_file():
+            return path / "last.pt"
+        if (path / "config.json").is_file():
+            return None
+        raise ConfigError(f"--resume {path}: the folder holds no run (no last.pt, no config.json); give a run "
+                          "directory or its last.pt")
+    if not path.is_file():
+        raise ConfigError(f"--resume {path} does not exist; give a run directory or its last.pt")
+    return path
+
+
+def resumed_config(resume: str, overrides: Optional[Dict] = None) -> TrainConfig:
+    """The settings of the run ``resume`` (its config.json, else its checkpoint's), ``overrides`` applied.
+
+    The resumed run writes the result back to config.json, so what a run last ran with is on record.
+    """
+    path = Path(resume)
+    run_dir = path if path.is_dir() else path.parent
+    checkpoint = resume_checkpoint(resume)
+    if (run_dir / "config.json").is_file():
+        source = run_dir / "config.json"
+        try:
+            saved = json.loads(source.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"--resume: {source} is not valid JSON ({err}); fix it or resume from the "
+                              "checkpoint's own settings by removing it") from err
+    else:
+        source, saved = checkpoint, dict(read_training_state(checkpoint)["config"])
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise ConfigError(f"--resume: {source} has settings this harma_fast does not know: {unknown}")
+    saved.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if saved.get("betas") is not None:
+        saved["betas"] = tuple(saved["betas"])
+    saved["resume"] = str(resume)
+    saved["overwrite"] = bool((overrides or {}).get("overwrite"))
+    if not (overrides or {}).get("output_dir"):
+        saved["output_dir"] = str(run_dir)
+    return TrainConfig(**saved)
+
+
+def _progress_bar_wanted(progress: bool) -> bool:
+    # tqdm reads TQDM_DISABLE only for arguments left unset; we set disable= ourselves, so read it here
+    disabled = os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no", "off")
+    return progress and not disabled and sys.stderr.isatty()
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,12 +276,18 @@ class Trainer:
         self.device = _device(config, local_rank)
         self.precision = _precision(config, self.device)
         self.out = Path(config.output_dir)
+        if config.resume and config.overwrite:
+            raise ConfigError("--resume continues a run and --overwrite starts it over: give one of them")
+        self.resume_from = resume_checkpoint(config.resume) if config.resume else None
         if self.main:
             check_writable(self.out)
             if (self.out / "last.pt").exists() and not (config.resume or config.overwrite):
-                raise FileExistsError(f"{self.out} already holds a run (last.pt); pass --resume {self.out / 'last.pt'}"
-                                      " to continue it, --overwrite to start over, or another --output-dir")
+                raise RunExistsError(f"{self.out} already holds a run (last.pt); pass --resume {self.out} to continue "
+                                     "it, --overwrite to start over, or another --output-dir")
         self.log = RunLog(self.out, enabled=self.main)
+        self.bar_wanted = self.main and _progress_bar_wanted(config.progress)
+        # where the frozen backbone comes from, recorded with the adapters so a mismatch can say what to pass
+        self.backbone_source = config.pretrained or str(self.out / "backbone.pt")
 
         # data: every file is validated before the model is even built
         check = config.check_images and self.main
@@ -240,10 +318,10 @@ class Trainer:
         self.optimizer = _optimizer(self.model, self.loss, config)
         self.scheduler = linear_warmup_schedule(self.optimizer, total, max(1, int(config.warmup * total)))
         self.position = Position()
-        if config.resume:
-            self.position = load_training_state(config.resume, self.model, config.model, self.loss, self.optimizer,
-                                                self.scheduler)
-            self.log.truncate_after(self.position.step)
+        if self.resume_from is not None:
+            self.position = load_training_state(self.resume_from, self.model, config.model, self.loss,
+                                                self.optimizer, self.scheduler)
+        self.done = self.position.finished and not self._continues_finished_run()
         self.ddp = self.model
         if self.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(
@@ -253,10 +331,50 @@ class Trainer:
         # the fast path keeps the step free of host synchronisation: a NaN is looked for at every
         # log line and before every checkpoint, and the first bad step is remembered on the device
         self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
-        if self.main:
+        if self.main and not self.done:
+            self._prepare_directory()
             self.log.write_json("config.json", dataclasses.asdict(config))
             if config.pretrained is None:
                 self._save_backbone()
+
+    # -- the run directory -------------------------------------------------------------------
+    def _prepare_directory(self) -> None:
+        """Called once everything is validated, so a failing command leaves the directory as it was."""
+        leftovers = self.log.temp_files()  # partial writes of a killed run: up to a whole checkpoint each
+        self.log.remove(leftovers)
+        if self.resume_from is not None:
+            if self.position.records is not None:
+                self.log.keep_first(self.position.records)  # exactly what the checkpoint covers
+            else:
+                self.log.truncate_after(self.position.step)
+            return
+        stale = self.log.run_files()
+        if stale:
+            # --overwrite, or a run killed before its first checkpoint: nothing there can be resumed
+            why = "--overwrite" if self.config.overwrite else "no checkpoint to resume from"
+            self._say(f"starting over in {self.out} ({why}): removing {', '.join(p.name for p in stale)}")
+            self.log.remove(stale)
+
+    def _continues_finished_run(self) -> bool:
+        """A finished run trains on only when its length settings changed and leave steps to take."""
+        pos, config = self.position, self.config
+        before = pos.extra.get("finished_with", {})
+        changed = any(getattr(config, k) != before.get(k) for k in _LENGTH)
+        more = pos.epoch < config.epochs and not (config.max_steps and pos.step >= config.max_steps)
+        if changed and more:
+            pos.finished = False
+            pos.extra.pop("result", None)
+            return True
+        return False
+
+    def _say(self, text: str) -> None:
+        """A line for the person watching: above the bar when there is one, else plainly to stderr."""
+        if not self.main:
+            return
+        if self.bar_wanted:
+            tqdm.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
 
     # -- checkpoints -------------------------------------------------------------------------
     def _watch_loss(self, total: torch.Tensor, step: int) -> None:
@@ -281,8 +399,10 @@ class Trainer:
     def save(self) -> None:
         self._check_diverged()
         if self.main:
+            self.position.records = self.log.count
             save_training_state(self.out / "last.pt", self.model, self.config.model, self.loss, self.optimizer,
-                                self.scheduler, self.position, dataclasses.asdict(self.config))
+                                self.scheduler, self.position, dataclasses.asdict(self.config),
+                                backbone=self.backbone_source)
 
     def _save_backbone(self) -> None:
         # Randomly initialised weights exist nowhere else: without them the adapters are meaningless.
@@ -299,7 +419,7 @@ class Trainer:
     # -- evaluation --------------------------------------------------------------------------
     def evaluate(self, records) -> Dict[str, float]:
         return evaluate(self.model, records, self.eval_transform, self.tokenizer, self.device,
-                        self.config.eval_batch_size, 0, self.precision, self.config.backend, self.config.progress)
+                        self.config.eval_batch_size, 0, self.precision, self.config.backend, self.bar_wanted)
 
     def _validate(self) -> None:
         if self.val_records is None:
@@ -310,9 +430,9 @@ class Trainer:
                           **metrics})
             if metrics["r_mean"] > self.position.best_r_mean:
                 self.position.best_r_mean, self.position.best_step = metrics["r_mean"], self.position.step
-                save_adapters(self.model, self.out / "best.safetensors")
-            if self.config.progress:
-                tqdm.write(format_metrics(metrics, f"validation after step {self.position.step}"))
+                save_adapters(self.model, self.out / "best.safetensors", backbone=self.backbone_source)
+            self._say(format_metrics(metrics, f"validation after step {self.position.step}"))
+        self.position.validated_step = self.position.step
         if self.world > 1:
             dist.barrier()
 
@@ -338,86 +458,138 @@ class Trainer:
 
     def fit(self) -> Dict:
         config, pos = self.config, self.position
-        if self.main and config.progress:
-            tqdm.write(f"{config.model}: {trainable_parameters(self.model, self.loss)}; {len(self.train_records)} "
-                       f"captions, {self.steps_per_epoch} steps/epoch x {config.epochs} epochs on {self.device} "
-                       f"({self.precision}, world {self.world})")
+        if self.done:
+            return self._already_finished()
+        total = self.steps_per_epoch * config.epochs
+        self._say(f"{config.model}: {trainable_parameters(self.model, self.loss)}; {len(self.train_records)} "
+                  f"captions, {self.steps_per_epoch} steps/epoch x {config.epochs} epochs on {self.device} "
+                  f"({self.precision}, world {self.world})"
+                  + (f"; resuming {self.resume_from} at step {pos.step}" if self.resume_from else ""))
         started = time.monotonic()
         stop = False
         window = {"pairs": 0, "time": time.monotonic()}
-        bar = tqdm(total=self.steps_per_epoch * config.epochs, initial=pos.step, desc="training", unit="step",
-                   disable=not (self.main and config.progress), dynamic_ncols=True)
+        bar = tqdm(total=total, initial=pos.step, desc="training", unit="step", disable=not self.bar_wanted,
+                   dynamic_ncols=True)
         per_epoch = self.steps_per_epoch * config.grad_accum  # whole accumulation groups only
-        while pos.epoch < config.epochs and not stop:
-            micro = 0
-            for images, tokens, ids in self._loader(pos.epoch, pos.batch):
-                if pos.batch >= per_epoch:
+        while pos.epoch < config.epochs:
+            # the budget is looked at before a step, never after: a run resumed at its max_steps takes none
+            if self._budget_spent(started):
+                stop = True
+                break
+            if pos.batch < per_epoch:
+                for images, tokens, ids in self._loader(pos.epoch, pos.batch):
+                    if pos.batch % config.grad_accum == 0 and self._budget_spent(started):
+                        stop = True
+                        break
+                    pos.batch += 1
+                    sync = pos.batch % config.grad_accum == 0
+                    out = self._step(images, tokens, ids, sync=sync)
+                    window["pairs"] += images.shape[0] * self.world
+                    if not sync:
+                        continue
+                    self._optimizer_step(out)
+                    bar.update(1)
+                    if pos.step % config.log_every == 0 or pos.step == 1:
+                        self._log_train(out, window, bar, total)
+                    if config.save_every and pos.step % config.save_every == 0:
+                        self.save()
+                    if pos.batch >= per_epoch:
+                        break
+                if stop:
                     break
-                micro += 1
-                pos.batch += 1
-                out = self._step(images, tokens, ids, sync=micro % config.grad_accum == 0)
-                window["pairs"] += images.shape[0] * self.world
-                if micro % config.grad_accum:
-                    continue
-                self._watch_loss(out.total, pos.step + 1)
-                if config.clip_grad_norm:
-                    params = [p for group in self.optimizer.param_groups for p in group["params"]]
-                    torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                pos.step += 1
-                bar.update(1)
-                if pos.step % config.log_every == 0 or pos.step == 1:
-                    self._log_train(out, window, bar)
-                if config.save_every and pos.step % config.save_every == 0:
-                    self.save()
-                minutes = (time.monotonic() - started) / 60
-                if (config.max_steps and pos.step >= config.max_steps) or (config.max_minutes and
-                                                                             minutes >= config.max_minutes):
-                    stop = True
-                    break
-            if not stop:
-                pos.epoch, pos.batch = pos.epoch + 1, 0
-                if pos.epoch % config.eval_every == 0 or pos.epoch == config.epochs:
-                    self._validate()
+            pos.epoch, pos.batch = pos.epoch + 1, 0
+            if pos.epoch % config.eval_every == 0 or pos.epoch == config.epochs:
+                self._validate()
             self.save()
         bar.close()
-        if stop and self.val_records is not None and pos.best_step != pos.step:
+        if stop and self.val_records is not None and pos.validated_step != pos.step:
             self._validate()
-            self.save()
         return self._finish()
+
+    def _optimizer_step(self, out) -> None:
+        pos = self.position
+        self._watch_loss(out.total, pos.step + 1)
+        if self.config.clip_grad_norm:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.config.clip_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        pos.step += 1
+
+    def _budget_spent(self, started: float) -> bool:
+        config = self.config
+        if config.max_steps and self.position.step >= config.max_steps:
+            return True
+        return bool(config.max_minutes and (time.monotonic() - started) / 60 >= config.max_minutes)
 
     def _checkpoint_step(self) -> str:
         path = self.out / "last.pt"
         if not path.exists():
             return "none written yet"
-        return str(torch.load(path, map_location="cpu", weights_only=True)["position"]["step"])
+        try:
+            return str(read_training_state(path)["position"]["step"])
+        except Exception as err:  # noqa: BLE001 - this only decorates another error's message
+            return f"unreadable: {err}"
 
-    def _log_train(self, out, window, bar) -> None:
+    def _log_train(self, out, window, bar, total: int) -> None:
         self._check_diverged()
         now = time.monotonic()
         rate = window["pairs"] / max(1e-9, now - window["time"])
         window.update(pairs=0, time=now)
-        record = {"kind": "train", "step": self.position.step, "epoch": self.position.epoch,
+        pos = self.position
+        record = {"kind": "train", "step": pos.step, "epoch": pos.epoch,
                   "loss": out.total.item(), "contrastive": out.contrastive.item(), "triplet": out.triplet.item(),
                   "lr": self.scheduler.get_last_lr()[0], "temperature": self.loss.temperature.item(),
                   "pairs_per_s": rate}
         self.log.log(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", pairs_s=f"{rate:.0f}")
+        if self.bar_wanted:
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", pairs_s=f"{rate:.0f}")
+        else:  # a log read later (a file, a pipe, CI) gets one plain line, not a redrawn bar
+            self._say(f"step {pos.step}/{total} epoch {pos.epoch + 1}/{self.config.epochs}: loss {record['loss']:.4f} "
+                      f"lr {record['lr']:.2e} {rate:.0f} pairs/s")
 
     def _finish(self) -> Dict:
-        result = {"step": self.position.step, "best_val_r_mean": self.position.best_r_mean,
-                  "best_step": self.position.best_step, "output_dir": str(self.out)}
+        """Score the test split once (with the adapters chosen on validation), then mark the run finished."""
+        pos = self.position
+        result = {"step": pos.step, "best_val_r_mean": pos.best_r_mean, "best_step": pos.best_step,
+                  "output_dir": str(self.out)}
+        if self.main and self.test_records is not None:
+            result["test"] = self._test()
+            self.log.log({"kind": "eval", "split": "test", "step": pos.step, "best_step": pos.best_step,
+                          **result["test"]})
+            self._say(format_metrics(result["test"], "test (adapters chosen on validation)"))
+        pos.finished = True
+        pos.extra["result"] = result
+        pos.extra["finished_with"] = {k: getattr(self.config, k) for k in _LENGTH}
+        self.save()  # the last write: a kill before it re-runs the end from the previous checkpoint
         if self.main:
-            best = self.out / "best.safetensors"
-            if self.test_records is not None:
-                if best.exists():  # the test split is only ever evaluated with the adapters chosen on validation
-                    load_adapters(self.model, best)
-                result["test"] = self.evaluate(self.test_records)
-                self.log.log({"kind": "eval", "split": "test", "step": self.position.step, **result["test"]})
-                if self.config.progress:
-                    tqdm.write(format_metrics(result["test"], "test (adapters chosen on validation)"))
+            self.log.write_json("result.json", result)
+            self.log.plot()
+        return result
+
+    def _test(self) -> Dict[str, float]:
+        best = self.out / "best.safetensors"
+        if not best.exists():
+            return self.evaluate(self.test_records)
+        # the last adapters stay in the model (and in last.pt); the best ones are lent for the test
+        trained = {k: v.detach().clone() for k, v in adapter_state_dict(self.model).items()}
+        load_adapters(self.model, best)
+        try:
+            return self.evaluate(self.test_records)
+        finally:
+            with torch.no_grad():
+                for k, v in adapter_state_dict(self.model).items():
+                    v.copy_(trained[k])
+
+    def _already_finished(self) -> Dict:
+        pos = self.position
+        result = dict(pos.extra.get("result") or {"step": pos.step, "best_val_r_mean": pos.best_r_mean,
+                                                   "best_step": pos.best_step})
+        result["output_dir"] = str(self.out)
+        self._say(f"{self.out}: the run already finished at step {pos.step}; nothing to do (raise --epochs or "
+                  "--max-steps to train further)")
+        if self.main and not (self.out / "result.json").exists():  # killed after its last checkpoint
             self.log.write_json("result.json", result)
             self.log.plot()
         return result

@@ -1,5 +1,7 @@
+import io
 import json
 import socket
+import sys
 
 import pytest
 import torch
@@ -152,3 +154,40 @@ def test_two_process_training_equals_one_process_on_the_same_global_batches(data
     assert moved > 1e-3
     assert diff < 2e-5, f"two-process adapters differ by {diff:.2e} (training moved them by {moved:.2e})"
     assert_same_tensors(a["loss"], b["loss"], exact=False, name="temperature")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_logs_are_plain_lines_when_stderr_is_not_a_terminal(data, tmp_path, capsys):
+    train(config(data, tmp_path / "run", val_file=str(data["val"]), epochs=1, max_steps=4, log_every=2,
+                 progress=True, backend="reference"))
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b[" not in err  # no redrawn bar, no cursor codes
+    lines = err.splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("step ")] == [
+        "step 1/12 epoch 1/1", "step 2/12 epoch 1/1", "step 4/12 epoch 1/1"]  # the first, then every log_every
+    table = lines.index("validation after step 4")
+    assert lines[table + 1].startswith("| R@1") and lines[table + 3].startswith("| ")
+
+
+@pytest.mark.parametrize("progress, tqdm_disable, bar", [(True, None, True), (True, "1", False), (False, None, False)])
+def test_progress_bar_only_on_a_terminal_unless_turned_off(data, tmp_path, monkeypatch, progress, tqdm_disable, bar):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    if tqdm_disable is None:
+        monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    else:
+        monkeypatch.setenv("TQDM_DISABLE", tqdm_disable)
+    train(config(data, tmp_path / "run", epochs=1, max_steps=1, progress=progress, backend="reference"))
+    assert ("\r" in terminal.getvalue()) == bar
+    assert ("step 1/12 epoch 1/1: loss" in terminal.getvalue()) != bar
+
+
+def test_no_progress_flag_of_train_and_demo():
+    args = build_parser().parse_args(["train", "--train-file", "t.json", "--image-root", "i", "--no-progress"])
+    assert train_config(args).progress is False
+    assert train_config(build_parser().parse_args(["train", "--train-file", "t.json", "--image-root", "i"])).progress
+    assert build_parser().parse_args(["demo", "--no-progress"]).progress is False

@@ -1,0 +1,162 @@
+"""Resume is idempotent: after any sequence of kills and resumes, the run directory holds what one
+uninterrupted run writes (metrics.jsonl record for record, one test evaluation), a finished run
+resumed does nothing, and --overwrite starts clean.
+
+A kill is simulated by raising from a hook at a chosen point (after a metrics record is written,
+or after a checkpoint is saved); nothing the trainer does afterwards runs, as under SIGKILL.
+"""
+import json
+import shutil
+
+import pytest
+
+from harma_fast.cli import main
+from harma_fast.data.synthetic import generate
+from harma_fast.runlog import RunLog
+from harma_fast.train import TrainConfig, Trainer, train
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: not an Exception, so no handler in the trainer catches it."""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    # 8 images x 5 captions: 2 steps per epoch at batch 16
+    return generate(tmp_path_factory.mktemp("data"), n_train=8, n_val=8, n_test=8, image_size=48, seed=1)
+
+
+def config(data, out, **kw):
+    # save_every=2 checkpoints each epoch's last step before that epoch's validation: the case
+    # where a kill between the validation record and the epoch-end save used to duplicate it
+    base = dict(train_file=str(data["train"]), val_file=str(data["val"]), test_file=str(data["test"]),
+                image_root=str(data["image_root"]), model="HarMA-Tiny", output_dir=str(out), epochs=2,
+                batch_size=16, lr=2e-3, num_workers=0, log_every=1, save_every=2, progress=False, seed=5,
+                backend="reference")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def records(run):
+    """metrics.jsonl without the timing field (throughput differs between any two runs)."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "pairs_per_s"} for line in lines]
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory):
+    """The uninterrupted run every interrupted one is compared with."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    train(config(data, out))
+    return out
+
+
+def kill_after_record(monkeypatch, kind, step, split=None):
+    original = RunLog.log
+
+    def log(self, record):
+        original(self, record)
+        if record["kind"] == kind and record["step"] == step and record.get("split") == split:
+            raise Killed(f"after the {kind} {split or ''} record of step {step}")
+    monkeypatch.setattr(RunLog, "log", log)
+
+
+KILLS = {
+    # kill points, in order; each is followed by a resume of the run directory
+    "after a validation record whose step was already saved": [("eval", 2, "val")],
+    "before the first checkpoint": [("train", 1, None)],
+    "after the test record, before the last save": [("eval", 4, "test")],
+    "three kills in one run": [("train", 3, None), ("eval", 4, "val"), ("eval", 4, "test")],
+}
+
+
+@pytest.mark.parametrize("kills", list(KILLS.values()), ids=list(KILLS))
+def test_metrics_after_kills_and_resumes_equal_the_uninterrupted_run(data, straight, tmp_path, monkeypatch, kills):
+    out = tmp_path / "run"
+    resume = None
+    for kind, step, split in kills:
+        with monkeypatch.context() as m:
+            kill_after_record(m, kind, step, split)
+            with pytest.raises(Killed):
+                train(config(data, out, resume=resume))
+        # the checkpoint, or the run directory where the kill came before the first one
+        resume = str(out / "last.pt") if (out / "last.pt").exists() else str(out)
+        # a kill during a checkpoint write leaves io.atomic_path's temporary behind
+        (out / ".last.pt.k1ll3d.tmp").write_bytes(b"partial checkpoint")
+    result = train(config(data, out, resume=resume))
+    assert records(out) == records(straight)
+    assert [r["split"] for r in records(out) if r["kind"] == "eval"] == ["val", "val", "test"]
+    assert not list(out.glob(".*.tmp")), "temporary files of the killed write were left behind"
+    assert result["test"] == json.loads((straight / "result.json").read_text())["test"]
+
+
+def test_a_rerun_after_a_kill_before_the_first_checkpoint_starts_clean(data, straight, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        kill_after_record(m, "train", 1)
+        with pytest.raises(Killed):
+            train(config(data, out))
+    assert not (out / "last.pt").exists()
+    train(config(data, out))  # the same command again, not --resume
+    assert records(out) == records(straight)
+
+
+def test_a_finished_run_resumed_does_nothing(data, straight, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "result.json").unlink()  # as if killed after the last checkpoint, before result.json
+    result = train(config(data, out, resume=str(out / "last.pt")))
+    assert "already finished at step 4; nothing to do" in capsys.readouterr().err
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert after.keys() == before.keys()
+    for name in ("last.pt", "best.safetensors", "metrics.jsonl", "config.json"):
+        assert after[name] == before[name], f"{name} was rewritten"
+    rewritten, original = json.loads(after["result.json"]), json.loads(before["result.json"])
+    assert rewritten.pop("output_dir") == str(out)
+    assert rewritten == {k: v for k, v in original.items() if k != "output_dir"} and result == rewritten | {
+        "output_dir": str(out)}
+    assert sum(r.get("split") == "test" for r in records(out)) == 1  # the test split is scored once
+
+
+def test_a_finished_max_steps_run_stays_at_its_step(data, tmp_path):
+    out = tmp_path / "run"
+    train(config(data, out, max_steps=3, save_every=None))
+    saved = {name: (out / name).read_bytes() for name in ("last.pt", "best.safetensors", "metrics.jsonl")}
+    for _ in range(2):  # used to train one step more each time: 3 -> 4 -> 5
+        assert train(config(data, out, max_steps=3, save_every=None, resume=str(out / "last.pt")))["step"] == 3
+        assert {name: (out / name).read_bytes() for name in saved} == saved
+
+
+def test_cli_resume_takes_the_runs_own_settings_and_records_the_flags_given(data, tmp_path):
+    out = tmp_path / "run"
+    train(config(data, out, max_steps=3, save_every=None))
+    saved = {name: (out / name).read_bytes() for name in ("last.pt", "best.safetensors", "metrics.jsonl")}
+    assert main(["train", "--resume", str(out / "last.pt")]) == 0  # no other flag needed; nothing to do
+    assert {name: (out / name).read_bytes() for name in saved} == saved
+    # flags given override the run's own settings and are recorded: train on to step 4
+    assert main(["train", "--resume", str(out), "--max-steps", "4"]) == 0
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["max_steps"] == 4 and recorded["backend"] == "reference" and recorded["save_every"] is None
+    steps = [r["step"] for r in records(out) if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4]
+    tests = [r for r in records(out) if r.get("split") == "test"]
+    assert [r["step"] for r in tests] == [3, 4]  # one test evaluation per finished run
+
+
+def test_overwrite_starts_a_clean_directory_and_removes_only_the_runs_files(data, straight, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    (out / "notes.txt").write_text("mine")
+    (out / ".best.safetensors.x9.tmp").write_bytes(b"partial")
+    train(config(data, out, overwrite=True, val_file=None, test_file=None, max_steps=1, save_every=None))
+    assert [r["step"] for r in records(out)] == [1]  # not the old run's records followed by the new one's
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not (out / "best.safetensors").exists() and not list(out.glob(".*.tmp"))
+
+
+def test_resume_and_overwrite_together_are_refused(data, straight):
+    from harma_fast.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="give one of them"):
+        Trainer(config(data, straight, resume=str(straight), overwrite=True))
