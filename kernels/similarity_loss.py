@@ -37,9 +37,15 @@ MAX_BLOCK_D = 256
 
 @triton.jit
 def _focal(c, GAMMA: tl.constexpr):
-    """f(c) = (1 − e^{−c})^γ c and f'(c), for c > 0 (callers zero inactive entries)."""
+    """f(c) = (1 − e^{−c})^γ c and f'(c), for c > 0 (callers zero inactive entries).
+
+    w = 1 − e^{−c} is −expm1(−c): below c = 0.1 it comes from the series (fp32 ``1 − e^{−c}``
+    loses digits there and is 0 for c ≲ 3e-8, where w^{γ−1} is NaN or Inf for γ ≤ 1), and it is
+    floored at the smallest normal float, as the reference's ``focal_cost`` floors it.
+    """
     e = tl.exp(-c)
-    w = 1.0 - e
+    series = c * (1.0 - c * (0.5 - c * (0.16666666666666666 - c * (0.041666666666666664 - c * 0.008333333333333333))))
+    w = tl.maximum(tl.where(c < 0.1, series, 1.0 - e), 1.1754943508222875e-38)
     if GAMMA == 2.0:
         wg1 = w
     else:
