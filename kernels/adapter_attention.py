@@ -72,9 +72,9 @@ def _attn_fwd_kernel(qkv_ptr, out_ptr, lse_ptr, L, H, C, stride_b, stride_l, str
 
 @triton.jit
 def _attn_bwd_kernel(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, C, stride_b, stride_l,
-                     stride_ob, stride_ol, scale, HD: tl.constexpr, BLOCK_L: tl.constexpr,
+                     stride_ob, stride_ol, stride_db, stride_dl, scale, HD: tl.constexpr, BLOCK_L: tl.constexpr,
                      BLOCK_HD: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    q, k, v, qkv_off, out_off, mask, lmask, ls, n, h = _sequence_tiles(
+    q, k, v, _, out_off, mask, lmask, ls, n, h = _sequence_tiles(
         qkv_ptr, L, C, stride_b, stride_l, stride_ob, stride_ol, HD, BLOCK_L, BLOCK_HD)
     o = tl.load(out_ptr + out_off, mask=mask, other=0.0)
     do = tl.load(dout_ptr + out_off, mask=mask, other=0.0)
@@ -90,10 +90,12 @@ def _attn_bwd_kernel(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, C, str
     dsc = p * (dp - delta[:, None]) * scale  # ∂L/∂(q kᵀ), the softmax Jacobian applied row by row
     dq = tl.dot(dsc.to(k.dtype), k, zero_ld, input_precision=DOT_PRECISION)
     dk = tl.dot(tl.trans(dsc.to(q.dtype)), q, zero_ld, input_precision=DOT_PRECISION)
+    # the gradient has strides of its own: qkv may be a strided view (a token slice) of a larger tensor
+    d_off = n * stride_db + ls[:, None] * stride_dl + h * HD + tl.arange(0, BLOCK_HD)[None, :]
     ty = dqkv_ptr.dtype.element_ty
-    tl.store(dqkv_ptr + qkv_off, dq.to(ty), mask=mask)
-    tl.store(dqkv_ptr + qkv_off + C, dk.to(ty), mask=mask)
-    tl.store(dqkv_ptr + qkv_off + 2 * C, dv.to(ty), mask=mask)
+    tl.store(dqkv_ptr + d_off, dq.to(ty), mask=mask)
+    tl.store(dqkv_ptr + d_off + C, dk.to(ty), mask=mask)
+    tl.store(dqkv_ptr + d_off + 2 * C, dv.to(ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,9 +130,10 @@ def attention_backward(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, head
     _, _, ob, ol = _layout(out, seq_first)
     c = qkv.shape[-1] // 3
     hd = c // heads
-    dqkv = torch.empty_like(qkv)
+    dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+    _, _, db, dl = _layout(dqkv, seq_first)
     block_l = pow2(length)
-    _attn_bwd_kernel[(n, heads)](qkv, out, dout, lse, dqkv, length, heads, c, sb, sl, ob, ol, hd ** -0.5,
+    _attn_bwd_kernel[(n, heads)](qkv, out, dout, lse, dqkv, length, heads, c, sb, sl, ob, ol, db, dl, hd ** -0.5,
                                  HD=hd, BLOCK_L=block_l, BLOCK_HD=pow2(hd), DOT_PRECISION=dot_precision(qkv.dtype), num_warps=_warps(block_l))
     return dqkv
 

@@ -141,3 +141,13 @@ def test_compiled_adapter_has_no_graph_break(gen):
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(lambda h, x: adapter(h, x=x))(h, x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@pytest.mark.parametrize("seq_first", [False, True])
+def test_attention_core_on_a_strided_qkv(gen, seq_first):
+    # a token slice of a larger projection: the gradient used to be written with qkv's strides
+    # into a contiguous buffer (wrong values on CPU, out-of-bounds writes on a GPU)
+    full = torch.randn((9, 3, 3 * 64) if seq_first else (3, 9, 3 * 64), generator=gen)
+    sliced = (lambda t: t[1:8]) if seq_first else (lambda t: t[:, 1:8])
+    check(lambda t: attn.attention_core(sliced(t), 8, seq_first),
+          lambda t: HF.attention_core_ref(sliced(t), 8, seq_first), [full], torch.float32, ["out", "dqkv"])
