@@ -1,6 +1,7 @@
 """Shared launcher helpers for the Triton kernels."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -37,6 +38,21 @@ def matmul_allows_tf32() -> bool:
     if precision is None:  # torch < 2.9: only the legacy flag exists
         return bool(matmul.allow_tf32)
     return precision == "tf32"
+
+
+def on_device(t: torch.Tensor):
+    """Context in which a Triton launch runs on ``t``'s GPU.
+
+    Triton launches on the *current* CUDA device; tensors on ``cuda:1`` while the current
+    device is ``cuda:0`` would run there with pointers into another GPU's memory.
+    """
+    if _is_cuda(t):
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def _is_cuda(t: torch.Tensor) -> bool:
+    return t.is_cuda
 
 
 def check_inputs(op: str, *tensors: torch.Tensor) -> None:

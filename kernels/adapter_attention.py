@@ -25,13 +25,17 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_inputs, dot_precision, pow2
+from ._common import check_inputs, dot_precision, on_device, pow2
 
 Tensor = torch.Tensor
 MAX_L = 128
 
 
-def _warps(block_l: int) -> int:
+def _warps(block_l: int, dtype: torch.dtype) -> int:
+    # The L×L scores live in registers: at BLOCK_L = 128, 4 warps spill (bf16 backward: 184 B per
+    # thread; fp32, whose IEEE dots run on FMAs with fp32 operands, kilobytes) — sm_90 compile check.
+    if block_l >= 128:
+        return 16 if dtype == torch.float32 else 8
     return 4 if block_l >= 64 else 2
 
 
@@ -118,8 +122,10 @@ def attention_forward(qkv: Tensor, heads: int, seq_first: bool) -> Tuple[Tensor,
     _, _, ob, ol = _layout(out, seq_first)
     lse = torch.empty(n, heads, length, device=qkv.device, dtype=torch.float32)
     block_l = pow2(length)
-    _attn_fwd_kernel[(n, heads)](qkv, out, lse, length, heads, c, sb, sl, ob, ol, hd ** -0.5,
-                                 HD=hd, BLOCK_L=block_l, BLOCK_HD=pow2(hd), DOT_PRECISION=dot_precision(qkv.dtype), num_warps=_warps(block_l))
+    with on_device(qkv):
+        _attn_fwd_kernel[(n, heads)](qkv, out, lse, length, heads, c, sb, sl, ob, ol, hd ** -0.5,
+                                     HD=hd, BLOCK_L=block_l, BLOCK_HD=pow2(hd), DOT_PRECISION=dot_precision(qkv.dtype),
+                                     num_warps=_warps(block_l, qkv.dtype))
     return out, lse
 
 
@@ -133,8 +139,10 @@ def attention_backward(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, head
     dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
     _, _, db, dl = _layout(dqkv, seq_first)
     block_l = pow2(length)
-    _attn_bwd_kernel[(n, heads)](qkv, out, dout, lse, dqkv, length, heads, c, sb, sl, ob, ol, db, dl, hd ** -0.5,
-                                 HD=hd, BLOCK_L=block_l, BLOCK_HD=pow2(hd), DOT_PRECISION=dot_precision(qkv.dtype), num_warps=_warps(block_l))
+    with on_device(qkv):
+        _attn_bwd_kernel[(n, heads)](qkv, out, dout, lse, dqkv, length, heads, c, sb, sl, ob, ol, db, dl, hd ** -0.5,
+                                     HD=hd, BLOCK_L=block_l, BLOCK_HD=pow2(hd), DOT_PRECISION=dot_precision(qkv.dtype),
+                                     num_warps=_warps(block_l, qkv.dtype))
     return dqkv
 
 
@@ -167,9 +175,12 @@ def _setup(ctx, inputs, output):
     qkv, heads, seq_first = inputs
     ctx.save_for_backward(qkv, *output)
     ctx.heads, ctx.seq_first = heads, seq_first
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the unused log-sum-exp (a launch)
 
 
 def _backward(ctx, dout, _dlse):
+    if dout is None:
+        return None, None, None
     qkv, out, lse = ctx.saved_tensors
     return _attn_bwd_op(dout, qkv, out, lse, ctx.heads, ctx.seq_first), None, None
 

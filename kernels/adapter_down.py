@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_inputs, dot_precision, interpreting, pow2
+from ._common import check_inputs, dot_precision, interpreting, on_device, pow2
 
 Tensor = torch.Tensor
 
@@ -87,8 +87,9 @@ def down_gelu_forward(h2: Tensor, weight: Tensor, bias: Tensor) -> Tuple[Tensor,
     z = torch.empty(m, n, device=h2.device, dtype=h2.dtype)
     p = torch.empty_like(z)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
-    _down_gelu_fwd_kernel[grid](h2, w, bias, z, p, m, n, k, h2.stride(0), w.stride(0), z.stride(0),
-                                BLOCK_N=pow2(n), DOT_PRECISION=dot_precision(h2.dtype))
+    with on_device(h2):
+        _down_gelu_fwd_kernel[grid](h2, w, bias, z, p, m, n, k, h2.stride(0), w.stride(0), z.stride(0),
+                                    BLOCK_N=pow2(n), DOT_PRECISION=dot_precision(h2.dtype))
     return z, p
 
 
@@ -96,7 +97,8 @@ def down_gelu_backward(dz: Tensor, p: Tensor, h2: Tensor, weight: Tensor) -> Tup
     dz = dz.contiguous()
     dp = torch.empty_like(p)
     block = 1024
-    _gelu_grad_kernel[(triton.cdiv(p.numel(), block),)](dz, p, dp, p.numel(), BLOCK=block)
+    with on_device(p):
+        _gelu_grad_kernel[(triton.cdiv(p.numel(), block),)](dz, p, dp, p.numel(), BLOCK=block)
     dh = dp @ weight.to(dp.dtype)
     dw = (dp.t() @ h2).to(weight.dtype)
     db = dp.sum(0, dtype=torch.float32).to(weight.dtype)
@@ -130,9 +132,12 @@ def _(dz, p, h2, weight):
 def _setup(ctx, inputs, output):
     h2, weight, _ = inputs
     ctx.save_for_backward(h2, weight, output[1])
+    ctx.set_materialize_grads(False)  # p is saved, not used downstream: no zero-filled M×r gradient for it
 
 
 def _backward(ctx, dz, _dp):
+    if dz is None:
+        return None, None, None
     h2, weight, p = ctx.saved_tensors
     dh, dw, db = _down_gelu_bwd_op(dz, p, h2, weight)
     return dh, dw, db

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_inputs, dot_precision, pow2
+from ._common import check_inputs, dot_precision, on_device, pow2
 
 Tensor = torch.Tensor
 
@@ -220,11 +220,12 @@ def _rows(a: Tensor, b: Tensor, ids: Optional[Tensor], diag: Tensor, tau: Tensor
     bm, bn, bk, warps = blocks
     out = torch.empty(4, bsz, device=a.device, dtype=torch.float32)
     amax = torch.zeros(bsz, device=a.device, dtype=torch.int32)
-    _loss_rows_kernel[(triton.cdiv(bsz, bm),)](
-        a, b, ids if ids is not None else diag, diag, tau, out[0], out[1], out[2], out[3], amax,
-        bsz, d, a.stride(0), b.stride(0), float(margin),
-        GAMMA=float(gamma), HAS_IDS=ids is not None, MAX_VIOLATION=max_violation,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(bk, pow2(d)), DOT_PRECISION=dot_precision(a.dtype), num_warps=warps)
+    with on_device(a):
+        _loss_rows_kernel[(triton.cdiv(bsz, bm),)](
+            a, b, ids if ids is not None else diag, diag, tau, out[0], out[1], out[2], out[3], amax,
+            bsz, d, a.stride(0), b.stride(0), float(margin),
+            GAMMA=float(gamma), HAS_IDS=ids is not None, MAX_VIOLATION=max_violation,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(bk, pow2(d)), DOT_PRECISION=dot_precision(a.dtype), num_warps=warps)
     return out[0], out[1], out[2], out[3], amax
 
 
@@ -252,12 +253,13 @@ def _grad(a: Tensor, b: Tensor, ids, cnt, diag, tau, w, lse_a, lse_b, dtrip_a, d
     block_d = pow2(d, hi=MAX_BLOCK_D)
     da = torch.empty_like(a)
     dtau = torch.zeros(bsz, device=a.device, dtype=torch.float32) if compute_dtau else diag
-    _loss_grad_kernel[(triton.cdiv(bsz, bm), triton.cdiv(d, block_d))](
-        a, b, ids if ids is not None else diag, cnt, diag, tau, w, lse_a, lse_b, dtrip_a, dtrip_b,
-        amax_a, amax_b, da, dtau, bsz, d, a.stride(0), b.stride(0), da.stride(0), float(margin), 0.5 / bsz,
-        GAMMA=float(gamma), HAS_IDS=ids is not None, MAX_VIOLATION=max_violation, COMPUTE_DTAU=compute_dtau,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(bk, pow2(d)), BLOCK_D=block_d,
-        DOT_PRECISION=dot_precision(a.dtype), num_warps=warps)
+    with on_device(a):
+        _loss_grad_kernel[(triton.cdiv(bsz, bm), triton.cdiv(d, block_d))](
+            a, b, ids if ids is not None else diag, cnt, diag, tau, w, lse_a, lse_b, dtrip_a, dtrip_b,
+            amax_a, amax_b, da, dtau, bsz, d, a.stride(0), b.stride(0), da.stride(0), float(margin), 0.5 / bsz,
+            GAMMA=float(gamma), HAS_IDS=ids is not None, MAX_VIOLATION=max_violation, COMPUTE_DTAU=compute_dtau,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(bk, pow2(d)), BLOCK_D=block_d,
+            DOT_PRECISION=dot_precision(a.dtype), num_warps=warps)
     return da, (dtau.sum() if compute_dtau else None)
 
 
@@ -310,9 +312,12 @@ def _setup(ctx, inputs, output):
     _, stats, amax = output
     ctx.save_for_backward(image, text, tau, ids, stats, amax)
     ctx.args = (margin, gamma, max_violation, bm, bn, bk)
+    ctx.set_materialize_grads(False)  # the stats are for backward only: no zero-filled gradient for them
 
 
 def _backward(ctx, grad_losses, _grad_stats, _grad_amax):
+    if grad_losses is None:
+        return (None,) * 10
     image, text, tau, ids, stats, amax = ctx.saved_tensors
     margin, gamma, max_violation, bm, bn, bk = ctx.args
     d_image, d_text, d_tau = _loss_bwd_op(grad_losses, image, text, tau, ids, stats, amax, margin, gamma,
