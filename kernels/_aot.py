@@ -125,7 +125,12 @@ def _resource_usage(cubin: bytes) -> Dict[str, int]:
         with open(path, "wb") as f:
             f.write(cubin)
         text = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
-    found = {key: re.search(key + r":(\d+)", text) for key in ("REG", "STACK", "LOCAL")}
+    return parse_resource_usage(text)
+
+
+def parse_resource_usage(text: str) -> Dict[str, int]:
+    """cuobjdump's ``REG:… STACK:… SHARED:… LOCAL:…`` line: ptxas reports spills in STACK (LOCAL stays 0)."""
+    found = {key: re.search(r"\b" + key + r":(\d+)", text) for key in ("REG", "STACK", "LOCAL")}
     if found["REG"] is None or found["STACK"] is None:
         raise RuntimeError(f"cannot read cuobjdump's resource usage:\n{text}")
     return {"registers": int(found["REG"].group(1)), "stack_bytes": int(found["STACK"].group(1)),
@@ -139,41 +144,68 @@ def _variant(fn, constexprs) -> Dict:
             if isinstance(k, str) and (k.startswith(("BLOCK", "HAS_")) or k in ("HD", "MAX_VIOLATION"))}
 
 
-def compile_all(arch: int = 90, dtypes=(torch.bfloat16, torch.float32), only=None) -> List[dict]:
-    """Compile every recorded launch (``only``: a set of kernel names to restrict to)."""
+def compile_launch(fn, args, kwargs, dtype_name: str, arch: int = 90) -> dict:
+    """Compile one launch of the JIT function ``fn`` as the JIT would; its resource report."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
-    from triton.runtime.autotuner import Autotuner
 
     target = GPUTarget("cuda", arch, 32)
-    backend = make_backend(target)
-    results, seen = [], set()
-    for dtype in dtypes:
-        for kernel, args, kwargs in _record(dtype):
-            configs = kernel.configs if isinstance(kernel, Autotuner) else [None]
-            fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
-            if only and fn.__name__ not in only:
-                continue
-            for cfg in configs:
-                kw = dict(kwargs, **(cfg.all_kwargs() if cfg else {}))
-                kw.setdefault("num_warps", 4)
-                kw.setdefault("num_stages", 3)
-                kw = {k: v for k, v in kw.items() if v is not None}
-                signature, constexprs, attrs, options = _specialise(fn, backend, args, kw)
-                key = json.dumps([fn.__name__, signature, {str(k): v for k, v in constexprs.items()},
-                                  {str(k): v for k, v in attrs.items()}, kw.get("num_warps"), kw.get("num_stages")],
-                                 sort_keys=True, default=str)
-                if key in seen:
-                    continue
+    signature, constexprs, attrs, options = _specialise(fn, make_backend(target), args, kwargs)
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    return {"kernel": fn.__name__, "dtype": dtype_name, "num_warps": options.num_warps,
+            "num_stages": options.num_stages, "constexprs": _variant(fn, constexprs),
+            "shared_bytes": compiled.metadata.shared, "wgmma": "wgmma" in compiled.asm["ptx"],
+            **_resource_usage(compiled.asm["cubin"])}
+
+
+def _jit(fn):
+    """The JIT function (under TRITON_INTERPRET=1 the kernels are interpreted ones: specialisation
+    can still be inspected, compiling needs TRITON_INTERPRET=0)."""
+    from triton.runtime.jit import JITFunction
+    return fn if isinstance(fn, JITFunction) else JITFunction(fn.fn)
+
+
+def launches(dtype: torch.dtype, only=None):
+    """``(fn, args, kwargs)`` of every distinct build the launchers ask for (each autotune config apart)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.autotuner import Autotuner
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    seen = set()
+    for kernel, args, kwargs in _record(dtype):
+        fn = _jit(kernel.fn if isinstance(kernel, Autotuner) else kernel)
+        if only and fn.__name__ not in only:
+            continue
+        configs = [None]
+        if isinstance(kernel, Autotuner):  # the configs the tuner would try for these arguments
+            configs = kernel.configs
+            if kernel.early_config_prune:
+                configs = kernel.early_config_prune(configs, dict(zip(fn.arg_names, args)), **kwargs)
+        for cfg in configs:
+            kw = dict(kwargs, **(cfg.all_kwargs() if cfg else {}))
+            kw.setdefault("num_warps", 4)
+            kw.setdefault("num_stages", 3)
+            kw = {k: v for k, v in kw.items() if v is not None}
+            signature, constexprs, attrs, options = _specialise(fn, backend, args, kw)
+            key = json.dumps([fn.__name__, signature, {str(k): v for k, v in constexprs.items()},
+                              {str(k): v for k, v in attrs.items()}, options.num_warps, options.num_stages],
+                             sort_keys=True, default=str)
+            if key not in seen:
                 seen.add(key)
-                compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                                          options=options.__dict__)
-                results.append({
-                    "kernel": fn.__name__, "dtype": str(dtype).replace("torch.", ""),
-                    "num_warps": kw["num_warps"], "num_stages": kw["num_stages"], "constexprs": _variant(fn, constexprs),
-                    "shared_bytes": compiled.metadata.shared, "wgmma": "wgmma" in compiled.asm["ptx"],
-                    **_resource_usage(compiled.asm["cubin"])})
+                yield fn, args, kw
+
+
+def compile_all(arch: int = 90, dtypes=(torch.bfloat16, torch.float32), only=None, report=None) -> List[dict]:
+    """Compile every recorded launch (``only``: a set of kernel names to restrict to; ``report``
+    is called with each result as it comes)."""
+    results = []
+    for dtype in dtypes:
+        for fn, args, kw in launches(dtype, only):
+            results.append(compile_launch(fn, args, kw, str(dtype).replace("torch.", ""), arch))
+            if report:
+                report(results[-1])
     return results
 
 
@@ -201,14 +233,14 @@ def main(argv=None) -> int:
         print("unset TRITON_INTERPRET: the interpreter does not compile", file=sys.stderr)
         return 2
     dtypes = tuple(getattr(torch, d) for d in args.dtype) if args.dtype else (torch.bfloat16, torch.float32)
-    results = compile_all(args.arch, dtypes, set(args.kernel) if args.kernel else None)
+    def line(r):
+        print(f"{r['kernel']:<24} {r['dtype']:<9} warps={r['num_warps']} stages={r['num_stages']} "
+              f"{r['constexprs']} smem={r['shared_bytes']} regs={r['registers']} "
+              f"stack={r['stack_bytes']} wgmma={r['wgmma']}", flush=True)
+    results = compile_all(args.arch, dtypes, set(args.kernel) if args.kernel else None,
+                          report=None if args.json else line)
     if args.json:
         print(json.dumps(results))
-    else:
-        for r in results:
-            print(f"{r['kernel']:<24} {r['dtype']:<9} warps={r['num_warps']} stages={r['num_stages']} "
-                  f"{r['constexprs']} smem={r['shared_bytes']} regs={r['registers']} "
-                  f"stack={r['stack_bytes']} wgmma={r['wgmma']}")
     bad = failures(results)
     for line in bad:
         print("FAIL", line, file=sys.stderr)
