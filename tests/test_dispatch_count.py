@@ -104,17 +104,20 @@ def _step_counts(name: str, batch: int, autocast: bool, setattr_fn) -> dict:
             "triton": sum(counter.triton.values()), "adapters": _adapters(model), "counter": counter}
 
 
-# Tight enough to catch a per-adapter regression (an extra op per adapter and direction is
-# +12 here), loose enough for PyTorch versions that decompose an op differently.
-BUDGET = {"compute": 560, "triton": 80}
+# Measured (torch 2.14, HarMA-Tiny, 4 adapters): 445 compute ops + 60 Triton launches in fp32,
+# 580 + 60 under bf16 autocast; before the gate gradients moved into a kernel and saved-only
+# outputs stopped getting zero-filled gradients: 555 / 666 + 52. The budgets leave ~5 % for
+# PyTorch versions that decompose an op differently, not room for a per-adapter regression.
+BUDGET = {False: 470, True: 610}
+TRITON_BUDGET = 64
 
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_training_step_dispatch_budget(monkeypatch, autocast):
     counts = _step_counts("HarMA-Tiny", 2, autocast, monkeypatch.setattr)
     top = counts["counter"].compute.most_common(8)
-    assert counts["compute"] <= BUDGET["compute"], (counts["compute"], top)
-    assert counts["triton"] <= BUDGET["triton"], counts["counter"].triton
+    assert counts["compute"] <= BUDGET[autocast], (counts["compute"], top)
+    assert counts["triton"] <= TRITON_BUDGET, counts["counter"].triton
 
 
 if __name__ == "__main__":
