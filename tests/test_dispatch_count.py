@@ -44,9 +44,12 @@ class OpCounter(TorchDispatchMode):
         if opdef is not None:  # harma_fast::* — count what its launcher dispatches, not the op itself
             with self:
                 return opdef._init_fn(*args, **kwargs)
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
-            # (a composite op, e.g. matmul called below autograd, is counted as what it decomposes into)
-            (self.views if _is_view(func) else self.compute)[func._schema.name] += 1
+        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
+            # a composite op (``to``, ``matmul`` called below autograd, in a launcher) is counted as
+            # what it decomposes into
+            with self:
+                return func.decompose(*args, **kwargs)
+        (self.views if _is_view(func) else self.compute)[func._schema.name] += 1
         return func(*args, **kwargs)
 
 
@@ -104,11 +107,11 @@ def _step_counts(name: str, batch: int, autocast: bool, setattr_fn) -> dict:
             "triton": sum(counter.triton.values()), "adapters": _adapters(model), "counter": counter}
 
 
-# Measured (torch 2.14, HarMA-Tiny, 4 adapters): 445 compute ops + 60 Triton launches in fp32,
-# 580 + 60 under bf16 autocast; before the gate gradients moved into a kernel and saved-only
-# outputs stopped getting zero-filled gradients: 555 / 666 + 52. The budgets leave ~5 % for
+# Measured (torch 2.14, HarMA-Tiny, 4 adapters): 462 compute ops + 60 Triton launches in fp32,
+# 599 + 60 under bf16 autocast; before the gate gradients moved into a kernel and saved-only
+# outputs stopped getting zero-filled gradients: 572 / 721 + 52. The budgets leave ~5 % for
 # PyTorch versions that decompose an op differently, not room for a per-adapter regression.
-BUDGET = {False: 470, True: 610}
+BUDGET = {False: 485, True: 630}
 TRITON_BUDGET = 64
 
 
