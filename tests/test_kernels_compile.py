@@ -78,12 +78,22 @@ def test_bf16_matrix_products_use_hopper_wgmma(report):
     assert gemms and all(r["wgmma"] for r in gemms), [r["kernel"] for r in gemms if not r["wgmma"]]
 
 
+SPILL_PROBE = """
+import json, torch
+from harma_fast.kernels import _aot
+fn, args, kw = next(launch for launch in _aot.launches(torch.bfloat16)
+                    if launch[0].__name__ == "_attn_bwd_kernel" and launch[2]["BLOCK_L"] == 128)
+print(json.dumps([kw["num_warps"], _aot.compile_launch(fn, args, dict(kw, num_warps=4), "bfloat16")]))
+"""
+
+
 @pytestmark_slow
 def test_the_check_sees_a_real_spill():
     # bf16 attention backward at BLOCK_L = 128 with the 4 warps it used to get spills 184 B per
     # thread on sm_90: the check must see it (and the launcher now asks for 8 warps)
-    fn, args, kw = next(launch for launch in _aot.launches(torch.bfloat16)
-                        if launch[0].__name__ == "_attn_bwd_kernel" and launch[2]["BLOCK_L"] == 128)
-    assert kw["num_warps"] == 8
-    old = _aot.compile_launch(fn, args, dict(kw, num_warps=4), "bfloat16")
+    proc = subprocess.run([sys.executable, "-c", SPILL_PROBE], env=dict(os.environ, TRITON_INTERPRET="0"),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warps, old = json.loads(proc.stdout.splitlines()[-1])
+    assert warps == 8
     assert old["stack_bytes"] > 0 and _aot.failures([old])
