@@ -51,7 +51,7 @@ def on_device(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def _is_cuda(t: torch.Tensor) -> bool:
+def _is_cuda(t: torch.Tensor) -> bool:  # one place to decide, which CPU tests can stand in for
     return t.is_cuda
 
 

@@ -125,7 +125,8 @@ def _mix_up_bwd_kernel(g_ptr, w_ptr, z_ptr, a_ptr, gmix_ptr, gout_ptr, dz_ptr, d
 
 
 @triton.jit
-def _mix_up_gates_kernel(part_ptr, colsum_ptr, bias_ptr, gmix_ptr, gout_ptr, db_ptr, dgmix_ptr, dgout_ptr, P, N, stride_p,
+def _mix_up_gates_kernel(part_ptr, colsum_ptr, bias_ptr, gmix_ptr, gout_ptr, db_ptr, dgmix_ptr, dgout_ptr,
+                         P, N, stride_p,
                          HAS_GOUT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: ``db = β Σ_p colsum_p``, ``dg_mix = β α(1−α) Σ_p part_p0``,
     ``dg_out = β(1−β) (Σ_p part_p1 + Σ_n b_n Σ_p colsum_pn)`` — a fixed order, deterministic."""
