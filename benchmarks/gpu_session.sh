@@ -18,7 +18,7 @@ export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRITON_DEFAULT_FP_
   python3 -c "import torch, triton, open_clip; print('torch', torch.__version__, 'triton', triton.__version__,
 'open_clip', open_clip.__version__)"; date -u; } | tee "$OUT/versions.txt"
 case "$what" in
-  tests) python3 -m pytest tests/test_cuda.py -q -rs 2>&1 | tee "$OUT/cuda_tests.log" ;;
+  tests) python3 -m pytest tests/test_cuda.py tests/test_kernels_compile.py -q -rs 2>&1 | tee "$OUT/cuda_tests.log" ;;
   bench) python3 -m pytest benchmarks/ -q "$@" --benchmark-json="$OUT/RESULTS.json" 2>&1 | tail -n 40 | tee "$OUT/bench.log"
          python3 -m benchmarks.report "$OUT/RESULTS.json" --markdown "$OUT/report.md" --png "$OUT/speedups.png"
          cat "$OUT/report.md" ;;

@@ -18,29 +18,44 @@ from typing import Dict, Tuple
 import torch
 
 from .backend import use_triton
+from .errors import ConfigError
 
 Tensor = torch.Tensor
 KS = (1, 5, 10)
 
 
-def _check(image: Tensor, text: Tensor, text_to_image: Tensor) -> Tensor:
+def _check(image: Tensor, text: Tensor, text_to_image) -> Tensor:
     if image.ndim != 2 or text.ndim != 2 or image.shape[1] != text.shape[1]:
-        raise ValueError(f"retrieval_metrics expects (N_images, D) and (N_texts, D) features; got "
-                         f"{tuple(image.shape)} and {tuple(text.shape)}")
-    text_to_image = torch.as_tensor(text_to_image, device=text.device).long()
+        raise ConfigError(f"retrieval_metrics expects (N_images, D) and (N_texts, D) features; got "
+                          f"{tuple(image.shape)} and {tuple(text.shape)}")
+    if image.shape[0] == 0 or text.shape[0] == 0:
+        raise ConfigError(f"retrieval_metrics needs a non-empty gallery; got {image.shape[0]} images and "
+                          f"{text.shape[0]} captions (is the evaluation split empty?)")
+    text_to_image = torch.as_tensor(text_to_image, device=text.device)
+    if text_to_image.dtype == torch.bool or text_to_image.is_complex():
+        raise ConfigError(f"text_to_image must hold integer image indices, got dtype {text_to_image.dtype}")
+    if text_to_image.is_floating_point():
+        fractional = text_to_image != text_to_image.round()
+        if fractional.any():
+            where = fractional.nonzero().flatten()[:5].tolist()
+            raise ConfigError(f"text_to_image must hold integer image indices; captions {where} have "
+                              f"non-integer values {text_to_image[where].tolist()}")
+    text_to_image = text_to_image.long()
     if text_to_image.shape != (text.shape[0],):
-        raise ValueError(f"text_to_image must give one image index per caption: shape ({text.shape[0]},), "
-                         f"got {tuple(text_to_image.shape)}")
-    if text_to_image.numel() and (text_to_image.min() < 0 or text_to_image.max() >= image.shape[0]):
-        raise ValueError(f"text_to_image has indices outside [0, {image.shape[0]})")
+        raise ConfigError(f"text_to_image must give one image index per caption: shape ({text.shape[0]},), "
+                          f"got {tuple(text_to_image.shape)}")
+    if text_to_image.min() < 0 or text_to_image.max() >= image.shape[0]:
+        raise ConfigError(f"text_to_image has indices outside [0, {image.shape[0]})")
     owned = torch.zeros(image.shape[0], dtype=torch.bool, device=text.device)
     owned[text_to_image] = True
     if not owned.all():
         missing = (~owned).nonzero().flatten()[:5].tolist()
-        raise ValueError(f"images {missing} have no caption; every image needs at least one for image→text recall")
+        raise ConfigError(f"images {missing} have no caption; every image needs at least one for image→text recall")
     for name, t in (("image_features", image), ("text_features", text)):
         if not torch.isfinite(t).all():
-            raise ValueError(f"retrieval_metrics: {name} has NaN/Inf values")
+            rows = (~torch.isfinite(t)).reshape(t.shape[0], -1).any(1).nonzero().flatten()[:5].tolist()
+            raise ConfigError(f"retrieval_metrics: {name} has NaN/Inf values (rows {rows}); the encoder "
+                              "diverged or was fed bad data")
     return text_to_image
 
 
@@ -80,11 +95,11 @@ def retrieval_ranks(image: Tensor, text: Tensor, text_to_image: Tensor, backend:
 
 
 def recalls_from_ranks(i2t: Tensor, t2i: Tensor) -> Dict[str, float]:
+    """Recall@K in percent, from integer hit counts (a float32 mean gives 57.4999988 for 57.5)."""
     out = {}
-    for k in KS:
-        out[f"txt_r{k}"] = 100.0 * (i2t < k).float().mean().item()
-    for k in KS:
-        out[f"img_r{k}"] = 100.0 * (t2i < k).float().mean().item()
+    for prefix, ranks in (("txt", i2t), ("img", t2i)):
+        for k in KS:
+            out[f"{prefix}_r{k}"] = 100.0 * int((ranks < k).sum()) / ranks.numel()
     out["r_mean"] = sum(out.values()) / 6
     return out
 

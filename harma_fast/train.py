@@ -217,7 +217,10 @@ def _distributed() -> Tuple[int, int, int]:
 
 def _device(config: TrainConfig, local_rank: int) -> torch.device:
     if config.device != "auto":
-        return torch.device(config.device)
+        device = torch.device(config.device)
+        if device.type == "cuda":  # Triton launches on the current device, not on the tensors'
+            torch.cuda.set_device(device)
+        return device
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
@@ -450,8 +453,11 @@ class Trainer:
         with context:
             with self._autocast():
                 image_f, text_f = _features(self.forward(images, tokens))
-                if not self.fast:  # the fused loss takes bf16 features as they are (fp32 accumulation)
-                    image_f, text_f = image_f.float(), text_f.float()
+                # Under autocast open_clip normalises in fp32 (bf16 / fp32 norm = fp32 features). The
+                # fused loss gets bf16 on purpose: tensor-core GEMMs with fp32 accumulation, within
+                # the bf16 tolerance its tests hold it to; the reference loss gets fp32.
+                dtype = torch.bfloat16 if self.fast and self.precision == "bf16" else torch.float32
+                image_f, text_f = image_f.to(dtype), text_f.to(dtype)
                 out = self.loss(image_f, text_f, ids)
             (out.total / self.config.grad_accum).backward()
         return out

@@ -1,6 +1,7 @@
 """Shared launcher helpers for the Triton kernels."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -20,9 +21,38 @@ def dot_precision(dtype: torch.dtype) -> str:
     fp32 GEMMs in PyTorch are IEEE unless the user allowed TF32; the kernels follow the same
     switch so that "fp32" means the same accuracy on both paths.
     """
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not matmul_allows_tf32():
         return "ieee"
     return "tf32"
+
+
+def matmul_allows_tf32() -> bool:
+    """Whether PyTorch's fp32 matmuls may use TF32, read through the API the user can have set.
+
+    Since torch 2.9, reading the legacy ``allow_tf32`` after ``fp32_precision = "tf32"`` was set
+    raises ("mix of the legacy and new APIs"); the new getter resolves both ways of setting it
+    (the legacy setter, ``set_float32_matmul_precision`` and the global ``fp32_precision``).
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # torch < 2.9: only the legacy flag exists
+        return bool(matmul.allow_tf32)
+    return precision == "tf32"
+
+
+def on_device(t: torch.Tensor):
+    """Context in which a Triton launch runs on ``t``'s GPU.
+
+    Triton launches on the *current* CUDA device; tensors on ``cuda:1`` while the current
+    device is ``cuda:0`` would run there with pointers into another GPU's memory.
+    """
+    if _is_cuda(t):
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def _is_cuda(t: torch.Tensor) -> bool:  # one place to decide, which CPU tests can stand in for
+    return t.is_cuda
 
 
 def check_inputs(op: str, *tensors: torch.Tensor) -> None:

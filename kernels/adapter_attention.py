@@ -25,13 +25,17 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_inputs, dot_precision, pow2
+from ._common import check_inputs, dot_precision, on_device, pow2
 
 Tensor = torch.Tensor
 MAX_L = 128
 
 
-def _warps(block_l: int) -> int:
+def _warps(block_l: int, dtype: torch.dtype) -> int:
+    # The L×L scores live in registers: at BLOCK_L = 128, 4 warps spill (bf16 backward: 184 B per
+    # thread; fp32, whose IEEE dots run on FMAs with fp32 operands, kilobytes) — sm_90 compile check.
+    if block_l >= 128:
+        return 16 if dtype == torch.float32 else 8
     return 4 if block_l >= 64 else 2
 
 
@@ -72,9 +76,9 @@ def _attn_fwd_kernel(qkv_ptr, out_ptr, lse_ptr, L, H, C, stride_b, stride_l, str
 
 @triton.jit
 def _attn_bwd_kernel(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, C, stride_b, stride_l,
-                     stride_ob, stride_ol, scale, HD: tl.constexpr, BLOCK_L: tl.constexpr,
+                     stride_ob, stride_ol, stride_db, stride_dl, scale, HD: tl.constexpr, BLOCK_L: tl.constexpr,
                      BLOCK_HD: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    q, k, v, qkv_off, out_off, mask, lmask, ls, n, h = _sequence_tiles(
+    q, k, v, _, out_off, mask, lmask, ls, n, h = _sequence_tiles(
         qkv_ptr, L, C, stride_b, stride_l, stride_ob, stride_ol, HD, BLOCK_L, BLOCK_HD)
     o = tl.load(out_ptr + out_off, mask=mask, other=0.0)
     do = tl.load(dout_ptr + out_off, mask=mask, other=0.0)
@@ -90,10 +94,12 @@ def _attn_bwd_kernel(qkv_ptr, out_ptr, dout_ptr, lse_ptr, dqkv_ptr, L, H, C, str
     dsc = p * (dp - delta[:, None]) * scale  # ∂L/∂(q kᵀ), the softmax Jacobian applied row by row
     dq = tl.dot(dsc.to(k.dtype), k, zero_ld, input_precision=DOT_PRECISION)
     dk = tl.dot(tl.trans(dsc.to(q.dtype)), q, zero_ld, input_precision=DOT_PRECISION)
+    # the gradient has strides of its own: qkv may be a strided view (a token slice) of a larger tensor
+    d_off = n * stride_db + ls[:, None] * stride_dl + h * HD + tl.arange(0, BLOCK_HD)[None, :]
     ty = dqkv_ptr.dtype.element_ty
-    tl.store(dqkv_ptr + qkv_off, dq.to(ty), mask=mask)
-    tl.store(dqkv_ptr + qkv_off + C, dk.to(ty), mask=mask)
-    tl.store(dqkv_ptr + qkv_off + 2 * C, dv.to(ty), mask=mask)
+    tl.store(dqkv_ptr + d_off, dq.to(ty), mask=mask)
+    tl.store(dqkv_ptr + d_off + C, dk.to(ty), mask=mask)
+    tl.store(dqkv_ptr + d_off + 2 * C, dv.to(ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,8 +122,10 @@ def attention_forward(qkv: Tensor, heads: int, seq_first: bool) -> Tuple[Tensor,
     _, _, ob, ol = _layout(out, seq_first)
     lse = torch.empty(n, heads, length, device=qkv.device, dtype=torch.float32)
     block_l = pow2(length)
-    _attn_fwd_kernel[(n, heads)](qkv, out, lse, length, heads, c, sb, sl, ob, ol, hd ** -0.5,
-                                 HD=hd, BLOCK_L=block_l, BLOCK_HD=pow2(hd), DOT_PRECISION=dot_precision(qkv.dtype), num_warps=_warps(block_l))
+    with on_device(qkv):
+        _attn_fwd_kernel[(n, heads)](qkv, out, lse, length, heads, c, sb, sl, ob, ol, hd ** -0.5,
+                                     HD=hd, BLOCK_L=block_l, BLOCK_HD=pow2(hd), DOT_PRECISION=dot_precision(qkv.dtype),
+                                     num_warps=_warps(block_l, qkv.dtype))
     return out, lse
 
 
@@ -128,10 +136,13 @@ def attention_backward(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, head
     _, _, ob, ol = _layout(out, seq_first)
     c = qkv.shape[-1] // 3
     hd = c // heads
-    dqkv = torch.empty_like(qkv)
+    dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+    _, _, db, dl = _layout(dqkv, seq_first)
     block_l = pow2(length)
-    _attn_bwd_kernel[(n, heads)](qkv, out, dout, lse, dqkv, length, heads, c, sb, sl, ob, ol, hd ** -0.5,
-                                 HD=hd, BLOCK_L=block_l, BLOCK_HD=pow2(hd), DOT_PRECISION=dot_precision(qkv.dtype), num_warps=_warps(block_l))
+    with on_device(qkv):
+        _attn_bwd_kernel[(n, heads)](qkv, out, dout, lse, dqkv, length, heads, c, sb, sl, ob, ol, db, dl, hd ** -0.5,
+                                     HD=hd, BLOCK_L=block_l, BLOCK_HD=pow2(hd), DOT_PRECISION=dot_precision(qkv.dtype),
+                                     num_warps=_warps(block_l, qkv.dtype))
     return dqkv
 
 
@@ -164,9 +175,12 @@ def _setup(ctx, inputs, output):
     qkv, heads, seq_first = inputs
     ctx.save_for_backward(qkv, *output)
     ctx.heads, ctx.seq_first = heads, seq_first
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the unused log-sum-exp (a launch)
 
 
 def _backward(ctx, dout, _dlse):
+    if dout is None:
+        return None, None, None
     qkv, out, lse = ctx.saved_tensors
     return _attn_bwd_op(dout, qkv, out, lse, ctx.heads, ctx.seq_first), None, None
 

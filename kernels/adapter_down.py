@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_inputs, dot_precision, interpreting, pow2
+from ._common import check_inputs, dot_precision, interpreting, on_device, pow2
 
 Tensor = torch.Tensor
 
@@ -33,7 +33,15 @@ def _configs():
             for bm, bk, w, s in ((64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 4), (64, 128, 4, 3))]
 
 
-@triton.autotune(configs=_configs(), key=["N", "K"])
+def _prune(configs, named_args, **kwargs):
+    # IEEE fp32 products run on FMAs with the operand tiles in registers: on sm_90 the fp32 builds
+    # spill (16 B at BLOCK_K=64, 1.4 KB at 128) except the narrow-K one (sm_90 compile check)
+    if named_args["h_ptr"].dtype == torch.float32:
+        return [c for c in configs if c.kwargs["BLOCK_K"] <= 32] or configs
+    return configs
+
+
+@triton.autotune(configs=_configs(), key=["N", "K"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _down_gelu_fwd_kernel(h_ptr, w_ptr, b_ptr, z_ptr, p_ptr, M, N, K, stride_hm, stride_wn, stride_zm,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -83,12 +91,13 @@ def down_gelu_forward(h2: Tensor, weight: Tensor, bias: Tensor) -> Tuple[Tensor,
     if n > MAX_R:
         raise ValueError(f"down_gelu: bottleneck {n} > {MAX_R} is not supported by the fused kernel")
     h2 = h2 if h2.stride(1) == 1 else h2.contiguous()
-    w = weight.to(h2.dtype).contiguous()
+    w = weight.to(h2.dtype).contiguous()  # a no-op from the wrapper, which casts once
     z = torch.empty(m, n, device=h2.device, dtype=h2.dtype)
     p = torch.empty_like(z)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
-    _down_gelu_fwd_kernel[grid](h2, w, bias, z, p, m, n, k, h2.stride(0), w.stride(0), z.stride(0),
-                                BLOCK_N=pow2(n), DOT_PRECISION=dot_precision(h2.dtype))
+    with on_device(h2):
+        _down_gelu_fwd_kernel[grid](h2, w, bias, z, p, m, n, k, h2.stride(0), w.stride(0), z.stride(0),
+                                    BLOCK_N=pow2(n), DOT_PRECISION=dot_precision(h2.dtype))
     return z, p
 
 
@@ -96,10 +105,11 @@ def down_gelu_backward(dz: Tensor, p: Tensor, h2: Tensor, weight: Tensor) -> Tup
     dz = dz.contiguous()
     dp = torch.empty_like(p)
     block = 1024
-    _gelu_grad_kernel[(triton.cdiv(p.numel(), block),)](dz, p, dp, p.numel(), BLOCK=block)
+    with on_device(p):
+        _gelu_grad_kernel[(triton.cdiv(p.numel(), block),)](dz, p, dp, p.numel(), BLOCK=block)
     dh = dp @ weight.to(dp.dtype)
     dw = (dp.t() @ h2).to(weight.dtype)
-    db = dp.sum(0, dtype=torch.float32).to(weight.dtype)
+    db = dp.sum(0, dtype=torch.float32)  # autograd casts it to the bias's dtype if that differs
     return dh, dw, db
 
 
@@ -124,15 +134,18 @@ def _down_gelu_bwd_op(dz: Tensor, p: Tensor, h2: Tensor, weight: Tensor) -> Tupl
 
 @_down_gelu_bwd_op.register_fake
 def _(dz, p, h2, weight):
-    return torch.empty_like(h2), torch.empty_like(weight), weight.new_empty(weight.shape[0])
+    return torch.empty_like(h2), torch.empty_like(weight), weight.new_empty(weight.shape[0], dtype=torch.float32)
 
 
 def _setup(ctx, inputs, output):
     h2, weight, _ = inputs
     ctx.save_for_backward(h2, weight, output[1])
+    ctx.set_materialize_grads(False)  # p is saved, not used downstream: no zero-filled M×r gradient for it
 
 
 def _backward(ctx, dz, _dp):
+    if dz is None:
+        return None, None, None
     h2, weight, p = ctx.saved_tensors
     dh, dw, db = _down_gelu_bwd_op(dz, p, h2, weight)
     return dh, dw, db
@@ -144,5 +157,6 @@ _down_gelu_op.register_autograd(_backward, setup_context=_setup)
 def down_gelu(h: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """Fused ``GELU(h Wᵀ + b)`` over the last dimension of ``h`` (any leading shape)."""
     lead = h.shape[:-1]
-    z, _ = _down_gelu_op(h.reshape(-1, h.shape[-1]), weight, bias)
+    # W in the activations' dtype (as autocast casts it), once: backward reuses the cast copy
+    z, _ = _down_gelu_op(h.reshape(-1, h.shape[-1]), weight.to(h.dtype), bias)
     return z.reshape(*lead, weight.shape[0])

@@ -12,9 +12,11 @@ sub-adapter's output ``a + (σ(g_s) v + (1 − σ(g_s)) u) W₂ᵀ + b₂`` is t
 
 Backward (G = ∂L/∂out, Gγ = G ⊙ γ): ``dx = G``, ``dh = Gγ`` (no copies when γ is absent);
 one kernel computes ``dm' = Gγ W`` with an epilogue that writes ``dz = αβ dm'``,
-``da = (1−α)β dm'`` and ``m`` (recomputed from z, a) and reduces the gate terms
-``Σ dm' ⊙ (z − a)``, ``Σ m ⊙ dm'`` and the column sums of Gγ per program; ``dW = β Gγᵀ m``
-is a plain GEMM over all tokens (cuBLAS).
+``da = (1−α)β dm'`` and ``β m`` (recomputed from z, a) and reduces the gate terms
+``Σ dm' ⊙ (z − a)``, ``Σ m ⊙ dm'`` and the column sums of Gγ per program; a one-program
+kernel sums those partials into ``db`` and both gate gradients (a dozen tiny PyTorch ops
+otherwise, each a launch, per adapter and step); ``dW = Gγᵀ (β m)`` is a plain GEMM over all
+tokens (cuBLAS).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_inputs, dot_precision, interpreting, pow2
+from ._common import check_inputs, dot_precision, interpreting, on_device, pow2
 
 Tensor = torch.Tensor
 MAX_R = 256
@@ -35,14 +37,20 @@ def _fwd_configs():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in ((128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3),
-                                     (128, 256, 32, 8, 3))]
+                                     (64, 256, 64, 8, 3))]  # (128, 256, 32, 8) spills 504 B in bf16 (sm_90)
 
 
 def _bwd_configs():
     if interpreting():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in ((64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3))]
+            # the epilogue holds dm', z, a and m in fp32 for BLOCK_M × r: at 128 threads per 64
+            # rows (4 warps, or 8 for 128 rows) bf16 builds spill ~470 B (sm_90 compile check)
+            # (and BLOCK_N=128 at 4 stages needs 292 KiB of shared memory in fp32: more than the chip)
+            for bm, bn, w, s in ((64, 64, 8, 3), (64, 128, 8, 3), (64, 64, 8, 4))]
+
+
+_BWD_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _bwd_configs())
 
 
 @triton.autotune(configs=_fwd_configs(), key=["N", "K"])
@@ -84,7 +92,7 @@ def _mix_up_fwd_kernel(z_ptr, a_ptr, w_ptr, b_ptr, gmix_ptr, gout_ptr, h_ptr, x_
 @triton.autotune(configs=_bwd_configs(), key=["N", "K"], reset_to_zero=["part_ptr", "colsum_ptr"])
 @triton.jit
 def _mix_up_bwd_kernel(g_ptr, w_ptr, z_ptr, a_ptr, gmix_ptr, gout_ptr, dz_ptr, da_ptr, m_ptr,
-                       part_ptr, colsum_ptr, M, N, K, stride_gm, stride_wn, stride_zm, stride_am,
+                       part_ptr, colsum_ptr, M, N, K, stride_gm, stride_wn, stride_zm, stride_am, stride_p,
                        HAS_GOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid = tl.program_id(0)
@@ -99,7 +107,7 @@ def _mix_up_bwd_kernel(g_ptr, w_ptr, z_ptr, a_ptr, gmix_ptr, gout_ptr, dz_ptr, d
         w = tl.load(w_ptr + ns[:, None] * stride_wn + rk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
         acc = tl.dot(g, w, acc, input_precision=DOT_PRECISION)
         # column sums of G for db and the block-gate gradient, one row of partials per program
-        tl.store(colsum_ptr + pid * N + ns, tl.sum(g.to(tl.float32), axis=0), mask=nmask)
+        tl.store(colsum_ptr + pid * stride_p + ns, tl.sum(g.to(tl.float32), axis=0), mask=nmask)
     alpha = tl.sigmoid(tl.load(gmix_ptr).to(tl.float32))
     beta = 1.0
     if HAS_GOUT:
@@ -111,9 +119,44 @@ def _mix_up_bwd_kernel(g_ptr, w_ptr, z_ptr, a_ptr, gmix_ptr, gout_ptr, dz_ptr, d
     out = rows[:, None] * K + rk[None, :]
     tl.store(dz_ptr + out, (alpha * beta * acc).to(dz_ptr.dtype.element_ty), mask=mask)
     tl.store(da_ptr + out, ((1.0 - alpha) * beta * acc).to(da_ptr.dtype.element_ty), mask=mask)
-    tl.store(m_ptr + out, m.to(m_ptr.dtype.element_ty), mask=mask)
-    tl.store(part_ptr + pid * 2, tl.sum(tl.sum(acc * (z - a), axis=1), axis=0))
-    tl.store(part_ptr + pid * 2 + 1, tl.sum(tl.sum(acc * m, axis=1), axis=0))
+    tl.store(m_ptr + out, (beta * m).to(m_ptr.dtype.element_ty), mask=mask)  # dW = Gγᵀ (β m)
+    tl.store(part_ptr + pid * stride_p, tl.sum(tl.sum(acc * (z - a), axis=1), axis=0))
+    tl.store(part_ptr + pid * stride_p + 1, tl.sum(tl.sum(acc * m, axis=1), axis=0))
+
+
+@triton.jit
+def _mix_up_gates_kernel(part_ptr, colsum_ptr, bias_ptr, gmix_ptr, gout_ptr, db_ptr, dgmix_ptr, dgout_ptr,
+                         P, N, stride_p,
+                         HAS_GOUT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program: ``db = β Σ_p colsum_p``, ``dg_mix = β α(1−α) Σ_p part_p0``,
+    ``dg_out = β(1−β) (Σ_p part_p1 + Σ_n b_n Σ_p colsum_pn)`` — a fixed order, deterministic."""
+    alpha = tl.sigmoid(tl.load(gmix_ptr).to(tl.float32))
+    beta = 1.0
+    if HAS_GOUT:
+        beta = tl.sigmoid(tl.load(gout_ptr).to(tl.float32))
+    ps = tl.arange(0, BLOCK_P)
+    s_alpha = tl.zeros((BLOCK_P,), tl.float32)
+    s_beta = tl.zeros((BLOCK_P,), tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        pm = p0 + ps < P
+        s_alpha += tl.load(part_ptr + (p0 + ps) * stride_p, mask=pm, other=0.0)
+        s_beta += tl.load(part_ptr + (p0 + ps) * stride_p + 1, mask=pm, other=0.0)
+    bias_dot = tl.zeros((BLOCK_N,), tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        ns = n0 + tl.arange(0, BLOCK_N)
+        nmask = ns < N
+        col = tl.zeros((BLOCK_N,), tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            pm = p0 + ps < P
+            col += tl.sum(tl.load(colsum_ptr + (p0 + ps)[:, None] * stride_p + ns[None, :],
+                                  mask=pm[:, None] & nmask[None, :], other=0.0), axis=0)
+        tl.store(db_ptr + ns, (beta * col).to(db_ptr.dtype.element_ty), mask=nmask)
+        bias_dot += col * tl.load(bias_ptr + ns, mask=nmask, other=0.0).to(tl.float32)
+    tl.store(dgmix_ptr, (beta * alpha * (1.0 - alpha) * tl.sum(s_alpha, axis=0)).to(dgmix_ptr.dtype.element_ty))
+    d_gout = 0.0
+    if HAS_GOUT:
+        d_gout = beta * (1.0 - beta) * (tl.sum(s_beta, axis=0) + tl.sum(bias_dot, axis=0))
+    tl.store(dgout_ptr, d_gout.to(dgout_ptr.dtype.element_ty))
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,15 +175,16 @@ def mix_up_forward(z: Tensor, a: Tensor, weight: Tensor, bias: Tensor, gate_mix:
     if weight.shape[1] != k or a.shape != z.shape or h.shape != (m_rows, n) or (x is not None and x.shape != h.shape):
         raise ValueError(f"mix_up_residual: z, a ({m_rows}, {k}), W ({n}, {k}), h and x ({m_rows}, {n}) expected; got "
                          f"z {tuple(z.shape)}, a {tuple(a.shape)}, W {tuple(weight.shape)}, h {tuple(h.shape)}")
-    w = weight.to(z.dtype).contiguous()
+    w = weight.to(z.dtype).contiguous()  # a no-op from the wrapper, which casts once
     out = torch.empty(m_rows, n, device=z.device, dtype=out_dtype(h, x))
     grid = lambda meta: (triton.cdiv(m_rows, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _mix_up_fwd_kernel[grid](
-        z, a, w, bias, gate_mix, gate_out if gate_out is not None else gate_mix, h,
-        x if x is not None else h, gamma if gamma is not None else bias, out,
-        m_rows, n, k, z.stride(0), a.stride(0), w.stride(0), h.stride(0), (x if x is not None else h).stride(0),
-        out.stride(0), HAS_GOUT=gate_out is not None, HAS_X=x is not None, HAS_GAMMA=gamma is not None,
-        DOT_PRECISION=dot_precision(z.dtype))
+    with on_device(z):
+        _mix_up_fwd_kernel[grid](
+            z, a, w, bias, gate_mix, gate_out if gate_out is not None else gate_mix, h,
+            x if x is not None else h, gamma if gamma is not None else bias, out,
+            m_rows, n, k, z.stride(0), a.stride(0), w.stride(0), h.stride(0), (x if x is not None else h).stride(0),
+            out.stride(0), HAS_GOUT=gate_out is not None, HAS_X=x is not None, HAS_GAMMA=gamma is not None,
+            DOT_PRECISION=dot_precision(z.dtype))
     return out
 
 
@@ -158,27 +202,24 @@ def mix_up_backward(g_gamma: Tensor, z: Tensor, a: Tensor, weight: Tensor, bias:
     g_in = g_in if g_in.stride(1) == 1 else g_in.contiguous()
     w = weight.to(z.dtype).contiguous()
     dz, da, m = (torch.empty(m_rows, k, device=z.device, dtype=z.dtype) for _ in range(3))
-    # one row of partials per program: sized for the smallest BLOCK_M of any config
-    max_programs = triton.cdiv(m_rows, 32)
-    part = torch.zeros(max_programs, 2, device=z.device, dtype=torch.float32)
-    colsum = torch.zeros(max_programs, n, device=z.device, dtype=torch.float32)
+    # one row of partials per program (2 gate terms, then n column sums), sized for the smallest
+    # BLOCK_M of any config; rows of programs that do not exist stay zero
+    programs = triton.cdiv(m_rows, _BWD_MIN_BLOCK_M)
+    partials = torch.zeros(programs, 2 + n, device=z.device, dtype=torch.float32)
+    part, colsum = partials[:, :2], partials[:, 2:]
+    db = torch.empty(n, device=z.device, dtype=bias.dtype)
+    d_gmix, d_gout = torch.empty_like(gate_mix), torch.empty_like(gate_mix)
+    g_out = gate_out if gate_out is not None else gate_mix
     grid = lambda meta: (triton.cdiv(m_rows, meta["BLOCK_M"]),)  # noqa: E731
-    _mix_up_bwd_kernel[grid](
-        g_in, w, z, a, gate_mix, gate_out if gate_out is not None else gate_mix, dz, da, m, part, colsum,
-        m_rows, n, k, g_in.stride(0), w.stride(0), z.stride(0), a.stride(0),
-        HAS_GOUT=gate_out is not None, BLOCK_R=pow2(k), DOT_PRECISION=dot_precision(z.dtype))
-    alpha = torch.sigmoid(gate_mix.float())
-    beta = torch.sigmoid(gate_out.float()) if gate_out is not None else torch.ones((), device=z.device)
-    colsum = colsum.sum(0)
-    s_alpha, s_beta = part.sum(0).unbind(0)
-    dw = ((g_in.t() @ m).float() * beta).to(weight.dtype)
-    db = (colsum * beta).to(bias.dtype)
-    d_gmix = (beta * s_alpha * alpha * (1 - alpha)).to(gate_mix.dtype).reshape(gate_mix.shape)
-    if gate_out is None:
-        d_gout = torch.zeros_like(gate_mix)
-    else:
-        d_beta = s_beta + (colsum * bias.float()).sum()
-        d_gout = (d_beta * beta * (1 - beta)).to(gate_out.dtype).reshape(gate_out.shape)
+    with on_device(z):
+        _mix_up_bwd_kernel[grid](
+            g_in, w, z, a, gate_mix, g_out, dz, da, m, part, colsum,
+            m_rows, n, k, g_in.stride(0), w.stride(0), z.stride(0), a.stride(0), 2 + n,
+            HAS_GOUT=gate_out is not None, BLOCK_R=pow2(k), DOT_PRECISION=dot_precision(z.dtype))
+        _mix_up_gates_kernel[(1,)](part, colsum, bias, gate_mix, g_out, db, d_gmix, d_gout, programs, n, 2 + n,
+                                   HAS_GOUT=gate_out is not None, BLOCK_P=32, BLOCK_N=pow2(min(n, 256)),
+                                   num_warps=4)
+    dw = (g_in.t() @ m).to(weight.dtype)
     return dz, da, dw, db, d_gmix, d_gout
 
 
@@ -233,6 +274,7 @@ def mix_up_residual(z: Tensor, a: Tensor, weight: Tensor, bias: Tensor, gate_mix
                     gamma: Optional[Tensor] = None) -> Tensor:
     """Fused ``x + γ ⊙ (h + σ(g_out)((σ(g_mix) z + (1 − σ(g_mix)) a) Wᵀ + b))`` over any leading shape."""
     r, d = z.shape[-1], h.shape[-1]
-    out = _mix_up_op(_rows(z, r), _rows(a, r), weight, bias, gate_mix, _rows(h, d), gate_out,
+    # W in the activations' dtype (as autocast casts it), once: backward reuses the cast copy
+    out = _mix_up_op(_rows(z, r), _rows(a, r), weight.to(z.dtype), bias, gate_mix, _rows(h, d), gate_out,
                      _rows(x, d) if x is not None else None, gamma)
     return out.reshape(h.shape)

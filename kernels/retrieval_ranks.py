@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_inputs, dot_precision, pow2
+from ._common import check_inputs, dot_precision, on_device, pow2
 
 Tensor = torch.Tensor
 
@@ -61,9 +61,10 @@ def count_above(queries: Tensor, gallery: Tensor, threshold: Tensor, query_label
     ng = gallery.shape[0]
     bq, bg, bk, warps = blocks
     out = torch.empty(nq, dtype=torch.int32, device=queries.device)
-    _count_above_kernel[(triton.cdiv(nq, bq),)](
-        queries, gallery, threshold.float().contiguous(), query_label.long().contiguous(),
-        gallery_owner.long().contiguous(), out, nq, ng, d, queries.stride(0), gallery.stride(0),
-        BLOCK_Q=bq, BLOCK_G=bg, BLOCK_K=min(bk, pow2(d)), DOT_PRECISION=dot_precision(queries.dtype),
-        num_warps=warps)
+    with on_device(queries):
+        _count_above_kernel[(triton.cdiv(nq, bq),)](
+            queries, gallery, threshold.float().contiguous(), query_label.long().contiguous(),
+            gallery_owner.long().contiguous(), out, nq, ng, d, queries.stride(0), gallery.stride(0),
+            BLOCK_Q=bq, BLOCK_G=bg, BLOCK_K=min(bk, pow2(d)), DOT_PRECISION=dot_precision(queries.dtype),
+            num_warps=warps)
     return out.long()

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_inputs, dot_precision, pow2
+from ._common import check_inputs, dot_precision, on_device, pow2
 
 Tensor = torch.Tensor
 
@@ -37,9 +37,15 @@ MAX_BLOCK_D = 256
 
 @triton.jit
 def _focal(c, GAMMA: tl.constexpr):
-    """f(c) = (1 − e^{−c})^γ c and f'(c), for c > 0 (callers zero inactive entries)."""
+    """f(c) = (1 − e^{−c})^γ c and f'(c), for c > 0 (callers zero inactive entries).
+
+    w = 1 − e^{−c} is −expm1(−c): below c = 0.1 it comes from the series (fp32 ``1 − e^{−c}``
+    loses digits there and is 0 for c ≲ 3e-8, where w^{γ−1} is NaN or Inf for γ ≤ 1), and it is
+    floored at the smallest normal float, as the reference's ``focal_cost`` floors it.
+    """
     e = tl.exp(-c)
-    w = 1.0 - e
+    series = c * (1.0 - c * (0.5 - c * (0.16666666666666666 - c * (0.041666666666666664 - c * 0.008333333333333333))))
+    w = tl.maximum(tl.where(c < 0.1, series, 1.0 - e), 1.1754943508222875e-38)
     if GAMMA == 2.0:
         wg1 = w
     else:
@@ -214,11 +220,12 @@ def _rows(a: Tensor, b: Tensor, ids: Optional[Tensor], diag: Tensor, tau: Tensor
     bm, bn, bk, warps = blocks
     out = torch.empty(4, bsz, device=a.device, dtype=torch.float32)
     amax = torch.zeros(bsz, device=a.device, dtype=torch.int32)
-    _loss_rows_kernel[(triton.cdiv(bsz, bm),)](
-        a, b, ids if ids is not None else diag, diag, tau, out[0], out[1], out[2], out[3], amax,
-        bsz, d, a.stride(0), b.stride(0), float(margin),
-        GAMMA=float(gamma), HAS_IDS=ids is not None, MAX_VIOLATION=max_violation,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(bk, pow2(d)), DOT_PRECISION=dot_precision(a.dtype), num_warps=warps)
+    with on_device(a):
+        _loss_rows_kernel[(triton.cdiv(bsz, bm),)](
+            a, b, ids if ids is not None else diag, diag, tau, out[0], out[1], out[2], out[3], amax,
+            bsz, d, a.stride(0), b.stride(0), float(margin),
+            GAMMA=float(gamma), HAS_IDS=ids is not None, MAX_VIOLATION=max_violation,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(bk, pow2(d)), DOT_PRECISION=dot_precision(a.dtype), num_warps=warps)
     return out[0], out[1], out[2], out[3], amax
 
 
@@ -246,12 +253,13 @@ def _grad(a: Tensor, b: Tensor, ids, cnt, diag, tau, w, lse_a, lse_b, dtrip_a, d
     block_d = pow2(d, hi=MAX_BLOCK_D)
     da = torch.empty_like(a)
     dtau = torch.zeros(bsz, device=a.device, dtype=torch.float32) if compute_dtau else diag
-    _loss_grad_kernel[(triton.cdiv(bsz, bm), triton.cdiv(d, block_d))](
-        a, b, ids if ids is not None else diag, cnt, diag, tau, w, lse_a, lse_b, dtrip_a, dtrip_b,
-        amax_a, amax_b, da, dtau, bsz, d, a.stride(0), b.stride(0), da.stride(0), float(margin), 0.5 / bsz,
-        GAMMA=float(gamma), HAS_IDS=ids is not None, MAX_VIOLATION=max_violation, COMPUTE_DTAU=compute_dtau,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(bk, pow2(d)), BLOCK_D=block_d,
-        DOT_PRECISION=dot_precision(a.dtype), num_warps=warps)
+    with on_device(a):
+        _loss_grad_kernel[(triton.cdiv(bsz, bm), triton.cdiv(d, block_d))](
+            a, b, ids if ids is not None else diag, cnt, diag, tau, w, lse_a, lse_b, dtrip_a, dtrip_b,
+            amax_a, amax_b, da, dtau, bsz, d, a.stride(0), b.stride(0), da.stride(0), float(margin), 0.5 / bsz,
+            GAMMA=float(gamma), HAS_IDS=ids is not None, MAX_VIOLATION=max_violation, COMPUTE_DTAU=compute_dtau,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(bk, pow2(d)), BLOCK_D=block_d,
+            DOT_PRECISION=dot_precision(a.dtype), num_warps=warps)
     return da, (dtau.sum() if compute_dtau else None)
 
 
@@ -304,9 +312,12 @@ def _setup(ctx, inputs, output):
     _, stats, amax = output
     ctx.save_for_backward(image, text, tau, ids, stats, amax)
     ctx.args = (margin, gamma, max_violation, bm, bn, bk)
+    ctx.set_materialize_grads(False)  # the stats are for backward only: no zero-filled gradient for them
 
 
 def _backward(ctx, grad_losses, _grad_stats, _grad_amax):
+    if grad_losses is None:
+        return (None,) * 10
     image, text, tau, ids, stats, amax = ctx.saved_tensors
     margin, gamma, max_violation, bm, bn, bk = ctx.args
     d_image, d_text, d_tau = _loss_bwd_op(grad_losses, image, text, tau, ids, stats, amax, margin, gamma,

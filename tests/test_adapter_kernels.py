@@ -141,3 +141,44 @@ def test_compiled_adapter_has_no_graph_break(gen):
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(lambda h, x: adapter(h, x=x))(h, x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@pytest.mark.parametrize("seq_first", [False, True])
+def test_attention_core_on_a_strided_qkv(gen, seq_first):
+    # a token slice of a larger projection: the gradient used to be written with qkv's strides
+    # into a contiguous buffer (wrong values on CPU, out-of-bounds writes on a GPU)
+    full = torch.randn((9, 3, 3 * 64) if seq_first else (3, 9, 3 * 64), generator=gen)
+    sliced = (lambda t: t[1:8]) if seq_first else (lambda t: t[:, 1:8])
+    check(lambda t: attn.attention_core(sliced(t), 8, seq_first),
+          lambda t: HF.attention_core_ref(sliced(t), 8, seq_first), [full], torch.float32, ["out", "dqkv"])
+
+
+def gpu_configs(module, name, monkeypatch):
+    """The autotune configs a GPU tries (the interpreter is given one small config of its own)."""
+    with monkeypatch.context() as m:
+        m.setattr(module, "interpreting", lambda: False)
+        return getattr(module, name)()
+
+
+@pytest.mark.parametrize("which", ["down_fwd", "up_fwd", "up_bwd"])
+def test_every_gpu_autotune_config_is_correct(gen, monkeypatch, which):
+    # each config, not only the one the tuner happens to pick: ragged row and column tiles on purpose
+    from contextlib import ExitStack
+    module, name, kernel = {"down_fwd": (down, "_configs", down._down_gelu_fwd_kernel),
+                            "up_fwd": (up, "_fwd_configs", up._mix_up_fwd_kernel),
+                            "up_bwd": (up, "_bwd_configs", up._mix_up_bwd_kernel)}[which]
+    configs = gpu_configs(module, name, monkeypatch)
+    assert len(configs) > 1
+    h, x = (torch.randn(2, 37, 200, generator=gen) for _ in range(2))
+    z, a = (torch.randn(2, 37, 128, generator=gen) for _ in range(2))
+    w_down, b_down = torch.randn(128, 200, generator=gen) * 200 ** -0.5, torch.randn(128, generator=gen) * 0.1
+    w_up, b_up = torch.randn(200, 128, generator=gen) * 128 ** -0.5, torch.randn(200, generator=gen) * 0.1
+    for config in configs:
+        with ExitStack() as stack:
+            stack.enter_context(monkeypatch.context()).setattr(kernel, "configs", [config])
+            if which == "down_fwd":
+                check(down.down_gelu, HF.down_gelu_ref, [h, w_down, b_down], torch.float32, ["z", "dh", "dW", "db"])
+            else:
+                check(up.mix_up_residual, HF.mix_up_residual_ref,
+                      [z, a, w_up, b_up, torch.tensor(0.6), h, torch.tensor(-0.3), x], torch.float32,
+                      ["out", "dz", "da", "dW", "db", "dg_a", "dh", "dg_blk", "dx"])

@@ -170,3 +170,64 @@ def test_compiled_loss_has_no_graph_break(gen):
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(step)(i, t)
     assert explanation.graph_break_count == 0
+
+
+def tiny_cost_features():
+    """Features whose triplet costs include c = 2^-40 exactly (fp32 1 − e^{−c} is 0 there), besides ordinary ones.
+
+    Every score is a short sum of products of powers of two, so fp32 and float64 agree on c exactly.
+    """
+    s = 2.0 ** -10
+    i = torch.tensor([[s, 0, 0, 0], [0, s, 0, 0], [0.25, 0.5, -0.25, 0.5]])
+    t = torch.tensor([[s, 0, 0, 0], [2.0 ** -30, s, 0, 0], [0.5, -0.25, 0.5, 0.25]])
+    return i, t, 2.0 ** -20  # margin: m + S_01 − S_00 = m + S_01 − S_11 = 2^-40
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0, 3.0])
+@pytest.mark.parametrize("max_violation", [False, True])
+def test_triton_loss_focal_exponents_and_tiny_costs(gamma, max_violation):
+    # γ ≤ 1 used to give NaN: w^{γ−1} of w = 1 − e^{−c} = 0 for 0 < c ≲ 3e-8
+    i, t, margin = tiny_cost_features()
+    tau, upstream = torch.tensor(0.5), torch.tensor([0.3, 0.7, 1.1])
+
+    def run(fn, i, t, tau, **kw):
+        i, t, tau = (x.detach().clone().requires_grad_() for x in (i, t, tau))
+        out = fn(i, t, tau, None, margin, gamma, max_violation, **kw)
+        sum(o * u for o, u in zip(out, upstream.to(i.dtype), strict=True)).backward()
+        return [o.detach() for o in out] + [i.grad, t.grad, tau.grad]
+    ref = run(harma_loss_ref, i.double(), t.double(), tau.double())
+    got = run(kernels.harma_loss, i, t, tau, blocks=(16, 16, 16))
+    assert ref[2] > 0  # the triplet term is active
+    for name, g, r in zip(("total", "contrastive", "triplet", "d_image", "d_text", "d_tau"), got, ref, strict=True):
+        assert_close(g, r, atol=2e-6, rtol=1e-5, name=f"{name} gamma={gamma}")
+
+
+@pytest.fixture
+def restore_matmul_precision():
+    matmul = torch.backends.cuda.matmul
+    saved = getattr(matmul, "fp32_precision", None)
+    legacy = None if saved is not None else matmul.allow_tf32
+    yield matmul
+    if saved is not None:
+        matmul.fp32_precision = saved
+    else:
+        matmul.allow_tf32 = legacy
+
+
+@pytest.mark.interpreter
+def test_fp32_launch_under_the_new_tf32_api(gen, restore_matmul_precision):
+    # torch >= 2.9: reading the legacy allow_tf32 after fp32_precision = "tf32" raises
+    from harma_fast.kernels._common import dot_precision
+    matmul = restore_matmul_precision
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9 has no fp32_precision API")
+    matmul.fp32_precision = "tf32"
+    assert dot_precision(torch.float32) == "tf32"
+    i, t = features(9, 16, gen)
+    total, _, _ = kernels.harma_loss(i, t, torch.tensor(0.07), None)
+    assert torch.isfinite(total)
+    matmul.fp32_precision = "ieee"
+    assert dot_precision(torch.float32) == "ieee" and dot_precision(torch.bfloat16) == "tf32"
+    torch.set_float32_matmul_precision("high")  # the older switch, set through its own setter
+    assert dot_precision(torch.float32) == "tf32"

@@ -87,3 +87,38 @@ def test_metrics_errors(gen):
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="image_features has NaN"):
         harma_fast.retrieval_metrics(bad, text, tti)
+
+
+def test_recalls_are_exact_percentages():
+    # 23 hits of 40 is 57.5 %, not the float32 mean's 57.4999988
+    from harma_fast.metrics import recalls_from_ranks
+    i2t = torch.tensor([0] * 23 + [20] * 17)
+    t2i = torch.tensor([0] * 7 + [3] * 2 + [50] * 1)
+    m = recalls_from_ranks(i2t, t2i)
+    assert m["txt_r1"] == 57.5 and m["txt_r10"] == 57.5
+    assert m["img_r1"] == 70.0 and m["img_r5"] == 90.0 and m["img_r10"] == 90.0
+    assert m["r_mean"] == (57.5 * 3 + 70.0 + 90.0 * 2) / 6
+
+
+def test_metrics_input_errors_name_the_problem(gen):
+    from harma_fast.errors import ConfigError
+    image, text, tti = gallery(gen, n_img=5, ties=False)
+    with pytest.raises(ConfigError, match="non-empty gallery; got 0 images and 0 captions"):
+        harma_fast.retrieval_metrics(image[:0], text[:0], tti[:0])
+    with pytest.raises(ConfigError, match="non-empty gallery; got 5 images and 0 captions"):
+        harma_fast.retrieval_metrics(image, text[:0], tti[:0])
+    fractional = tti.double()
+    fractional[2] += 0.5
+    with pytest.raises(ConfigError, match=r"integer image indices; captions \[2\] have non-integer values"):
+        harma_fast.retrieval_metrics(image, text, fractional)
+    with pytest.raises(ConfigError, match="integer image indices, got dtype torch.bool"):
+        harma_fast.retrieval_metrics(image, text, tti > 2)
+    # integral floats are indices all the same
+    assert harma_fast.retrieval_metrics(image, text, tti.double()) == harma_fast.retrieval_metrics(image, text, tti)
+    for name, values in (("image_features", image), ("text_features", text)):
+        for bad_value in (float("nan"), float("inf")):
+            bad = values.clone()
+            bad[3, 1] = bad_value
+            args = (bad, text) if name == "image_features" else (image, bad)
+            with pytest.raises(ConfigError, match=name + r" has NaN/Inf values \(rows \[3\]\)"):
+                harma_fast.retrieval_metrics(*args, tti)
