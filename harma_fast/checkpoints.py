@@ -25,8 +25,8 @@ def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def architecture(model: nn.Module) -> Dict[str, list]:
-    """``{tower: [depth, width]}``: what an adapter file must match."""
-    return {name: [len(t.blocks), t.blocks[0].mlp.c_fc.in_features] for name, t in find_towers(model).items()}
+    """``{tower: [depth, width, family]}``: what an adapter file must match (family: open_clip, timm, hf)."""
+    return {name: [len(t.blocks), t.width, t.family.name] for name, t in find_towers(model).items()}
 
 
 def save_adapters(model: nn.Module, path: PathLike) -> None:
@@ -70,10 +70,13 @@ def load_adapters(model: nn.Module, path: PathLike) -> nn.Module:
     saved_arch = json.loads(metadata.get("architecture", "{}"))
     arch = architecture(model)
     for tower, shape in saved_arch.items():
-        if arch.get(tower) != shape:
+        if tower not in arch:
+            raise ValueError(f"adapter file {path} has adapters for a {tower} tower, which this model "
+                             f"({type(model).__name__}) does not have in a form harma_fast can adapt")
+        if arch[tower][:len(shape)] != shape:  # files of harma_fast <= 0.1 record [depth, width] only
             raise ValueError(f"adapter file {path} was saved from a model whose {tower} tower has "
-                             f"{shape[0]} blocks of width {shape[1]}; this model's has "
-                             f"{arch[tower][0]} blocks of width {arch[tower][1]}")
+                             f"{shape[0]} blocks of width {shape[1]}; this model's has {arch[tower][0]} blocks of "
+                             f"width {arch[tower][1]}{_family_difference(shape, arch[tower])}")
     patched_here = not is_patched(model)
     if patched_here:
         patch(model, config)
@@ -87,6 +90,12 @@ def load_adapters(model: nn.Module, path: PathLike) -> nn.Module:
             unpatch(model)
         raise
     return model
+
+
+def _family_difference(saved: list, here: list) -> str:
+    if len(saved) > 2 and saved[2] != here[2]:
+        return f" (and {here[2]} blocks, where the file's are {saved[2]} blocks)"
+    return ""
 
 
 def _copy_checked(params: Mapping, tensors: Mapping, source: str) -> None:
