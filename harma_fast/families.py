@@ -56,9 +56,13 @@ _CROSS_ATTENTION = ("ln_1_kv", "cross_attn", "encoder_attn", "crossattention")
 # cannot tell them apart, so these few are known by name.
 _POST_NORM = ("ResPostBlock", "EvaBlockPostNorm")
 
-# Attribute paths of the block stacks, in the order they are tried.
-IMAGE_STACKS = ("visual.transformer.resblocks", "visual.trunk.blocks", "vision_model.encoder.layers")
-TEXT_STACKS = ("transformer.resblocks", "text.transformer.resblocks", "text_model.encoder.layers")
+# Attribute paths of the block stacks, in the order they are tried, each with an attribute the
+# model must also have (HF's single-tower models, e.g. CLIPVisionModel, keep ``encoder.layers``
+# at the top: their embeddings say which tower it is).
+IMAGE_STACKS = (("visual.transformer.resblocks", None), ("visual.trunk.blocks", None),
+                ("vision_model.encoder.layers", None), ("encoder.layers", "embeddings.patch_embedding"))
+TEXT_STACKS = (("transformer.resblocks", None), ("text.transformer.resblocks", None),
+               ("text_model.encoder.layers", None), ("encoder.layers", "embeddings.token_embedding"))
 
 
 def _get(module: nn.Module, path: str):
@@ -82,7 +86,7 @@ def block_family(block: nn.Module, where: str) -> Family:
     for family in FAMILIES:
         if not family.missing(block):
             return family
-    lacks = "; ".join(f"{', '.join(f.missing(block))} (a {f.name} block)" for f in FAMILIES)
+    lacks = "; ".join(f"{', '.join(f.missing(block))} ({f.name} block)" for f in FAMILIES)
     raise UnsupportedModelError(f"{where} ({type(block).__name__}) is not a transformer block harma_fast can "
                                 f"patch: it lacks {lacks}. Supported: {SUPPORTED}.")
 
@@ -106,9 +110,11 @@ def mlp_activation(mlp: nn.Module) -> Optional[nn.Module]:
     return act if plain else None
 
 
-def find_stack(model: nn.Module, paths: Tuple[str, ...]) -> Optional[Tuple[str, nn.Module]]:
-    for path in paths:
+def find_stack(model: nn.Module, paths: Tuple[Tuple[str, Optional[str]], ...]) -> Optional[Tuple[str, nn.Module]]:
+    for path, also in paths:
         stack = _get(model, path)
+        if also is not None and _get(model, also) is None:
+            continue
         if isinstance(stack, (nn.ModuleList, nn.Sequential)) and len(stack):
             return path, stack
     return None

@@ -155,12 +155,12 @@ class Tower:
         return block_width(self.stack[0], self.family)
 
 
-def _tower(model: nn.Module, name: str, paths: Tuple[str, ...]) -> Optional[Tower]:
+def _tower(model: nn.Module, name: str, paths) -> Optional[Tower]:
     found = find_stack(model, paths)
     if found is None:
         return None
     prefix, stack = found
-    parent = model.get_submodule(prefix.rsplit(".", 1)[0])
+    parent = model.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else model
     return Tower(name, prefix, stack, seq_first=not getattr(parent, "batch_first", True))
 
 
