@@ -25,8 +25,10 @@ def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def architecture(model: nn.Module) -> Dict[str, list]:
-    """``{tower: [depth, width, family]}``: what an adapter file must match (family: open_clip, timm, hf)."""
-    return {name: [len(t.blocks), t.width, t.family.name] for name, t in find_towers(model).items()}
+    """``{tower: [depth, width]}`` (``[depth, width, family]`` for timm and HF blocks): what an
+    adapter file must match. open_clip towers keep the two-element form of older files."""
+    return {name: [len(t.blocks), t.width] + ([t.family.name] if t.family.name != "open_clip" else [])
+            for name, t in find_towers(model).items()}
 
 
 def save_adapters(model: nn.Module, path: PathLike) -> None:
@@ -73,7 +75,7 @@ def load_adapters(model: nn.Module, path: PathLike) -> nn.Module:
         if tower not in arch:
             raise ValueError(f"adapter file {path} has adapters for a {tower} tower, which this model "
                              f"({type(model).__name__}) does not have in a form harma_fast can adapt")
-        if arch[tower][:len(shape)] != shape:  # files of harma_fast <= 0.1 record [depth, width] only
+        if arch[tower] != shape:
             raise ValueError(f"adapter file {path} was saved from a model whose {tower} tower has "
                              f"{shape[0]} blocks of width {shape[1]}; this model's has {arch[tower][0]} blocks of "
                              f"width {arch[tower][1]}{_family_difference(shape, arch[tower])}")
@@ -93,9 +95,8 @@ def load_adapters(model: nn.Module, path: PathLike) -> nn.Module:
 
 
 def _family_difference(saved: list, here: list) -> str:
-    if len(saved) > 2 and saved[2] != here[2]:
-        return f" (and {here[2]} blocks, where the file's are {saved[2]} blocks)"
-    return ""
+    saved, here = (s[2] if len(s) > 2 else "open_clip" for s in (saved, here))
+    return f" (and {here} blocks, where the file's are {saved} blocks)" if saved != here else ""
 
 
 def _copy_checked(params: Mapping, tensors: Mapping, source: str) -> None:

@@ -51,6 +51,17 @@ class HFClipAPI:
         features = _pooled(self.get_text_features(input_ids=tokens.long()))
         return F.normalize(features, dim=-1) if normalize else features
 
+    def forward(self, image=None, text=None, **kwargs):
+        """open_clip's ``model(images, tokens)`` (normalised features), as the training loop calls it;
+        with keyword arguments (``input_ids=``, ``pixel_values=``, …) the model's own forward."""
+        if kwargs:
+            if image is not None or text is not None:
+                raise TypeError("pass either open_clip's (image, text) or the Hugging Face keyword arguments")
+            return super().forward(**kwargs)
+        return {"image_features": self.encode_image(image, normalize=True) if image is not None else None,
+                "text_features": self.encode_text(text, normalize=True) if text is not None else None,
+                "logit_scale": self.logit_scale.exp()}
+
     @property
     def visual(self) -> SimpleNamespace:
         """What ``harma_fast.data.transforms.model_image_spec`` reads: size and normalisation."""
@@ -90,7 +101,7 @@ def read_preprocess(folder: Union[str, Path]) -> Dict:
         return {}
     cfg = json.loads(path.read_text())
     out = {k: tuple(cfg[n]) for k, n in (("mean", "image_mean"), ("std", "image_std")) if n in cfg}
-    size = cfg.get("size") or cfg.get("crop_size")
+    size = cfg.get("crop_size") or cfg.get("size")  # CLIP resizes, then crops to crop_size
     if isinstance(size, dict):
         size = size.get("height", size.get("shortest_edge"))
     if size:
