@@ -6,6 +6,8 @@ Widths and depths differ between the towers on purpose (S is shared across them)
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from harma_fast import HarMAConfig
 # Small enough for the Triton interpreter: 2 heads of 16 (adapter), 2 heads of 8 (S).
 SMALL = HarMAConfig(bottleneck=32, heads=2, shared_width=16, shared_heads=2)
 VOCAB, EOT, CONTEXT = 64, 63, 12
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)  # processor settings of the HF folders
 
 
 def _randomize_layer_scales(model, seed=0):
@@ -111,3 +114,46 @@ def family_inputs(model, batch=3, seed=0):
         tokens[i, end] = EOT
         tokens[i, end + 1:] = 0
     return images, tokens
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face folders, as save_pretrained writes them
+# --------------------------------------------------------------------------------------------
+def write_tokenizer(folder, records):
+    """A word-level tokenizer over the captions: <bos> words <eos>, padded with <pad>."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    words = sorted({w for r in records for c in ([r["caption"]] if isinstance(r["caption"], str) else r["caption"])
+                    for w in c.lower().split()})
+    vocab = {"<pad>": 0, "<unk>": 1, "<bos>": 2, "<eos>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
+                                                       special_tokens=[("<bos>", 2), ("<eos>", 3)])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<pad>"}))
+    return len(vocab)
+
+
+def hf_folder(tmp_path, records, kind="clip", context=16):
+    """A tiny CLIPModel / SiglipModel saved with its processor settings and a tokenizer over ``records``."""
+    import transformers
+
+    folder = tmp_path / f"tiny-{kind}"
+    folder.mkdir()
+    vocab = write_tokenizer(folder, records)
+    text = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=context, eos_token_id=3, bos_token_id=2, pad_token_id=0)
+    vision = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    torch.manual_seed(0)
+    if kind == "clip":
+        model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=24))
+    else:
+        text["projection_size"] = 48
+        model = transformers.SiglipModel(transformers.SiglipConfig(text_config=text, vision_config=vision))
+    model.save_pretrained(str(folder))
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": MEAN, "image_std": STD, "size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}))
+    return folder, model

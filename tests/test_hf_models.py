@@ -5,15 +5,15 @@ import pytest
 import torch
 
 import harma_fast
+import family_models
+from family_models import MEAN, STD
+from harma_fast.checkpoints import architecture
 from harma_fast.data.synthetic import generate
 from harma_fast.data.transforms import model_image_spec
-from harma_fast.checkpoints import architecture
 from harma_fast.models import get_tokenizer
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
-
-MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
 
 @pytest.fixture(scope="module")
@@ -21,42 +21,9 @@ def data(tmp_path_factory):
     return generate(tmp_path_factory.mktemp("data"), n_train=24, n_val=6, n_test=6, image_size=40, seed=2)
 
 
-def write_tokenizer(folder, records):
-    """A word-level tokenizer over the captions: <bos> words <eos>, padded with <pad>."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-
-    words = sorted({w for r in records for c in ([r["caption"]] if isinstance(r["caption"], str) else r["caption"])
-                    for w in c.lower().split()})
-    vocab = {"<pad>": 0, "<unk>": 1, "<bos>": 2, "<eos>": 3, **{w: i + 4 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
-                                                       special_tokens=[("<bos>", 2), ("<eos>", 3)])
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<pad>"}))
-    return len(vocab)
-
-
 def hf_folder(tmp_path, data, kind="clip", context=16):
-    folder = tmp_path / f"tiny-{kind}"
-    folder.mkdir()
     records = json.loads(data["train"].read_text()) + json.loads(data["test"].read_text())
-    vocab = write_tokenizer(folder, records)
-    text = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                max_position_embeddings=context, eos_token_id=3, bos_token_id=2, pad_token_id=0)
-    vision = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                  patch_size=8)
-    torch.manual_seed(0)
-    if kind == "clip":
-        model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=24))
-    else:
-        text["projection_size"] = 48
-        model = transformers.SiglipModel(transformers.SiglipConfig(text_config=text, vision_config=vision))
-    model.save_pretrained(str(folder))
-    (folder / "preprocessor_config.json").write_text(json.dumps(
-        {"image_mean": MEAN, "image_std": STD, "size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}))
-    return folder, model
+    return family_models.hf_folder(tmp_path, records, kind, context)
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
