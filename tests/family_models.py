@@ -46,6 +46,7 @@ def _open_clip_with_trunk(trunk, no_causal_mask):
 
 def siglip_open_clip(seed=0):
     """open_clip SigLIP / SigLIP 2 layout: timm ViT trunk (MAP pool, no class token, LayerScale)."""
+    pytest.importorskip("timm")
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(seed)
@@ -58,6 +59,7 @@ def siglip_open_clip(seed=0):
 
 def eva_open_clip(seed=0):
     """open_clip EVA02-CLIP layout: timm Eva trunk (rotary embeddings, SwiGLU with its norm, gamma_2)."""
+    pytest.importorskip("timm")
     from timm.models.eva import Eva
 
     torch.manual_seed(seed)
