@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -124,44 +124,31 @@ def load_hf_model(folder: Union[str, Path]) -> nn.Module:
 class HFTokenizer:
     """``tokenizer(["a lake", ...]) -> LongTensor (N, context_length)``: the folder's own tokenizer.
 
-    Padding and truncation as the model's processor sets them up: CLIP pads after its
-    end-of-text token, SigLIP to the full context length; sequences are cut at the context
-    length, keeping the end-of-text token last where the tokenizer adds one.
+    Padding and truncation as the model's processor sets them up: padded with the folder's pad
+    token to the context length, cut there keeping the last (end-of-text) token. The ids come
+    from ``harma_fast.export.families.TokenizersTokenizer``, the torch-free tokenizer that
+    serves ONNX exports, so training and serving tokenize alike.
     """
 
     def __init__(self, folder: Union[str, Path], context_length: int):
-        from tokenizers import Tokenizer
+        from .export.families import TokenizersTokenizer
 
         folder = Path(folder)
         path = folder / "tokenizer.json"
         if not path.is_file():
             raise ConfigError(f"{folder} has no tokenizer.json; save the model's fast tokenizer there "
                               "(AutoTokenizer.from_pretrained(...).save_pretrained(folder))")
-        self.tokenizer = Tokenizer.from_file(str(path))
-        self.context_length = context_length
         config = json.loads((folder / "tokenizer_config.json").read_text()) \
             if (folder / "tokenizer_config.json").is_file() else {}
         pad = config.get("pad_token")
         pad = pad.get("content") if isinstance(pad, dict) else pad
-        self.pad_id = self.tokenizer.token_to_id(pad) if pad else None
-        if self.pad_id is None:
-            self.pad_id = 0
-
-    def ids(self, texts: Sequence[str]) -> List[List[int]]:
-        out = []
-        for enc in self.tokenizer.encode_batch(list(texts)):
-            ids = list(enc.ids)
-            if len(ids) > self.context_length:
-                ids = ids[:self.context_length - 1] + ids[-1:]
-            out.append(ids)
-        return out
+        self.tokenizer = TokenizersTokenizer(path, context_length, pad_id=0)
+        pad_id = self.tokenizer.tokenizer.token_to_id(pad) if pad else None
+        self.tokenizer.pad_id = self.pad_id = pad_id if pad_id is not None else 0
+        self.context_length = context_length
 
     def __call__(self, texts: Union[str, Sequence[str]]) -> torch.Tensor:
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        result = torch.full((len(texts), self.context_length), self.pad_id, dtype=torch.long)
-        for i, ids in enumerate(self.ids(texts)):
-            result[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        return result
+        return torch.from_numpy(self.tokenizer(texts))
 
 
 __all__ = ["HFClipAPI", "HFTokenizer", "is_hf_dir", "load_hf_model", "read_preprocess", "with_clip_api"]
