@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import uuid
 from pathlib import Path
 from typing import Dict, Optional, Sequence
@@ -71,12 +70,16 @@ def _tokenizer_spec(model: nn.Module, name: Optional[str]) -> Optional[Dict]:
     import open_clip
 
     from ..models import register_model_configs
+    from .families import hf_tokenizer_spec, vocab_size
 
+    spec = hf_tokenizer_spec(model, name)  # a local Hugging Face folder's own tokenizer
+    if spec:
+        return spec
     register_model_configs()
     tokenizer = open_clip.get_tokenizer(name) if name else None
     clip_bpe = tokenizer is None or (type(tokenizer).__name__ == "SimpleTokenizer"
                                      and getattr(tokenizer, "reduction_fn", None) is None)
-    if not clip_bpe or getattr(model, "vocab_size", 49408) != 49408 or _vocab_path() is None:
+    if not clip_bpe or vocab_size(model) != 49408 or _vocab_path() is None:
         return None
     return {"type": "clip_bpe", "vocab": VOCAB_FILE, "context_length": int(model.context_length)}
 
@@ -141,7 +144,9 @@ def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("i
     finally:
         torch.backends.mha.set_fastpath_enabled(previous)
     if tokenizer:
-        shutil.copyfile(_vocab_path(), out / VOCAB_FILE)
+        from .families import write_tokenizer_files
+
+        write_tokenizer_files(tokenizer, out, _vocab_path())
     with torch.no_grad():
         embed_dim = int(work.encode_image(torch.zeros(1, 3, size, size, dtype=_DTYPES[dtype])).shape[-1])
     import onnx
@@ -224,10 +229,9 @@ def check_parity(model: nn.Module, out_dir: PathLike, batch_sizes: Sequence[int]
                     if meta["text"]["tokenizer"]:
                         tokens = encoder.tokenizer(_random_captions(b, rng, words))
                     else:
-                        tokens = np.zeros((b, ctx), dtype=np.int64)
-                        length = min(ctx, words + 2)
-                        tokens[:, :length] = rng.integers(1, 49406, (b, length))
-                        tokens[:, length - 1] = 49407
+                        from .families import random_tokens
+
+                        tokens = random_tokens(ref, rng, b, ctx, words + 2)  # inside the model's vocabulary
                     want = ref.encode_text(torch.from_numpy(tokens), normalize=True).numpy()
                     rows.append(compare(encoder.encode_tokens(tokens), want, batch=b, captions=label))
             report["text"] = rows

@@ -13,7 +13,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
-from .tokenizer import BPETokenizer
+from .families import load_tokenizer
 
 FORMAT = "harma_fast.onnx/1"
 ImageLike = Union[str, Path, "PIL.Image.Image"]  # noqa: F821
@@ -62,7 +62,7 @@ class OrtEncoder:
         self.threads = threads
         self._sessions: Dict = {}
         spec = self.meta["text"].get("tokenizer")
-        self.tokenizer = BPETokenizer(str(self.dir / spec["vocab"]), spec["context_length"]) if spec else None
+        self.tokenizer = load_tokenizer(self.dir, spec)  # CLIP BPE, a HF tokenizer.json, or None
 
     @property
     def embed_dim(self) -> int:

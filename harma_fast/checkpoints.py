@@ -29,8 +29,10 @@ def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def architecture(model: nn.Module) -> Dict[str, list]:
-    """``{tower: [depth, width]}``: what an adapter file must match."""
-    return {name: [len(t.blocks), t.blocks[0].mlp.c_fc.in_features] for name, t in find_towers(model).items()}
+    """``{tower: [depth, width]}`` (``[depth, width, family]`` for timm and HF blocks): what an
+    adapter file must match. open_clip towers keep the two-element form of older files."""
+    return {name: [len(t.blocks), t.width] + ([t.family.name] if t.family.name != "open_clip" else [])
+            for name, t in find_towers(model).items()}
 
 
 def save_adapters(model: nn.Module, path: PathLike, backbone: Optional[str] = None) -> None:
@@ -93,10 +95,13 @@ def load_adapters(model: nn.Module, path: PathLike, check_backbone: bool = True)
     saved_arch = json.loads(metadata.get("architecture", "{}"))
     arch = architecture(model)
     for tower, shape in saved_arch.items():
-        if arch.get(tower) != shape:
+        if tower not in arch:
+            raise CheckpointError(f"adapter file {path} has adapters for a {tower} tower, which this model "
+                                  f"({type(model).__name__}) does not have in a form harma_fast can adapt")
+        if arch[tower] != shape:
             raise CheckpointError(f"adapter file {path} was saved from a model whose {tower} tower has "
-                                  f"{shape[0]} blocks of width {shape[1]}; this model's has "
-                                  f"{arch[tower][0]} blocks of width {arch[tower][1]}")
+                                  f"{shape[0]} blocks of width {shape[1]}; this model's has {arch[tower][0]} blocks of "
+                                  f"width {arch[tower][1]}{_family_difference(shape, arch[tower])}")
     if check_backbone:
         check_backbone_fingerprint(model, metadata.get("backbone_fingerprint"), f"adapter file {path}", path,
                                    metadata.get("backbone"))
@@ -204,6 +209,11 @@ def _feed(digest, value) -> None:
             _feed(digest, item)
     else:
         digest.update(f"V{value!r}".encode())
+
+
+def _family_difference(saved: list, here: list) -> str:
+    saved, here = (s[2] if len(s) > 2 else "open_clip" for s in (saved, here))
+    return f" (and {here} blocks, where the file's are {saved} blocks)" if saved != here else ""
 
 
 def _copy_checked(params: Mapping, tensors: Mapping, source: str) -> None:

@@ -177,10 +177,10 @@ def run_eval(args: argparse.Namespace) -> Dict:
     if args.output:
         check_output_file(args.output, "--output")
 
-    import open_clip
     import torch
 
     from . import create_model, load_adapters, load_released_checkpoint, patch
+    from .models import get_tokenizer
     from .data.annotations import load_eval_records
     from .data.transforms import eval_transform, model_image_spec
     from .evaluate import evaluate, format_metrics
@@ -203,7 +203,7 @@ def run_eval(args: argparse.Namespace) -> Dict:
                             check_backbone=not args.ignore_backbone_mismatch)
     model.to(device)
     size, mean, std = model_image_spec(model)
-    metrics = evaluate(model, records, eval_transform(size, mean, std), open_clip.get_tokenizer(args.model), device,
+    metrics = evaluate(model, records, eval_transform(size, mean, std), get_tokenizer(args.model), device,
                        args.batch_size, 0, precision, args.backend)
     print(format_metrics(metrics, f"{args.test_file}: {len(records.images)} images, {len(records.captions)} captions"))
     if args.output:

@@ -16,6 +16,10 @@ to ``fast_block_forward``:
 - Under autocast the residual stream is kept in bf16 (open_clip's stays fp32), halving what
   the LayerNorms save.
 
+timm and Hugging Face blocks keep their own forward (their attention already runs fused SDPA);
+there the fast path is ``FrozenMLP`` alone, for plain two-layer MLPs (timm ``Mlp``, HF
+``CLIPMLP``/``SiglipMLP``); gated MLPs (EVA's SwiGLU) keep the reference.
+
 Blocks of another structure (custom attention variants, sequence-first stacks) keep the
 reference forward; the function computed is the same either way (tested against it).
 """
@@ -27,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .patching import HarMABlockMixin, find_towers, is_patched
+from .families import mlp_activation
+from .patching import HarMABlockMixin, HarMAMLPMixin, find_towers, is_patched
 
 Tensor = torch.Tensor
 
@@ -62,6 +67,17 @@ def _frozen_mlp(mlp: nn.Module, y: Tensor) -> Tensor:
     b2 = mlp.c_proj.bias.to(dtype) if mlp.c_proj.bias is not None else None
     with torch.autocast(y.device.type, enabled=False):
         return FrozenMLP.apply(y.to(dtype), w1, b1, w2, b2, mlp.gelu)
+
+
+def frozen_mlp_forward(mlp: nn.Module, y: Tensor) -> Tensor:
+    """A plain timm / HF MLP (``fc1 → act → fc2``) through ``FrozenMLP``."""
+    device = y.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else y.dtype
+    w1, w2 = mlp.fc1.weight.to(dtype), mlp.fc2.weight.to(dtype)
+    b1 = mlp.fc1.bias.to(dtype) if mlp.fc1.bias is not None else None
+    b2 = mlp.fc2.bias.to(dtype) if mlp.fc2.bias is not None else None
+    with torch.autocast(device, enabled=False):
+        return FrozenMLP.apply(y.to(dtype), w1, b1, w2, b2, mlp_activation(mlp))
 
 
 def _attention(attn: nn.Module, y: Tensor, causal: bool) -> Tensor:
@@ -103,8 +119,11 @@ def _fast_capable(block: nn.Module) -> bool:
     plain_mlp = set(dict(mlp.named_children())) == {"c_fc", "gelu", "c_proj"}
     plain_norms = all(type(getattr(block, n)) in (nn.LayerNorm,) or type(getattr(block, n)).__name__ in
                       ("LayerNorm", "LayerNormFp32") for n in ("ln_1", "ln_2"))
-    frozen = not any(p.requires_grad for n, p in block.named_parameters() if not n.startswith("harma."))
-    return plain_attn and plain_mlp and plain_norms and frozen
+    return plain_attn and plain_mlp and plain_norms and _frozen(block)
+
+
+def _frozen(block: nn.Module) -> bool:
+    return not any(p.requires_grad for n, p in block.named_parameters() if not n.startswith("harma."))
 
 
 def _mask_is_causal(mask: Optional[Tensor], length: int) -> bool:
@@ -123,7 +142,7 @@ def enable_fast_path(model: nn.Module, enabled: bool = True) -> int:
     count = 0
     for name, tower in towers.items():
         causal = False
-        if name == "text":
+        if name == "text" and tower.prefix.endswith("resblocks"):  # open_clip: the model holds the mask
             causal = _mask_is_causal(text_mask, text_mask.shape[0] if text_mask is not None else 0)
             if text_mask is not None and not causal:
                 continue  # an unusual mask: keep the reference forward, which applies it
@@ -131,5 +150,9 @@ def enable_fast_path(model: nn.Module, enabled: bool = True) -> int:
             if isinstance(block, HarMABlockMixin):
                 use = enabled and _fast_capable(block)
                 block._harma_fast, block._harma_causal = use, causal
+                count += use
+            elif isinstance(getattr(block, "mlp", None), HarMAMLPMixin):
+                use = enabled and mlp_activation(block.mlp) is not None and _frozen(block)
+                block.mlp._harma_fast = use
                 count += use
     return count

@@ -1,4 +1,4 @@
-"""Building open_clip models from local weights only: harma_fast never downloads."""
+"""Building open_clip and Hugging Face models from local weights only: harma_fast never downloads."""
 from __future__ import annotations
 
 import difflib
@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError, InputPathError
+from .hf import is_hf_dir
 from .io import PathLike
 
 _HF_WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -110,10 +111,13 @@ def load_backbone_file(model: nn.Module, path: PathLike, name: str = "model") ->
 
 def create_model(name: str, pretrained: Optional[PathLike] = None, device="cpu",
                  precision: str = "fp32", cache_dir: Optional[str] = None) -> nn.Module:
-    """An open_clip model, randomly initialised or from local weights; never downloads.
+    """An open_clip model, randomly initialised or from local weights, or a local Hugging Face
+    CLIP / SigLIP folder with open_clip's encode API; never downloads.
 
     Args:
-        name: open_clip architecture, e.g. ``"ViT-B-32"``.
+        name: open_clip architecture, e.g. ``"ViT-B-32"``, ``"ViT-B-16-SigLIP"``, ``"EVA02-B-16"``;
+            or a local folder written by ``transformers``' ``save_pretrained`` (``CLIPModel``,
+            ``SiglipModel``: its weights, its ``preprocessor_config.json``, its tokenizer).
         pretrained: None (random weights), a checkpoint file (open_clip checkpoint, plain state
             dict such as GeoRSCLIP's ``RS5M_ViT-B-32_RET-2.pt``, safetensors, or OpenAI
             TorchScript), or an open_clip pretrained tag already in the local cache.
@@ -122,6 +126,8 @@ def create_model(name: str, pretrained: Optional[PathLike] = None, device="cpu",
     """
     import open_clip
 
+    if is_hf_dir(name):
+        return _create_hf_model(name, pretrained, device, precision)
     _check_name(name)
     path = None
     if pretrained is not None:
@@ -146,6 +152,47 @@ def create_model(name: str, pretrained: Optional[PathLike] = None, device="cpu",
     model.harma_model_name = name  # for the tokenizer at export and evaluation time
     model.harma_pretrained = str(path) if path is not None else None  # quoted if adapters meet the wrong backbone
     return _to(model, device, precision)
+
+
+def _create_hf_model(folder: PathLike, pretrained: Optional[PathLike], device, precision: str) -> nn.Module:
+    from .hf import load_hf_model
+
+    model = load_hf_model(folder)
+    if pretrained is not None:  # e.g. a run's backbone.pt: the folder's architecture, other weights
+        path = Path(pretrained)
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained checkpoint {path} does not exist")
+        state, _ = _read_state_dict(path)
+        from .checkpoints import describe_mismatch
+
+        problem = describe_mismatch(model.state_dict(), state)
+        if problem:
+            raise ValueError(f"checkpoint {path} does not fit the model in {folder}: {problem}")
+        model.load_state_dict(state, strict=True)
+    model.harma_model_name = str(folder)
+    return _to(model, device, precision)
+
+
+def get_tokenizer(name: str):
+    """The tokenizer of a model ``create_model`` builds: ``tokenizer(list_of_str) -> LongTensor (N, L)``.
+
+    A Hugging Face folder's own tokenizer (``tokenizer.json``), else open_clip's for the name.
+    """
+    import open_clip
+
+    if is_hf_dir(name):
+        from transformers import AutoConfig
+
+        from .hf import HFTokenizer
+
+        config = AutoConfig.from_pretrained(str(name), local_files_only=True)
+        return HFTokenizer(name, int(config.text_config.max_position_embeddings))
+    try:
+        return open_clip.get_tokenizer(name)
+    except OSError as err:  # an HF tokenizer (SigLIP) that is not in the local cache
+        raise FileNotFoundError(f"the tokenizer of {name} is not in the local Hugging Face cache, and harma_fast "
+                                f"never downloads ({str(err).splitlines()[0]}); fetch it on a machine with "
+                                "internet (open_clip.get_tokenizer fills the cache)") from err
 
 
 class _quiet_open_clip:

@@ -1,34 +1,32 @@
-"""``patch()``: put a HarMA adapter in every transformer block of an open_clip CLIP.
+"""``patch()``: put a HarMA adapter in every transformer block of a ViT CLIP.
 
-Blocks are recognised by what they have (``ln_1``, ``attn``, ``ln_2``, ``mlp.c_fc``,
-``mlp.c_proj``), not by class, so open_clip's ``nn.MultiheadAttention`` blocks, its SDPA
-``Attention`` blocks, batch-first and sequence-first stacks are all handled. A patched block
-keeps every stock parameter under its stock name; it gains one child, ``harma``, and its class
-is swapped for a subclass whose forward is
+Blocks are recognised by what they have (``harma_fast.families``: open_clip's ``ln_1, attn,
+ln_2, mlp.c_fc, mlp.c_proj``; timm's ``norm1, attn, norm2, mlp.fc2``; Hugging Face's
+``layer_norm1, self_attn, layer_norm2, mlp.fc1, mlp.fc2``), not by class. A patched block keeps
+every stock parameter under its stock name and gains one child, ``harma``.
 
-    x = x + ls_1(attn(ln_1(x)))
-    h = mlp(ln_2(x))
-    x = x + ls_2(h + σ(g_blk) · A(h))
+- open_clip blocks: the block's class is swapped for a subclass whose forward is
+  ``x = x + ls_1(attn(ln_1(x))); h = mlp(ln_2(x)); x = x + ls_2(h + σ(g_blk) · A(h))``.
+- timm and Hugging Face blocks keep their forward; their MLP's class is swapped for a subclass
+  that returns ``h + σ(g_blk) · A(h)``, to which the block applies its LayerScale and residual.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from torch import nn
 
 from .backend import check_backend
 from .config import HarMAConfig
-from .errors import UnsupportedModelError
+from .families import (IMAGE_STACKS, SUPPORTED, TEXT_STACKS, Family, UnsupportedModelError,
+                       block_family, block_width, find_stack, why_no_tower)
 from .modules import HarMAAdapter, SharedSubAdapter
-
-SUPPORTED = ("open_clip CLIP / CustomTextCLIP / CoCa models with a ViT image tower "
-             "(model.visual.transformer) and a transformer text tower (model.transformer or "
-             "model.text.transformer), e.g. ViT-B-32, ViT-B-16, ViT-L-14")
 
 
 # --------------------------------------------------------------------------------------------
-# block kinds: first match wins, then a clear error
+# open_clip blocks: harma_fast runs the block
 # --------------------------------------------------------------------------------------------
 def _is_mha_attention(attn: nn.Module) -> bool:
     return isinstance(attn, nn.MultiheadAttention)
@@ -44,16 +42,10 @@ _ATTENTION_KINDS = (("mha", _is_mha_attention), ("sdpa", _is_sdpa_attention))
 
 
 def _block_kind(block: nn.Module, where: str) -> str:
-    missing = [n for n in ("ln_1", "attn", "ln_2", "mlp") if not hasattr(block, n)]
-    if not missing:
-        missing = [f"mlp.{n}" for n in ("c_fc", "c_proj") if not hasattr(block.mlp, n)]
-    if missing:
-        raise UnsupportedModelError(
-            f"{where} ({type(block).__name__}) is not a transformer block harma_fast can patch: "
-            f"it lacks {', '.join(missing)}. Supported: {SUPPORTED}.")
-    if hasattr(block, "ln_1_kv"):
-        raise UnsupportedModelError(
-            f"{where} is a cross-attention block; HarMA adapts self-attention towers only.")
+    """``"mha"``/``"sdpa"`` (open_clip block, by attention) or ``"mlp"`` (HarMA on the MLP output)."""
+    family = block_family(block, where)
+    if family.wraps_mlp:
+        return "mlp"
     for kind, matches in _ATTENTION_KINDS:
         if matches(block.attn):
             return kind
@@ -63,7 +55,7 @@ def _block_kind(block: nn.Module, where: str) -> str:
 
 
 class HarMABlockMixin:
-    """Forward of a patched block; mixed in front of the block's own class."""
+    """Forward of a patched open_clip block; mixed in front of the block's own class."""
 
     harma: HarMAAdapter
     _harma_kind: str
@@ -104,13 +96,40 @@ def _fast_forward():
     return fast_block_forward
 
 
-_PATCHED_CLASSES: Dict[type, type] = {}
+# --------------------------------------------------------------------------------------------
+# timm and Hugging Face blocks: HarMA on the MLP's output
+# --------------------------------------------------------------------------------------------
+class HarMAMLPMixin:
+    """Forward of the MLP of a patched timm / HF block: ``h + σ(g_blk) A(h)``, ``h`` the MLP's output.
+
+    The adapter is registered on the block (``block.harma``, so keys read ``…blocks.i.harma.*``
+    in every family); the MLP holds a reference outside the module tree.
+    """
+
+    _harma_adapter: Tuple[HarMAAdapter]
+    _harma_fast: bool = False
+
+    def forward(self, y, *args, **kwargs):
+        if self._harma_fast:  # harma_fast.fast.enable_fast_path: a frozen MLP that saves its input only
+            h = _fast_mlp()(self, y)
+        else:
+            h = super().forward(y, *args, **kwargs)
+        return self._harma_adapter[0](h)
 
 
-def _patched_class(cls: type) -> type:
-    if cls not in _PATCHED_CLASSES:
-        _PATCHED_CLASSES[cls] = type(f"HarMA{cls.__name__}", (HarMABlockMixin, cls), {"_harma_original_class": cls})
-    return _PATCHED_CLASSES[cls]
+def _fast_mlp():
+    from .fast import frozen_mlp_forward
+
+    return frozen_mlp_forward
+
+
+_PATCHED_CLASSES: Dict[Tuple[type, type], type] = {}
+
+
+def _patched_class(cls: type, mixin: type = HarMABlockMixin) -> type:
+    if (cls, mixin) not in _PATCHED_CLASSES:
+        _PATCHED_CLASSES[cls, mixin] = type(f"HarMA{cls.__name__}", (mixin, cls), {"_harma_original_class": cls})
+    return _PATCHED_CLASSES[cls, mixin]
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,55 +138,87 @@ def _patched_class(cls: type) -> type:
 @dataclass
 class Tower:
     name: str          # "image" | "text"
-    prefix: str        # attribute path of the tower's Transformer, e.g. "visual.transformer"
-    transformer: nn.Module
+    prefix: str        # attribute path of the tower's block stack, e.g. "visual.transformer.resblocks"
+    stack: nn.Module   # the ModuleList / Sequential of blocks
+    seq_first: bool
 
     @property
     def blocks(self) -> List[nn.Module]:
-        return list(self.transformer.resblocks)
+        return list(self.stack)
 
     @property
-    def seq_first(self) -> bool:
-        return not getattr(self.transformer, "batch_first", True)
+    def family(self) -> Family:
+        return block_family(self.stack[0], f"{self.prefix}.0")
+
+    @property
+    def width(self) -> int:
+        return block_width(self.stack[0], self.family)
+
+
+def _tower(model: nn.Module, name: str, paths) -> Optional[Tower]:
+    found = find_stack(model, paths)
+    if found is None:
+        return None
+    prefix, stack = found
+    parent = model.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else model
+    return Tower(name, prefix, stack, seq_first=not getattr(parent, "batch_first", True))
+
+
+def _scan_towers(model: nn.Module) -> Tuple[Dict[str, Tower], Dict[str, str]]:
+    """``(adaptable towers, {tower: why not} for the others)``; raises for what is no CLIP at all."""
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"harma_fast.patch expects an open_clip or Hugging Face CLIP model "
+                                    f"(CLIP, SigLIP), got {type(model).__name__}. Supported: {SUPPORTED}.")
+    visual = getattr(model, "visual", None)
+    if visual is not None and hasattr(visual, "layer1") and hasattr(visual, "attnpool"):
+        # OpenAI's ResNet CLIPs: refused outright rather than silently adapted in the text tower only
+        raise UnsupportedModelError(f"the image tower is a ResNet ({type(visual).__name__}), not a ViT; HarMA adapts "
+                                    f"ViT CLIP models only. Supported: {SUPPORTED}.")
+    towers, missing = {}, {}
+    for name, paths in (("image", IMAGE_STACKS), ("text", TEXT_STACKS)):
+        tower = _tower(model, name, paths)
+        if tower is None:
+            missing[name] = why_no_tower(model, name)
+        else:
+            towers[name] = tower
+    if not towers:
+        if visual is None and not any(hasattr(model, a) for a in ("vision_model", "text_model", "encode_text")):
+            raise UnsupportedModelError(f"harma_fast.patch expects an open_clip or Hugging Face CLIP model "
+                                        f"(CLIP, SigLIP), got {type(model).__name__}. Supported: {SUPPORTED}.")
+        raise UnsupportedModelError(f"{type(model).__name__} has no tower harma_fast can adapt: "
+                                    f"{'; '.join(missing.values())}. Supported: {SUPPORTED}.")
+    return towers, missing
 
 
 def find_towers(model: nn.Module) -> Dict[str, Tower]:
-    """The image and text transformer stacks of an open_clip model (clear errors otherwise)."""
-    if not isinstance(model, nn.Module) or not hasattr(model, "visual") or not hasattr(model, "encode_text"):
-        raise UnsupportedModelError(
-            f"harma_fast.patch expects an open_clip CLIP model, got {type(model).__name__}. "
-            f"Supported: {SUPPORTED}.")
-    visual = model.visual
-    if not hasattr(getattr(visual, "transformer", None), "resblocks"):
-        kind = "a ResNet" if hasattr(visual, "layer1") else f"a {type(visual).__name__}"
-        raise UnsupportedModelError(
-            f"the image tower is {kind}, not a ViT; HarMA adapts ViT CLIP models only. "
-            f"Supported: {SUPPORTED}.")
-    if hasattr(getattr(model, "transformer", None), "resblocks"):
-        text = Tower("text", "transformer", model.transformer)
-    elif hasattr(getattr(getattr(model, "text", None), "transformer", None), "resblocks"):
-        text = Tower("text", "text.transformer", model.text.transformer)
-    else:
-        kind = type(getattr(model, "text", None)).__name__
-        raise UnsupportedModelError(
-            f"the text tower ({kind}) is not an open_clip transformer (e.g. a Hugging Face text "
-            f"model); HarMA adapts open_clip text transformers only. Supported: {SUPPORTED}.")
-    return {"image": Tower("image", "visual.transformer", visual.transformer), "text": text}
+    """The adaptable image and text block stacks of a model (clear errors when there are none)."""
+    return _scan_towers(model)[0]
 
 
 def _width(block: nn.Module) -> int:
-    return block.mlp.c_fc.in_features
+    return block_width(block, block_family(block, type(block).__name__))
+
+
+def _reference_weight(block: nn.Module):
+    """A backbone weight of the block: the adapter is created on its device, in its dtype."""
+    return next(block.mlp.parameters())
 
 
 def is_patched(model: nn.Module) -> bool:
     return getattr(model, "harma_config", None) is not None
 
 
+def _adapter_of(module: nn.Module) -> Optional[HarMAAdapter]:
+    adapter = module._modules.get("harma") if isinstance(module, nn.Module) else None
+    return adapter if isinstance(adapter, HarMAAdapter) else None
+
+
 def iter_adapters(model: nn.Module) -> Iterator[Tuple[str, HarMAAdapter]]:
     """``(qualified block name, adapter)`` for every patched block, image tower first."""
     for name, module in model.named_modules():
-        if isinstance(module, HarMABlockMixin):
-            yield name, module.harma
+        adapter = _adapter_of(module)
+        if adapter is not None:
+            yield name, adapter
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,6 +226,9 @@ def iter_adapters(model: nn.Module) -> Iterator[Tuple[str, HarMAAdapter]]:
 # --------------------------------------------------------------------------------------------
 def patch(model: nn.Module, config: Optional[HarMAConfig] = None, backend: str = "auto") -> nn.Module:
     """Insert HarMA adapters into every block of both towers, in place; freeze the backbone.
+
+    A model with one adaptable tower only (a ConvNeXt image tower, a vision-only HF model) gets
+    that one adapted, with a warning; ``model.harma_config.towers`` then names it alone.
 
     Returns ``model``. After patching only adapter weights and gates are trainable
     (``harma_fast.trainable_parameters``). A freshly patched model computes exactly what the
@@ -186,29 +240,42 @@ def patch(model: nn.Module, config: Optional[HarMAConfig] = None, backend: str =
         raise RuntimeError("model is already patched with HarMA adapters "
                            f"({model.harma_config}); call harma_fast.unpatch(model) first, or "
                            "harma_fast.set_backend(model, ...) to switch backend")
-    towers = find_towers(model)
+    towers, missing = _scan_towers(model)
     if config.share == "text" and "text" not in config.towers:
         raise ValueError("HarMAConfig(share='text') puts S in the text tower, but towers excludes 'text'")
+    adapted = tuple(t for t in config.towers if t in towers)
+    skipped = [t for t in config.towers if t not in towers]
+    if not adapted:
+        raise UnsupportedModelError(f"none of the towers {config.towers} of {type(model).__name__} can be adapted: "
+                                    f"{'; '.join(missing[t] for t in skipped)}. Supported: {SUPPORTED}.")
+    if config.share == "text" and "text" not in adapted:
+        raise UnsupportedModelError(f"HarMAConfig(share='text') puts S in the text tower, but {missing['text']}; "
+                                    "use share='both' or 'none'")
+    if skipped:
+        warnings.warn(f"harma_fast.patch adapts the {' and '.join(adapted)} tower only: "
+                      f"{'; '.join(missing[t] for t in skipped)}", UserWarning, stacklevel=2)
+        config = replace(config, towers=adapted)  # what was adapted: saved with the adapters
 
-    kinds = {t: [_block_kind(b, f"{towers[t].prefix}.resblocks.{i}") for i, b in enumerate(towers[t].blocks)]
-             for t in config.towers}
+    kinds = {t: [_block_kind(b, f"{towers[t].prefix}.{i}") for i, b in enumerate(towers[t].blocks)]
+             for t in adapted}
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
 
     # S modules: owned by the text tower when it is adapted (as in the released layout),
     # referenced by the image tower's layer of the same relative depth under share="both".
-    owner = "text" if "text" in config.towers else "image"
+    # S works at the bottleneck width, so towers of different widths share it unchanged.
+    owner = "text" if "text" in adapted else "image"
     shared: List[SharedSubAdapter] = []
     if config.share != "none":
         for block in towers[owner].blocks:
-            ref = block.mlp.c_fc.weight
+            ref = _reference_weight(block)
             shared.append(SharedSubAdapter(config.bottleneck, config.shared_width, config.shared_heads,
                                            config.gate_init, device=ref.device, dtype=ref.dtype))
 
-    for tower_name in config.towers:
+    for tower_name in adapted:
         tower = towers[tower_name]
         blocks = tower.blocks
         for i, block in enumerate(blocks):
-            ref = block.mlp.c_fc.weight
+            ref = _reference_weight(block)
             s, own = None, False
             if shared and tower_name == owner:
                 s, own = shared[i], True
@@ -216,9 +283,14 @@ def patch(model: nn.Module, config: Optional[HarMAConfig] = None, backend: str =
                 s = shared[i * len(shared) // len(blocks)]
             adapter = HarMAAdapter(_width(block), config.bottleneck, config.heads, config.gate_init,
                                    shared=s, own_shared=own, device=ref.device, dtype=ref.dtype)
-            block.__class__ = _patched_class(type(block))
+            kind = kinds[tower_name][i]
+            if kind == "mlp":
+                block.mlp.__class__ = _patched_class(type(block.mlp), HarMAMLPMixin)
+                block.mlp._harma_adapter = (adapter,)
+            else:
+                block.__class__ = _patched_class(type(block))
             block.harma = adapter
-            block._harma_kind = kinds[tower_name][i]
+            block._harma_kind = kind
             block._harma_seq_first = tower.seq_first
 
     for p in model.parameters():
@@ -248,12 +320,18 @@ def unpatch(model: nn.Module) -> nn.Module:
     if not is_patched(model):
         raise RuntimeError("model is not patched with HarMA adapters; nothing to unpatch")
     for _, module in list(model.named_modules()):
+        if _adapter_of(module) is None:
+            continue
+        del module.harma
+        del module._harma_kind, module._harma_seq_first
+        module.__dict__.pop("_harma_fast", None)
+        module.__dict__.pop("_harma_causal", None)
         if isinstance(module, HarMABlockMixin):
-            del module.harma
-            del module._harma_kind, module._harma_seq_first
-            module.__dict__.pop("_harma_fast", None)
-            module.__dict__.pop("_harma_causal", None)
             module.__class__ = module._harma_original_class
+        if isinstance(module.mlp, HarMAMLPMixin):
+            del module.mlp._harma_adapter
+            module.mlp.__dict__.pop("_harma_fast", None)
+            module.mlp.__class__ = module.mlp._harma_original_class
     for name, p in model.named_parameters():
         p.requires_grad_(model._harma_requires_grad.get(name, p.requires_grad))
     del model.harma_config, model._harma_requires_grad

@@ -45,7 +45,7 @@ from .errors import ConfigError, OutputPathError
 from .evaluate import evaluate, format_metrics
 from .fast import enable_fast_path
 from .losses import HarMALoss
-from .models import create_model
+from .models import create_model, get_tokenizer
 from .patching import patch, trainable_parameters
 from .runlog import RunLog, check_writable
 from .trainstate import Position, load_training_state, read_training_state, save_training_state
@@ -271,8 +271,6 @@ def _features(out) -> Tuple[torch.Tensor, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, config: TrainConfig):
-        import open_clip
-
         self.config = config
         self.rank, self.world, local_rank = _distributed()
         self.main = self.rank == 0
@@ -308,7 +306,7 @@ class Trainer:
             enable_fast_path(self.model)
         self.loss = HarMALoss(config.margin, config.gamma, config.temperature, max_violation=config.max_violation,
                               backend=config.backend, check_finite=False).to(self.device)
-        self.tokenizer = open_clip.get_tokenizer(config.model)
+        self.tokenizer = get_tokenizer(config.model)  # open_clip's, or a local HF folder's own
         size, mean, std = model_image_spec(self.model)
         self.eval_transform = eval_transform(size, mean, std)
         self.dataset = TrainDataset(self.train_records, train_transform(size, mean, std), config.seed)

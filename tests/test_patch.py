@@ -168,7 +168,7 @@ def test_resnet_clip_is_refused_with_what_is_supported():
 
 
 def test_non_clip_module_is_refused():
-    with pytest.raises(TypeError, match="expects an open_clip CLIP model, got Linear"):
+    with pytest.raises(TypeError, match="expects an open_clip or Hugging Face CLIP model .*, got Linear"):
         harma_fast.patch(nn.Linear(3, 3))
 
 

@@ -1,0 +1,154 @@
+"""Hugging Face CLIP / SigLIP models with open_clip's encode API, from local folders only.
+
+The training loop, evaluation and export call ``model.encode_image(pixels, normalize=True)``,
+``model.encode_text(tokens, normalize=True)``, ``model.visual.image_size`` and
+``model.context_length``. :func:`with_clip_api` gives a ``transformers`` ``CLIPModel`` or
+``SiglipModel`` these by swapping its class for a subclass (no wrapper: state-dict keys,
+``save_pretrained`` and the tower paths ``vision_model.encoder.layers`` /
+``text_model.encoder.layers`` stay the model's own). Image size, mean and std come from the
+folder's ``preprocessor_config.json``; the tokenizer is the folder's own (``tokenizers``
+package, no torch needed), padded to the model's context length as its processor does.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Dict, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+_PROCESSOR_FILE = "preprocessor_config.json"
+
+
+def is_hf_dir(name: Union[str, Path]) -> bool:
+    """A local Hugging Face model folder (a ``config.json`` with a ``model_type``)."""
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        return False
+    try:
+        return "model_type" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+class HFClipAPI:
+    """open_clip's encode API on a ``transformers`` CLIP / SigLIP model (mixed in front of its class)."""
+
+    harma_preprocess: Dict
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = _pooled(self.get_image_features(pixel_values=images))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        # No attention mask, as open_clip: CLIP's text tower is causal and pools at the first
+        # end-of-text token, SigLIP's is trained on max-length padding and pools the last token.
+        features = _pooled(self.get_text_features(input_ids=tokens.long()))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, image=None, text=None, **kwargs):
+        """open_clip's ``model(images, tokens)`` (normalised features), as the training loop calls it;
+        with keyword arguments (``input_ids=``, ``pixel_values=``, …) the model's own forward."""
+        if kwargs:
+            if image is not None or text is not None:
+                raise TypeError("pass either open_clip's (image, text) or the Hugging Face keyword arguments")
+            return super().forward(**kwargs)
+        return {"image_features": self.encode_image(image, normalize=True) if image is not None else None,
+                "text_features": self.encode_text(text, normalize=True) if text is not None else None,
+                "logit_scale": self.logit_scale.exp()}
+
+    @property
+    def visual(self) -> SimpleNamespace:
+        """What ``harma_fast.data.transforms.model_image_spec`` reads: size and normalisation."""
+        size = self.config.vision_config.image_size
+        return SimpleNamespace(image_size=(size, size), preprocess_cfg=self.harma_preprocess)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.config.text_config.max_position_embeddings)
+
+
+def _pooled(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+_API_CLASSES: Dict[type, type] = {}
+
+
+def with_clip_api(model: nn.Module, preprocess: Optional[Dict] = None) -> nn.Module:
+    """Give a ``transformers`` dual-encoder the encode API, in place; returns it."""
+    if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
+        raise ConfigError(f"{type(model).__name__} is not a Hugging Face dual encoder (CLIPModel, SiglipModel): "
+                          "it has no get_image_features / get_text_features")
+    cls = type(model)
+    if not isinstance(model, HFClipAPI):
+        if cls not in _API_CLASSES:
+            _API_CLASSES[cls] = type(cls.__name__, (HFClipAPI, cls), {"_harma_original_class": cls})
+        model.__class__ = _API_CLASSES[cls]
+    model.harma_preprocess = dict(preprocess or {})
+    return model
+
+
+def read_preprocess(folder: Union[str, Path]) -> Dict:
+    """``{"mean", "std", "size"}`` from the folder's ``preprocessor_config.json`` (empty if absent)."""
+    path = Path(folder) / _PROCESSOR_FILE
+    if not path.is_file():
+        return {}
+    cfg = json.loads(path.read_text())
+    out = {k: tuple(cfg[n]) for k, n in (("mean", "image_mean"), ("std", "image_std")) if n in cfg}
+    size = cfg.get("crop_size") or cfg.get("size")  # CLIP resizes, then crops to crop_size
+    if isinstance(size, dict):
+        size = size.get("height", size.get("shortest_edge"))
+    if size:
+        out["size"] = int(size)
+    return out
+
+
+def load_hf_model(folder: Union[str, Path]) -> nn.Module:
+    """A CLIPModel / SiglipModel from a local folder (``local_files_only``: never downloads)."""
+    from transformers import AutoModel
+
+    folder = Path(folder)
+    try:
+        model = AutoModel.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load a Hugging Face model from {folder}: {str(err).splitlines()[0]}") from err
+    return with_clip_api(model.eval(), read_preprocess(folder))
+
+
+class HFTokenizer:
+    """``tokenizer(["a lake", ...]) -> LongTensor (N, context_length)``: the folder's own tokenizer.
+
+    Padding and truncation as the model's processor sets them up: padded with the folder's pad
+    token to the context length, cut there keeping the last (end-of-text) token. The ids come
+    from ``harma_fast.export.families.TokenizersTokenizer``, the torch-free tokenizer that
+    serves ONNX exports, so training and serving tokenize alike.
+    """
+
+    def __init__(self, folder: Union[str, Path], context_length: int):
+        from .export.families import TokenizersTokenizer
+
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise ConfigError(f"{folder} has no tokenizer.json; save the model's fast tokenizer there "
+                              "(AutoTokenizer.from_pretrained(...).save_pretrained(folder))")
+        config = json.loads((folder / "tokenizer_config.json").read_text()) \
+            if (folder / "tokenizer_config.json").is_file() else {}
+        pad = config.get("pad_token")
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        self.tokenizer = TokenizersTokenizer(path, context_length, pad_id=0)
+        pad_id = self.tokenizer.tokenizer.token_to_id(pad) if pad else None
+        self.tokenizer.pad_id = self.pad_id = pad_id if pad_id is not None else 0
+        self.context_length = context_length
+
+    def __call__(self, texts: Union[str, Sequence[str]]) -> torch.Tensor:
+        return torch.from_numpy(self.tokenizer(texts))
+
+
+__all__ = ["HFClipAPI", "HFTokenizer", "is_hf_dir", "load_hf_model", "read_preprocess", "with_clip_api"]

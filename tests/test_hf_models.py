@@ -1,0 +1,110 @@
+"""Local Hugging Face folders: create_model, tokenizer, preprocessing, training through the CLI."""
+import json
+
+import pytest
+import torch
+
+import harma_fast
+import family_models
+from family_models import MEAN, STD
+from harma_fast.checkpoints import architecture
+from harma_fast.data.synthetic import generate
+from harma_fast.data.transforms import model_image_spec
+from harma_fast.models import get_tokenizer
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("data"), n_train=24, n_val=6, n_test=6, image_size=40, seed=2)
+
+
+def hf_folder(tmp_path, data, kind="clip", context=16):
+    records = json.loads(data["train"].read_text()) + json.loads(data["test"].read_text())
+    return family_models.hf_folder(tmp_path, records, kind, context)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_create_model_from_a_local_folder_has_the_encode_api(tmp_path, data, kind):
+    folder, original = hf_folder(tmp_path, data, kind)
+    model = harma_fast.create_model(str(folder))
+    assert type(model).__name__ == type(original).__name__
+    assert model_image_spec(model) == (32, MEAN, STD)
+    assert model.context_length == 16 and model.harma_model_name == str(folder)
+    images = torch.randn(2, 3, 32, 32)
+    tokens = get_tokenizer(str(folder))(["a lake", "many red roofs"])
+    with torch.no_grad():
+        img = model.encode_image(images, normalize=True)
+        want = original.eval().get_image_features(pixel_values=images).pooler_output
+        assert torch.allclose(img, torch.nn.functional.normalize(want, dim=-1), atol=1e-6)
+        out = model(images, tokens)
+        assert torch.allclose(out["text_features"].norm(dim=-1), torch.ones(2))
+        # the model's own forward stays reachable with its keyword arguments
+        assert model(input_ids=tokens, pixel_values=images).logits_per_image.shape == (2, 2)
+    harma_fast.patch(model)
+    assert architecture(model) == {"image": [2, 48, "hf"], "text": [2, 32, "hf"]}
+
+
+def test_tokenizer_is_the_folders_own_padded_to_the_context(tmp_path, data):
+    folder, _ = hf_folder(tmp_path, data, context=8)
+    tok = get_tokenizer(str(folder))
+    raw = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    short = tok(["The lake"])[0]
+    ids = raw.encode("The lake").ids
+    assert short[:len(ids)].tolist() == ids and ids[-1] == 3 and short[len(ids):].eq(0).all()
+    long = tok([" ".join(["lake"] * 20)])[0]
+    assert long.shape == (8,) and long[-1] == 3 and long[0] == 2  # cut, keeping the end-of-text token
+
+
+def test_folder_without_weights_is_a_clear_error_not_a_download(tmp_path):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(transformers.CLIPConfig().to_dict()))
+    with pytest.raises(ValueError, match=f"cannot load a Hugging Face model from {folder}"):
+        harma_fast.create_model(str(folder))
+
+
+def test_training_through_the_cli_lowers_the_loss_and_evaluates(tmp_path, data):
+    from harma_fast.cli import main
+    from harma_fast.losses import HarMALoss
+    from harma_fast.trainstate import load_training_state
+
+    folder, _ = hf_folder(tmp_path, data)
+    out = tmp_path / "run"
+    rc = main(["train", "--model", str(folder), "--train-file", str(data["train"]), "--val-file", str(data["val"]),
+               "--test-file", str(data["test"]), "--image-root", str(data["image_root"]), "--output-dir", str(out),
+               "--epochs", "4", "--batch-size", "16", "--lr", "3e-3", "--num-workers", "0", "--seed", "1",
+               "--precision", "fp32"])
+    assert rc == 0
+    result = json.loads((out / "result.json").read_text())
+    assert {"txt_r1", "img_r1", "r_mean"} <= set(result["test"])
+
+    # one fixed batch of training pairs: the loss of the trained adapters is below the untrained one's
+    records = json.loads(data["train"].read_text())[:24]
+    from PIL import Image
+    from harma_fast.data.transforms import eval_transform
+    model = harma_fast.create_model(str(folder), pretrained=out / "backbone.pt")
+    size, mean, std = model_image_spec(model)
+    transform = eval_transform(size, mean, std)
+    images = torch.stack([transform(Image.open(data["image_root"] / r["image"]).convert("RGB")) for r in records])
+    tokens = get_tokenizer(str(folder))([r["caption"] for r in records])
+    ids = torch.tensor([r["image_id"] for r in records])
+
+    def batch_loss(m, loss):
+        with torch.no_grad():
+            return loss(m.encode_image(images, normalize=True), m.encode_text(tokens, normalize=True), ids).total.item()
+
+    harma_fast.patch(model)
+    before = batch_loss(model, HarMALoss())
+    trained = HarMALoss()
+    load_training_state(out / "last.pt", model, str(folder), trained, restore_rng=False)
+    after = batch_loss(model, trained)
+    assert after < 0.9 * before, (before, after)
+
+    # evaluation through the CLI with the folder's tokenizer and processor settings
+    rc = main(["eval", "--model", str(folder), "--pretrained", str(out / "backbone.pt"), "--adapters",
+               str(out / "best.safetensors"), "--test-file", str(data["test"]), "--image-root",
+               str(data["image_root"]), "--output", str(tmp_path / "m.json")])
+    assert rc == 0 and json.loads((tmp_path / "m.json").read_text())["r_mean"] >= 0
