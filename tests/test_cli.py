@@ -194,7 +194,7 @@ def test_user_errors_of_the_library_are_harma_errors(tmp_path):
         create_model("HarMA-Tiny", str(tmp_path / "nope.pt"))
     with pytest.raises(FileNotFoundError):  # the old base class still catches it
         create_model("HarMA-Tiny", str(tmp_path / "nope.pt"))
-    with pytest.raises(HarmaError, match="expects an open_clip CLIP model"):
+    with pytest.raises(HarmaError, match="expects an open_clip or Hugging Face CLIP model"):
         harma_fast.patch(torch.nn.Linear(2, 2))
 
 
