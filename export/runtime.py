@@ -162,7 +162,7 @@ def open_session(path: Path, options, providers: Sequence[str]):
 
     try:
         return ort.InferenceSession(str(path), options, providers=list(providers))
-    except (C.InvalidProtobuf, C.InvalidGraph, C.NoSuchFile) as err:
+    except (C.InvalidProtobuf, C.InvalidGraph, C.InvalidArgument, C.NoSuchFile) as err:
         raise ExportFileError(f"{path} is not a loadable ONNX graph (truncated or corrupt?): re-export it with "
                               f"`harma-fast export` ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
     except (C.Fail, C.NotImplemented) as err:
