@@ -2,11 +2,13 @@
 
 Every MatMul weight is quantized to int8 per output channel and every fused ``Attention``
 weight per tensor (``onnxruntime.quantization.quantize_dynamic``); activations are quantized
-on the fly, per tensor, at run time. The patch-embedding Conv stays fp32: it is one GEMM over raw pixels,
-where int8 costs accuracy and buys little. Static (calibrated) int8 was measured and not kept
-(see the README's export section): on ONNX Runtime's CPU provider its QDQ graphs were slower
-than the dynamic ones and needed a calibration set; dynamic int8's only drawback is that an
-embedding depends slightly on its batch-mates (activation scales are per batch).
+on the fly, per tensor, at run time. The patch-embedding Conv stays fp32: it reads raw pixels
+and is ~3% of a ViT-B-32's multiply-adds.
+
+Static (calibrated) int8 would remove dynamic quantization's batch dependence (activation
+scales are per batch, so an embedding moves slightly with its batch-mates) but needs a
+calibration set at export and QDQ graphs whose fused-attention path on the CPU provider is
+less direct; it was considered, not built, and not measured (see the README).
 
 int8 cannot match PyTorch to 1e-4, so it is judged by what users care about:
 
