@@ -181,13 +181,15 @@ def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("i
                 for tower in towers:
                     say(f"exporting the {tower} tower ({float_dtype}, {'fused' if fused else 'plain'} attention) "
                         "with torch.onnx (minutes for a ViT-B on a few CPU cores)")
+                    path = graphs / TOWER_FILES[tower]
                     if tower == "image":
-                        module, example, name = ImageTower(work, _DTYPES[dtype]), torch.randn(2, 3, size, size), "pixels"
+                        module, name = ImageTower(work, _DTYPES[dtype]), "pixels"
+                        example = torch.randn(2, 3, size, size)
                     else:
                         module, name = TextTower(work), "tokens"
                         example = torch.randint(1, 49406, (2, int(work.context_length)))
-                    _export_tower(module.eval(), example, graphs / TOWER_FILES[tower], name, opset, dynamic_batch, fused)
-                    written.append(graphs / TOWER_FILES[tower])
+                    _export_tower(module.eval(), example, path, name, opset, dynamic_batch, fused)
+                    written.append(path)
         finally:
             torch.backends.mha.set_fastpath_enabled(previous)
         if tokenizer:

@@ -171,7 +171,8 @@ def test_quantized_attention_stays_close_to_fp32(tmp_path, causal):
                             unidirectional=causal)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, length, c])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, length, c])],
-                              [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.zeros(3 * c, np.float32), "b")])
+                              [numpy_helper.from_array(weight, "w"),
+                               numpy_helper.from_array(np.zeros(3 * c, np.float32), "b")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                       helper.make_opsetid("com.microsoft", 1)]), tmp_path / "a.onnx")
     quantize.quantize_tower(tmp_path / "a.onnx", tmp_path / "q.onnx")
