@@ -6,7 +6,7 @@
 Every benchmark records its provider and case in ``extra_info``; rows are grouped by case
 (everything but the provider) and each provider is shown as a ratio to the baseline measured
 in the same run (``reference``; ``stock`` for encoding, ``matmul`` for recall, ``torch-cpu``
-for ONNX Runtime).
+for ONNX Runtime, whose rows also carry their parity with PyTorch: max abs, min cosine).
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 BASELINES = ("reference", "stock", "matmul", "torch-cpu", "sdpa")
-_SKIP = {"provider", "median_ms", "q1_ms", "q3_ms", "peak_mem_mb", "device", "speedup", "baseline"}
+_SKIP = {"provider", "median_ms", "q1_ms", "q3_ms", "peak_mem_mb", "device", "speedup", "baseline", "max_abs",
+         "min_cosine"}
 
 
 def load(path: Path) -> Tuple[Dict, List[Dict]]:
@@ -69,14 +70,16 @@ def markdown(data: Dict, rows: List[Dict]) -> str:
     device = rows[0].get("device", "?")
     head = [f"- device: {device}", f"- date: {data.get('datetime', '?')}",
             f"- python {machine.get('python_version', '?')}, {machine.get('cpu', {}).get('brand_raw', '')}"]
-    lines = head + ["", "| op | case | provider | median ms (IQR) | throughput | peak MiB | vs baseline |",
-                    "|---|---|---|---|---|---|---|"]
+    lines = head + ["", "| op | case | provider | median ms (IQR) | throughput | peak MiB | vs baseline | parity |",
+                    "|---|---|---|---|---|---|---|---|"]
     for r in speedups(rows):
         case = ", ".join(f"{k}={v}" for k, v in _case(r) if k != "op")
         iqr = f"{r['median_ms']:.3f} ({r['q1_ms']:.3f}–{r['q3_ms']:.3f})"
         mem = f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") is not None else "–"
         ratio = f"{r['speedup']:.2f}x {r['baseline']}" if r["speedup"] is not None else "–"
-        lines.append(f"| {r.get('op', '')} | {case} | {r['provider']} | {iqr} | {_rate(r)} | {mem} | {ratio} |")
+        parity = f"{r['max_abs']:.1e}, cos {r['min_cosine']:.5f}" if "min_cosine" in r else "–"
+        lines.append(f"| {r.get('op', '')} | {case} | {r['provider']} | {iqr} | {_rate(r)} | {mem} | {ratio} | "
+                     f"{parity} |")
     return "\n".join(lines) + "\n"
 
 

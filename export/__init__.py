@@ -8,7 +8,8 @@ import importlib
 
 _EXPORTS = {
     "export_onnx": ".onnx_export", "check_parity": ".onnx_export", "ExportParityError": ".onnx_export",
-    "OrtEncoder": ".runtime", "read_metadata": ".runtime", "BPETokenizer": ".tokenizer",
+    "OrtEncoder": ".runtime", "read_metadata": ".runtime", "ExportFileError": ".runtime", "ExportDirError": ".runtime",
+    "BPETokenizer": ".tokenizer",
     "GalleryIndex": ".search", "write_html": ".search",
 }
 __all__ = sorted(_EXPORTS)

@@ -23,7 +23,12 @@ def add_export_parsers(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--towers", nargs="+", default=["image", "text"], choices=["image", "text"],
                    help="which encoders to export")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="weights and activations of the graphs")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "int8"],
+                   help="fp32; fp16 (for the CUDA provider); int8 (dynamic int8 weights, for the CPU provider)")
+    p.add_argument("--plain-onnx", action="store_true",
+                   help="standard ONNX ops only (no ONNX Runtime contrib ops such as the fused Attention)")
+    p.add_argument("--check-file", help="with --dtype int8: evaluation file on which int8 retrieval must match fp32's")
+    p.add_argument("--image-root", help="image folder of --check-file")
     p.add_argument("--opset", type=positive_int, help="ONNX opset (default: the exporter's)")
     p.add_argument("--static-batch", action="store_true", help="fix the batch axis (default: dynamic)")
     p.set_defaults(handler=run_export)
@@ -57,11 +62,17 @@ def run_export(args: argparse.Namespace) -> int:
     elif args.released:
         load_released_checkpoint(model, args.released)
     meta = export_onnx(model, args.out, towers=args.towers, dtype=args.dtype, opset=args.opset,
-                       dynamic_batch=not args.static_batch, model_name=args.model)
+                       dynamic_batch=not args.static_batch, model_name=args.model, fused=not args.plain_onnx,
+                       check_file=args.check_file, image_root=args.image_root,
+                       progress=lambda line: print(line, file=sys.stderr, flush=True))
     worst = {t: (max(r["max_abs"] for r in rows), min(r["min_cosine"] for r in rows))
              for t, rows in meta.get("parity", {}).items()}
     for tower, (err, cos) in worst.items():
         print(f"{tower}.onnx: ONNX Runtime vs PyTorch max abs {err:.2e}, cosine >= {cos:.6f}")
+    check = meta.get("retrieval_check")
+    if check:
+        print(f"retrieval on {check['check_file']}: mR int8 {check['int8']['r_mean']:.2f} vs fp32 "
+              f"{check['fp32']['r_mean']:.2f}")
     print(f"wrote {', '.join(meta['towers'].values())} and harma.json to {args.out}")
     return 0
 

@@ -2,8 +2,11 @@
 
 ``OrtEncoder(dir)`` reads ``harma.json``, preprocesses images exactly as evaluation does
 (RGB, bicubic resize to the model's square input, scale to [0, 1], normalise) and tokenizes
-captions exactly as training does (CLIP BPE, lower-cased), batches, and runs the graphs on
-the CUDA execution provider when onnxruntime-gpu is installed, the CPU provider otherwise.
+captions exactly as training does (CLIP BPE, lower-cased), batches, and runs the graphs with
+providers and session options chosen for their dtype (:func:`session_plan`): fp32 and fp16 on
+the CUDA execution provider when onnxruntime-gpu is installed, else the CPU provider; int8
+(dynamic quantization, a CPU format) on the CPU provider. Every graph runs at ONNX Runtime's
+full optimisation level.
 """
 from __future__ import annotations
 
@@ -13,10 +16,22 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
+from ..errors import HarmaError
 from .families import load_tokenizer
 
 FORMAT = "harma_fast.onnx/1"
 ImageLike = Union[str, Path, "PIL.Image.Image"]  # noqa: F821
+# fp16 graphs crash ONNX Runtime's CPU provider at session creation in this layout pass (NCHWc
+# blocking of the patch Conv); everything else of the full optimisation level is kept.
+FP16_CPU_DISABLED_OPTIMIZERS = ("NchwcTransformer",)
+
+
+class ExportDirError(HarmaError, FileNotFoundError):
+    """An export directory, its harma.json, or a graph it lists is missing."""
+
+
+class ExportFileError(HarmaError, ValueError):
+    """harma.json or a graph of an export is unreadable, corrupt or of another format."""
 
 
 def read_metadata(onnx_dir: Union[str, Path]) -> Dict:
@@ -24,31 +39,48 @@ def read_metadata(onnx_dir: Union[str, Path]) -> Dict:
     directory = Path(onnx_dir)
     path = directory / "harma.json"
     if not directory.is_dir():
-        raise FileNotFoundError(f"ONNX export directory {directory} does not exist")
+        raise ExportDirError(f"ONNX export directory {directory} does not exist")
     if not path.is_file():
-        raise FileNotFoundError(f"{directory} has no harma.json: not an export of harma_fast.export.export_onnx "
+        raise ExportDirError(f"{directory} has no harma.json: not an export of harma_fast.export.export_onnx "
                                 "(run `harma-fast export` to make one)")
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from err
+        raise ExportFileError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from err
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path} has format {meta.get('format') if isinstance(meta, dict) else None!r}; this "
+        raise ExportFileError(f"{path} has format {meta.get('format') if isinstance(meta, dict) else None!r}; this "
                          f"harma_fast reads {FORMAT!r} (re-export with this version)")
     missing = [k for k in ("towers", "dtype", "embed_dim", "image", "text") if k not in meta]
     if missing:
-        raise ValueError(f"{path} lacks {', '.join(missing)}; the export is incomplete (re-export it)")
+        raise ExportFileError(f"{path} lacks {', '.join(missing)}; the export is incomplete (re-export it)")
     for tower, name in meta["towers"].items():
         if not (directory / name).is_file():
-            raise FileNotFoundError(f"{path} lists the {tower} tower as {name}, which is missing from {directory}")
+            raise ExportDirError(f"{path} lists the {tower} tower as {name}, which is missing from {directory} "
+                                 "(re-export with `harma-fast export`)")
     return meta
 
 
-def default_providers() -> List[str]:
+def default_providers(dtype: str = "fp32") -> List[str]:
+    """CUDA first when onnxruntime-gpu has it (fp32, fp16); the CPU provider for int8."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    wanted = ("CPUExecutionProvider",) if dtype == "int8" else ("CUDAExecutionProvider", "CPUExecutionProvider")
+    return [p for p in wanted if p in available]
+
+
+def session_options(dtype: str, provider: str, threads: Optional[int] = None):
+    """ONNX Runtime session options for a graph of ``dtype`` run first on ``provider``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    if dtype == "fp16" and provider == "CPUExecutionProvider":
+        options.add_session_config_entry("optimization.disable_specified_optimizers",
+                                         ",".join(FP16_CPU_DISABLED_OPTIMIZERS))
+    return options
 
 
 class OrtEncoder:
@@ -58,7 +90,7 @@ class OrtEncoder:
                  threads: Optional[int] = None):
         self.dir = Path(onnx_dir)
         self.meta = read_metadata(self.dir)
-        self.providers = list(providers or default_providers())
+        self.providers = list(providers or default_providers(self.meta["dtype"]))
         self.threads = threads
         self._sessions: Dict = {}
         spec = self.meta["text"].get("tokenizer")
@@ -73,16 +105,9 @@ class OrtEncoder:
             raise ValueError(f"the {tower} tower was not exported to {self.dir} (it holds: "
                              f"{', '.join(self.meta['towers'])}); re-export with towers including {tower!r}")
         if tower not in self._sessions:
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            if self.threads:
-                options.intra_op_num_threads = self.threads
-            if self.meta["dtype"] == "fp16" and self.providers[0] == "CPUExecutionProvider":
-                # onnxruntime's layout optimisations crash on fp16 graphs on the CPU provider
-                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-            self._sessions[tower] = ort.InferenceSession(str(self.dir / self.meta["towers"][tower]), options,
-                                                         providers=self.providers)
+            self._sessions[tower] = open_session(self.dir / self.meta["towers"][tower],
+                                                 session_options(self.meta["dtype"], self.providers[0], self.threads),
+                                                 self.providers)
         return self._sessions[tower]
 
     # -- images ------------------------------------------------------------------------------
@@ -128,3 +153,19 @@ class OrtEncoder:
         texts = [texts] if isinstance(texts, str) else list(texts)
         out = [self.encode_tokens(self.tokenizer(texts[i:i + batch_size])) for i in range(0, len(texts), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
+
+
+def open_session(path: Path, options, providers: Sequence[str]):
+    """An ``InferenceSession``; a truncated, corrupt or unloadable graph is a clear ExportFileError."""
+    import onnxruntime as ort
+    from onnxruntime.capi import onnxruntime_pybind11_state as C
+
+    try:
+        return ort.InferenceSession(str(path), options, providers=list(providers))
+    except (C.InvalidProtobuf, C.InvalidGraph, C.InvalidArgument, C.NoSuchFile) as err:
+        raise ExportFileError(f"{path} is not a loadable ONNX graph (truncated or corrupt?): re-export it with "
+                              f"`harma-fast export` ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
+    except (C.Fail, C.NotImplemented) as err:
+        raise ExportFileError(f"ONNX Runtime {ort.__version__} cannot load {path}: {str(err).splitlines()[0][:300]}. "
+                              "Re-export it with `harma-fast export` (add --plain-onnx for runtimes without "
+                              "ONNX Runtime's contrib ops)") from err
