@@ -128,7 +128,7 @@ def fuse_attention(model: nn.Module) -> int:
     count = 0
     for name, tower in towers.items():
         for block in tower.blocks:
-            attn = block.attn
+            attn = getattr(block, "attn", None)  # timm/HF blocks keep their own attention (not an MHA)
             if type(attn) is nn.MultiheadAttention and attn._qkv_same_embed_dim and attn.in_proj_bias is not None:
                 if name == "text" and not causal_text:
                     continue
