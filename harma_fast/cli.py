@@ -97,8 +97,8 @@ def _add_eval(sub) -> None:
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="generate synthetic data, train ~2 minutes on CPU, evaluate before and after")
     p.add_argument("--output-dir", help="where data and run go (default: a new temporary folder)")
-    p.add_argument("--minutes", type=float, default=2.0, help="training time budget")
-    p.add_argument("--steps", type=int, help="training step budget instead of minutes")
+    p.add_argument("--steps", type=int, help="training steps (default 368, about 2 minutes on 2 CPU cores)")
+    p.add_argument("--minutes", type=float, default=10.0, help="stop early after this many minutes (a safety net)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -165,7 +165,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         elif args.command == "demo":
             from .demo import run_demo
 
-            run_demo(args.output_dir, None if args.steps else args.minutes, args.steps, args.seed)
+            run_demo(args.output_dir, args.minutes, args.steps, args.seed)
         else:
             return args.handler(args)
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError) as err:
