@@ -32,7 +32,8 @@ def chance_r_mean(n_images: int, captions_per_image: int = 5) -> float:
     recalls = []
     for k in (1, 5, 10):
         recalls.append(min(1.0, k / n_images))  # text→image: its one image among n
-        miss = math.comb(n_texts - captions_per_image, k) / math.comb(n_texts, k)
+        others = n_texts - captions_per_image  # a top k drawn from these alone misses the image
+        miss = math.comb(others, k) / math.comb(n_texts, k) if k <= others else 0.0
         recalls.append(1.0 - miss)               # image→text: any of its captions among the top k
     return 100.0 * sum(recalls) / len(recalls)
 
