@@ -142,8 +142,8 @@ def _add_demo(sub) -> None:
                       "trains the adapters of a random-initialised HarMA-Tiny on the CPU, and prints the test "
                       "retrieval table before and after training.")
     p.add_argument("--output-dir", help="where data and run go (default: a new temporary folder)")
-    p.add_argument("--minutes", type=positive_float, default=2.0, help="training time budget")
-    p.add_argument("--steps", type=positive_int, help="training step budget instead of minutes")
+    p.add_argument("--steps", type=positive_int, help="training steps (default: 368, about 2 minutes on 2 CPU cores)")
+    p.add_argument("--minutes", type=positive_float, default=10.0, help="stop early after this many minutes (a safety net)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the data and the run")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="plain log lines instead of a progress bar (also: TQDM_DISABLE=1, or stderr not a terminal)")
@@ -228,8 +228,7 @@ def _run(args: argparse.Namespace) -> int:
 
         if args.output_dir:
             check_output_dir(args.output_dir, "--output-dir")
-        run_demo(args.output_dir, None if args.steps else args.minutes, args.steps, args.seed,
-                 progress=args.progress)
+        run_demo(args.output_dir, args.minutes, args.steps, args.seed, progress=args.progress)
     else:
         return args.handler(args)
     return 0

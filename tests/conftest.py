@@ -30,8 +30,9 @@ def gen():
 
 @pytest.fixture(scope="session")
 def trained_demo(tmp_path_factory):
-    """One demo run (synthetic data, HarMA-Tiny, 300 steps), shared by the demo and search tests."""
+    """One demo run exactly as ``harma-fast demo`` trains (its step budget, no time cap: the same
+    steps on any machine), shared by the demo and search tests."""
     from harma_fast.demo import run_demo
 
     out = tmp_path_factory.mktemp("demo")
-    return run_demo(str(out), minutes=None, max_steps=300, progress=False, print_fn=lambda *a, **k: None)
+    return run_demo(str(out), minutes=None, progress=False, print_fn=lambda *a, **k: None)

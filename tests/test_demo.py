@@ -1,13 +1,58 @@
+import json
+import random
+
 import pytest
+import torch
 
-pytestmark = pytest.mark.slow
+from harma_fast.data import synthetic
+from harma_fast.demo import DEMO_STEPS, chance_r_mean, demo_config
+from harma_fast.metrics import retrieval_metrics
 
 
+def test_chance_level_is_what_random_scores_get():
+    assert chance_r_mean(1, 5) == 100.0  # one image: every ranking finds it
+    assert chance_r_mean(100, 5) == pytest.approx(5.26, abs=0.01)  # the demo's test split
+    g = torch.Generator().manual_seed(0)
+    t2i = torch.arange(40).repeat_interleave(5)
+    runs = [retrieval_metrics(torch.randn(40, 16, generator=g), torch.randn(200, 16, generator=g), t2i)["r_mean"]
+            for _ in range(200)]
+    assert sum(runs) / len(runs) == pytest.approx(chance_r_mean(40), abs=0.6)  # spread of the mean ~0.2
+
+
+def test_every_caption_names_everything_in_its_scene():
+    rng = random.Random(0)
+    scenes = [synthetic._random_scene(rng) for _ in range(300)]
+    for scene in scenes:
+        for caption in synthetic.captions(scene, rng):
+            assert any(word in caption for word in synthetic.GROUNDS[scene.ground][1]), caption
+            assert all(feature in caption for feature in scene.features()), (caption, scene)
+    # so a caption singles out its image: among 100 scenes (a test split) few are identical
+    keys = [(s.ground, s.water, s.road, s.houses, s.trees) for s in scenes[:100]]
+    assert len(set(keys)) >= 75
+
+
+@pytest.mark.slow
+def test_demo_runs_its_step_budget_with_a_schedule_that_ends_there(trained_demo):
+    assert trained_demo["steps"] == DEMO_STEPS  # a step budget: the same run on any machine
+    data = {k: f"{trained_demo['output_dir']}/data/{k}.json" for k in ("train", "val", "test")}
+    data["image_root"] = f"{trained_demo['output_dir']}/data/images"
+    config = demo_config(data, "unused", DEMO_STEPS, None, 0, False)
+    n_captions = len(json.loads(open(data["train"]).read()))
+    assert config.epochs * (n_captions // config.batch_size) == DEMO_STEPS
+    records = [json.loads(line) for line in open(f"{trained_demo['output_dir']}/run/metrics.jsonl")]
+    last_lr = [r["lr"] for r in records if r["kind"] == "train"][-1]
+    assert last_lr < 0.1 * config.lr
+
+
+@pytest.mark.slow
 def test_demo_training_clearly_improves_retrieval(trained_demo):
-    before, after = trained_demo["before"]["r_mean"], trained_demo["after"]["r_mean"]
-    # before is chance level (~4-5 mR on 100 images x 500 captions); 300 steps reach ~15-20
-    assert before < 8
-    assert after >= 2 * before and after >= before + 6, (before, after)
+    before, after, chance = trained_demo["before"]["r_mean"], trained_demo["after"]["r_mean"], trained_demo["chance"]
+    # Before training the scores are random: chance level (5.26 mR on 100 images x 500 captions).
+    assert before < 2 * chance, (before, chance)
+    # After (seed 0, measured): 5.87 -> 23.77 on torch 2.14.1 and on torch 2.9.1 alike with one
+    # thread (validation within 0.4 at every epoch), 21.73 with two threads; the bar is 15.8. Other seeds can collapse early (every
+    # embedding the same: contrastive = ln 64), which this test would catch, not hide.
+    assert after >= 3 * chance, (before, after, chance)
 
 
 def test_demo_command_line_prints_both_tables(tmp_path, capsys):

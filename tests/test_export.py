@@ -141,17 +141,18 @@ def test_search_finds_the_captioned_image_after_demo_training(trained_demo, tmp_
     encoder = OrtEncoder(tmp_path / "onnx")
     index = GalleryIndex(root, encoder, tmp_path / "index.npz")
     hits = [name in {h.path.name for h in index.search(q, 5)} for name, q in queries.items()]
-    assert sum(hits) / len(hits) >= 0.6, f"top-5 hit rate {sum(hits)}/{len(hits)}"
+    # random scores put the image in the top 5 of 20 a quarter of the time; measured 20/20 (torch 2.14.1, 2.9.1)
+    assert sum(hits) / len(hits) >= 0.5, f"top-5 hit rate {sum(hits)}/{len(hits)}"
 
     capsys.readouterr()  # drop the export's output
-    args = ["search", "a lake at the center", "--onnx", str(tmp_path / "onnx"), "--images", str(root),
+    args = ["search", "a lake on farmland", "--onnx", str(tmp_path / "onnx"), "--images", str(root),
             "--top-k", "3", "--index", str(tmp_path / "index.npz"), "--html", str(tmp_path / "page.html")]
     assert main(args) == 0
     captured = capsys.readouterr()
     assert "index reused: 20 images unchanged" in captured.err
     assert len([line for line in captured.out.splitlines() if line.strip()]) == 3
     page = (tmp_path / "page.html").read_text()
-    assert "a lake at the center" in page and page.count("<img ") == 3
+    assert "a lake on farmland" in page and page.count("<img ") == 3
     (root / "broken.png").write_bytes(b"not a png")
     shutil.copy(records.images[25], root / "new.tif")
     assert main(args) == 0

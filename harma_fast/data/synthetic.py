@@ -1,9 +1,20 @@
 """A small synthetic aerial dataset, written in the RSITMD layout.
 
-Each scene is a top-down rendering: a ground cover (field, forest, desert, grass) of some
-colour, and a random choice of a river, a road, a lake, a cluster of roofs and patches of
-trees, each with a colour, a position or an orientation. Five templated captions per image
-say what is there. Everything is drawn from one seed, so the same call writes the same files.
+Each scene is a top-down rendering: a ground cover (farmland, meadow, desert, forest, bare
+soil), and a random choice of water (a river or a lake), a road, houses (a few or many, with
+red, white or dark roofs) and scattered trees. Five captions per image, each naming everything
+in the scene in its own words and order. Everything is drawn from one seed, so the same call
+writes the same files.
+
+The world is built to be learnable in a couple of CPU minutes by a small random-initialised
+CLIP whose backbone stays frozen (the demo):
+- every caption is a full description, so a caption singles out its image (up to scenes that
+  happen to be identical) rather than naming one thing many images share;
+- every attribute is a matter of *what* is there, *what colour* and *how much* — what the
+  training augmentation keeps (random crop, horizontal flip and RandAugment would contradict
+  "at the top left" or "running horizontal"), and what a frozen random tower passes on;
+- each attribute has words of its own (no colour word shared by roofs and ground), so even a
+  bag of words tells the scenes apart.
 
     images/00000.tif ...                       RGB TIFF, as RSITMD ships
     train.json  [{"image", "caption", "image_id", "label_name", "label"}, ...]   one per caption
@@ -21,76 +32,63 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from ..io import PathLike, atomic_path
 
-GROUNDS = {  # name: (rgb, caption words)
-    "farmland": ((196, 176, 92), "yellow farmland"),
-    "meadow": ((104, 160, 72), "green meadow"),
-    "desert": ((214, 190, 150), "sandy desert"),
-    "forest": ((40, 92, 44), "dense forest"),
+GROUNDS = {  # name: (rgb, words a caption may use)
+    "farmland": ((206, 182, 84), ("farmland", "yellow fields")),
+    "meadow": ((112, 176, 72), ("meadow", "green grassland")),
+    "desert": ((226, 206, 166), ("desert", "pale sand")),
+    "forest": ((34, 80, 40), ("forest", "dense woodland")),
+    "soil": ((128, 84, 52), ("bare soil", "brown earth")),
 }
-ROOF_COLORS = {"red": (178, 52, 44), "gray": (140, 140, 146), "blue": (60, 90, 170), "white": (235, 235, 235)}
-ORIENTATIONS = ("horizontal", "vertical", "diagonal")
-POSITIONS = ("top left", "top right", "bottom left", "bottom right", "center")
-COUNTS = {"a few": (2, 4), "many": (8, 14)}
+ROOF_COLORS = {"red": (200, 40, 36), "white": (246, 246, 246), "dark": (30, 30, 34)}
+HOUSES = {"a few": (3, 5), "many": (14, 20)}  # how many houses each word draws
+WATER_RGB = (36, 86, 168)
+ROAD_RGB = (120, 120, 124)
+TREE_RGB = (20, 60, 24)
 
 
 @dataclass
 class Scene:
     ground: str
-    river: Optional[str] = None       # orientation
-    road: Optional[str] = None        # orientation
-    lake: Optional[str] = None        # position
-    roofs: Optional[tuple] = None     # (count word, colour)
+    water: Optional[str] = None       # "river" | "lake"
+    road: bool = False
+    houses: Optional[tuple] = None    # (count word, roof colour)
     trees: bool = False
     label: str = field(default="")
 
     def features(self) -> List[str]:
-        """Short phrases, one per thing in the scene."""
+        """Short phrases, one per thing in the scene besides the ground."""
         out = []
-        if self.river:
-            out.append(f"a river running {self.river}")
+        if self.water:
+            out.append(f"a {self.water}")
         if self.road:
-            out.append(f"a {self.road} road")
-        if self.lake:
-            out.append(f"a lake at the {self.lake}")
-        if self.roofs:
-            out.append(f"{self.roofs[0]} {self.roofs[1]} roofs")
+            out.append("a road")
+        if self.houses:
+            out.append(f"{self.houses[0]} houses with {self.houses[1]} roofs")
         if self.trees:
             out.append("scattered trees")
         return out
 
 
 def _random_scene(rng: random.Random) -> Scene:
+    # each attribute close to uniform: the more evenly spread, the fewer identical scenes
     scene = Scene(ground=rng.choice(list(GROUNDS)))
-    if rng.random() < 0.5:
-        scene.river = rng.choice(ORIENTATIONS)
-    if rng.random() < 0.5:
-        scene.road = rng.choice(ORIENTATIONS)
-    if rng.random() < 0.4:
-        scene.lake = rng.choice(POSITIONS)
-    if rng.random() < 0.5:
-        scene.roofs = (rng.choice(list(COUNTS)), rng.choice(list(ROOF_COLORS)))
-    scene.trees = scene.ground != "forest" and rng.random() < 0.4
-    scene.label = ("residential" if scene.roofs else "river" if scene.river else "lake" if scene.lake
-                   else scene.ground)
+    scene.water = rng.choice((None, "river", "lake"))
+    scene.road = rng.random() < 0.5
+    if rng.random() < 0.6:
+        scene.houses = (rng.choice(list(HOUSES)), rng.choice(list(ROOF_COLORS)))
+    scene.trees = scene.ground != "forest" and rng.random() < 0.5
+    scene.label = ("residential" if scene.houses else scene.water if scene.water else scene.ground)
     return scene
 
 
-def _line(draw, orientation: str, size: int, width: int, color, rng: random.Random):
+def _line(draw, size: int, width: int, color, rng: random.Random):
+    """A wavy band from one edge to the opposite one, in a random direction."""
     c = rng.randint(size // 4, 3 * size // 4)
-    if orientation == "horizontal":
-        pts = [(0, c), (size // 3, c + rng.randint(-4, 4)), (2 * size // 3, c + rng.randint(-4, 4)), (size, c)]
-    elif orientation == "vertical":
-        pts = [(c, 0), (c + rng.randint(-4, 4), size // 3), (c + rng.randint(-4, 4), 2 * size // 3), (c, size)]
-    else:
-        pts = [(0, 0), (size // 2 + rng.randint(-6, 6), size // 2), (size, size)] if rng.random() < 0.5 else \
-              [(0, size), (size // 2, size // 2 + rng.randint(-6, 6)), (size, 0)]
+    w = size // 10
+    pts = [(0, c), (size // 3, c + rng.randint(-w, w)), (2 * size // 3, c + rng.randint(-w, w)), (size, c)]
+    if rng.random() < 0.5:
+        pts = [(y, x) for x, y in pts]
     draw.line(pts, fill=color, width=width, joint="curve")
-
-
-def _corner(position: str, size: int):
-    q = size // 4
-    return {"top left": (q, q), "top right": (3 * q, q), "bottom left": (q, 3 * q),
-            "bottom right": (3 * q, 3 * q), "center": (2 * q, 2 * q)}[position]
 
 
 def render(scene: Scene, size: int, rng: random.Random) -> Image.Image:
@@ -101,44 +99,44 @@ def render(scene: Scene, size: int, rng: random.Random) -> Image.Image:
         x, y = rng.randrange(size), rng.randrange(size)
         jitter = tuple(max(0, min(255, v + rng.randint(-18, 18))) for v in base)
         draw.rectangle([x, y, x + rng.randint(3, 10), y + rng.randint(3, 10)], fill=jitter)
-    if scene.lake:
-        cx, cy = _corner(scene.lake, size)
-        r = size // 7
-        draw.ellipse([cx - r, cy - r * 3 // 4, cx + r, cy + r * 3 // 4], fill=(40, 84, 150))
-    if scene.river:
-        _line(draw, scene.river, size, max(3, size // 14), (52, 104, 168), rng)
+    if scene.water == "lake":  # large enough to survive a half-area random crop
+        r = rng.randint(size // 5, size // 4)
+        cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+        draw.ellipse([cx - r, cy - r * 3 // 4, cx + r, cy + r * 3 // 4], fill=WATER_RGB)
+    elif scene.water == "river":
+        _line(draw, size, max(4, size // 9), WATER_RGB, rng)
     if scene.road:
-        _line(draw, scene.road, size, max(2, size // 28), (92, 92, 92), rng)
-    if scene.roofs:
-        lo, hi = COUNTS[scene.roofs[0]]
-        color = ROOF_COLORS[scene.roofs[1]]
+        _line(draw, size, max(2, size // 24), ROAD_RGB, rng)
+    if scene.houses:
+        lo, hi = HOUSES[scene.houses[0]]
+        color = ROOF_COLORS[scene.houses[1]]
+        side = max(4, size // 12)
         for _ in range(rng.randint(lo, hi)):
-            x, y = rng.randrange(size - 8), rng.randrange(size - 8)
-            w, h = rng.randint(4, 8), rng.randint(4, 8)
-            draw.rectangle([x, y, x + w, y + h], fill=color, outline=(30, 30, 30))
+            x, y = rng.randrange(size - side), rng.randrange(size - side)
+            w, h = rng.randint(side * 2 // 3, side), rng.randint(side * 2 // 3, side)
+            draw.rectangle([x, y, x + w, y + h], fill=color, outline=(70, 70, 70))
     if scene.trees:
-        for _ in range(rng.randint(5, 12)):
-            x, y, r = rng.randrange(size), rng.randrange(size), rng.randint(2, 4)
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=(28, 76, 30))
+        for _ in range(rng.randint(8, 14)):
+            x, y, r = rng.randrange(size), rng.randrange(size), rng.randint(2, max(2, size // 24))
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=TREE_RGB)
     return img.filter(ImageFilter.GaussianBlur(0.6))
 
 
+TEMPLATES = ("an aerial view of {g} with {f}", "{f} on {g} seen from above", "{g} with {f}",
+             "a satellite image of {f} among {g}", "this area of {g} has {f}", "{f} and {g}")
+PLAIN = ("an aerial view of {g} with nothing else", "only {g} in this image", "a wide stretch of {g}",
+         "plain {g} seen from above", "this image shows {g} and nothing more")
+
+
 def captions(scene: Scene, rng: random.Random) -> List[str]:
-    """Five captions, each naming the ground and a different selection of what is there."""
-    ground = GROUNDS[scene.ground][1]
+    """Five captions, each naming the ground and everything else there, in its own words and order."""
+    names = GROUNDS[scene.ground][1]
     feats = scene.features()
-    out = [f"an aerial view of {ground}" + (f" with {' and '.join(feats)}" if feats else ""),
-           f"{ground} seen from above"]
-    if not feats:
-        out += [f"a wide stretch of {ground} with nothing else", f"only {ground} in this image",
-                f"this image shows plain {ground}"]
-        return out
-    out[1] += f", showing {rng.choice(feats)}"
-    for _ in range(3):
-        k = rng.randint(1, len(feats))
-        picked = rng.sample(feats, k)
-        template = rng.choice(["the scene has {f} in the {g}", "{f} on {g}", "the image shows {f} among {g}"])
-        out.append(template.format(f=" and ".join(picked), g=ground))
+    out = []
+    for i, template in enumerate(rng.sample(TEMPLATES if feats else PLAIN, 5)):
+        picked = rng.sample(feats, len(feats))  # every feature, in a random order
+        listed = ", ".join(picked[:-1]) + (" and " if len(picked) > 1 else "") + picked[-1] if picked else ""
+        out.append(template.format(g=names[i % 2], f=listed))
     return out
 
 
