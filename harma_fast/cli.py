@@ -147,6 +147,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the data and the run")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="plain log lines instead of a progress bar (also: TQDM_DISABLE=1, or stderr not a terminal)")
+    p.add_argument("--layout", default="harma", choices=("harma", "karpathy", "nwpu"),
+                   help="annotation layout the demo trains from (the same synthetic dataset in each)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,7 +230,7 @@ def _run(args: argparse.Namespace) -> int:
 
         if args.output_dir:
             check_output_dir(args.output_dir, "--output-dir")
-        run_demo(args.output_dir, args.minutes, args.steps, args.seed, progress=args.progress)
+        run_demo(args.output_dir, args.minutes, args.steps, args.seed, progress=args.progress, layout=args.layout)
     else:
         return args.handler(args)
     return 0

@@ -24,6 +24,24 @@ from .train import TrainConfig, Trainer
 DEMO_BATCH = 64
 DEMO_STEPS = 368          # 8 epochs of the 3,000 training captions in batches of 64
 DEMO_MAX_MINUTES = 10.0   # a safety net for a very slow machine; the step budget decides normally
+LAYOUTS = ("harma", "karpathy", "nwpu")  # the annotation layout the demo trains from (README: Dataset layouts)
+
+
+def in_layout(data: Dict[str, Path], layout: str) -> Dict[str, Path]:
+    """``generate()``'s files, or the same dataset rewritten in another layout: one file then
+    feeds train, val and test through its splits, as ``--data`` does for a real dataset."""
+    from .data.synthetic_layouts import write_karpathy, write_nwpu
+
+    if layout == "karpathy":
+        one = write_karpathy(data, Path(data["image_root"]).parent / "dataset_synthetic.json")
+        return {"train": one, "val": one, "test": one, "image_root": data["image_root"]}
+    if layout == "nwpu":
+        nwpu = write_nwpu(data, Path(data["image_root"]).parent / "nwpu")
+        one = nwpu["annotations"]
+        return {"train": one, "val": one, "test": one, "image_root": nwpu["image_root"]}
+    if layout != "harma":
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    return data
 
 
 def chance_r_mean(n_images: int, captions_per_image: int = 5) -> float:
@@ -39,8 +57,9 @@ def chance_r_mean(n_images: int, captions_per_image: int = 5) -> float:
 
 
 def demo_config(data: Dict[str, Path], output_dir: Path, steps: int, minutes: Optional[float], seed: int,
-                progress: bool) -> TrainConfig:
-    n_captions = len(json.loads(Path(data["train"]).read_text()))
+                progress: bool, n_captions: Optional[int] = None) -> TrainConfig:
+    if n_captions is None:  # the HarMA layout's training file: one record per caption
+        n_captions = len(json.loads(Path(data["train"]).read_text()))
     epochs = max(1, math.ceil(steps / (n_captions // DEMO_BATCH)))  # the schedule ends where the run does
     return TrainConfig(
         train_file=str(data["train"]), val_file=str(data["val"]), test_file=str(data["test"]),
@@ -51,17 +70,23 @@ def demo_config(data: Dict[str, Path], output_dir: Path, steps: int, minutes: Op
 
 
 def run_demo(output_dir: Optional[str] = None, minutes: Optional[float] = DEMO_MAX_MINUTES,
-             max_steps: Optional[int] = None, seed: int = 0, progress: bool = True, print_fn=print) -> Dict:
+             max_steps: Optional[int] = None, seed: int = 0, progress: bool = True, print_fn=print,
+             layout: str = "harma") -> Dict:
     """Returns ``{"before": metrics, "after": metrics, "chance": mR, "steps": n, "output_dir": ...}``.
 
     ``max_steps`` (default ``DEMO_STEPS``) is the budget; ``minutes`` only caps it (None: no cap).
+    ``layout`` (``harma``, ``karpathy``, ``nwpu``) is the annotation layout training reads.
     Prints both tables.
     """
     steps = DEMO_STEPS if max_steps is None else max_steps
     out = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="harma_demo_"))
     print_fn(f"writing the synthetic aerial dataset to {out / 'data'} ...")
     data = generate(out / "data", seed=seed)
-    trainer = Trainer(demo_config(data, out / "run", steps, minutes, seed, progress))
+    n_captions = len(json.loads(Path(data["train"]).read_text()))
+    files = in_layout(data, layout)
+    if layout != "harma":
+        print_fn(f"the same dataset in the {layout} layout: {files['train']}")
+    trainer = Trainer(demo_config(files, out / "run", steps, minutes, seed, progress, n_captions))
     chance = chance_r_mean(len(trainer.test_records.images))
     before = trainer.evaluate(trainer.test_records)
     print_fn(format_metrics(before, "\ntest retrieval before training (random-initialised HarMA-Tiny, fresh adapters)"))

@@ -56,8 +56,15 @@ def test_demo_training_clearly_improves_retrieval(trained_demo):
 
 
 def test_demo_command_line_prints_both_tables(tmp_path, capsys):
+    # the fixture's demo reads the HarMA layout; this one trains from the Karpathy layout (issue 14)
+    import json
+
     from harma_fast.cli import main
-    assert main(["demo", "--output-dir", str(tmp_path), "--steps", "2"]) == 0
+    assert main(["demo", "--output-dir", str(tmp_path), "--steps", "2", "--layout", "karpathy"]) == 0
     out = capsys.readouterr().out
     assert "test retrieval before training" in out and "test retrieval after training" in out
     assert out.count("| R@1 (i→t) |") >= 3 and "harma-fast export" in out
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    karpathy = str(tmp_path / "data" / "dataset_synthetic.json")
+    assert config["train_file"] == config["val_file"] == config["test_file"] == karpathy
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["step"] == 2
