@@ -45,3 +45,18 @@ def test_training_through_the_cli_lowers_the_loss_and_evaluates(tmp_path, data, 
                str(out / "best.safetensors"), "--test-file", str(data["test"]), "--image-root",
                str(data["image_root"]), "--output", str(tmp_path / "m.json")])
     assert rc == 0 and json.loads((tmp_path / "m.json").read_text())["r_mean"] >= 0
+
+
+def test_a_siglip_name_without_a_local_tokenizer_is_a_clear_error_not_a_download(tmp_path, names):
+    import open_clip
+
+    from harma_fast.errors import ConfigError
+    from harma_fast.models import get_tokenizer
+
+    # open_clip picks its SigLipTokenizer by name alone, fetching the vocabulary over http
+    cfg = open_clip.get_model_config("HarMA-Test-ViT-MAP")
+    (tmp_path / "HarMA-Test-My-SigLIP.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "HarMA-Test-My-SigLIP.json")
+    with pytest.raises(ConfigError, match="HarMA-Test-My-SigLIP.*hf_tokenizer_name"):
+        get_tokenizer("HarMA-Test-My-SigLIP")
+    assert get_tokenizer("HarMA-Test-ViT-MAP")(["a lake"]).shape == (1, 16)  # CLIP's BPE, no download
