@@ -60,3 +60,19 @@ def test_a_siglip_name_without_a_local_tokenizer_is_a_clear_error_not_a_download
     with pytest.raises(ConfigError, match="HarMA-Test-My-SigLIP.*hf_tokenizer_name"):
         get_tokenizer("HarMA-Test-My-SigLIP")
     assert get_tokenizer("HarMA-Test-ViT-MAP")(["a lake"]).shape == (1, 16)  # CLIP's BPE, no download
+
+
+def test_an_hf_tokenizer_of_an_open_clip_name_comes_from_the_local_cache_only(monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    from harma_fast.models import get_tokenizer
+
+    asked = []
+
+    def from_pretrained(name, **kwargs):  # stands in for the hub: records how it was asked
+        asked.append(kwargs)
+        raise OSError(f"{name} is not in the cache")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
+    with pytest.raises(FileNotFoundError, match="ViT-B-16-SigLIP.*never downloads"):
+        get_tokenizer("ViT-B-16-SigLIP")
+    assert asked and all(kw.get("local_files_only") for kw in asked)  # HF_HUB_OFFLINE unset would not matter
