@@ -187,8 +187,18 @@ def get_tokenizer(name: str):
 
         config = AutoConfig.from_pretrained(str(name), local_files_only=True)
         return HFTokenizer(name, int(config.text_config.max_position_embeddings))
+    # known names only: get_model_config would fetch the config of an "hf-hub:" name
+    text_cfg = open_clip.get_model_config(name)["text_cfg"] if name in open_clip.list_models() else {}
+    if text_cfg and "siglip" in name.lower() and not text_cfg.get("hf_tokenizer_name"):
+        # a known name with "siglip" in it: open_clip reads a SentencePiece vocabulary over http on every call
+        raise ConfigError(f"the tokenizer of {name} is open_clip's SigLipTokenizer, which downloads its vocabulary "
+                          "at run time, and harma_fast never downloads: set text_cfg.hf_tokenizer_name in its "
+                          "config to a local tokenizer folder (or a cached Hugging Face name), or rename the "
+                          "model without 'siglip' to use CLIP's tokenizer")
+    # an HF tokenizer (SigLIP's) from the local cache only, even where HF_HUB_OFFLINE is unset
+    offline = {"local_files_only": True} if text_cfg.get("hf_tokenizer_name") else {}
     try:
-        return open_clip.get_tokenizer(name)
+        return open_clip.get_tokenizer(name, **offline)
     except OSError as err:  # an HF tokenizer (SigLIP) that is not in the local cache
         raise FileNotFoundError(f"the tokenizer of {name} is not in the local Hugging Face cache, and harma_fast "
                                 f"never downloads ({str(err).splitlines()[0]}); fetch it on a machine with "

@@ -159,3 +159,89 @@ def hf_folder(tmp_path, records, kind="clip", context=16):
     (folder / "preprocessor_config.json").write_text(json.dumps(
         {"image_mean": MEAN, "image_std": STD, "size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}))
     return folder, model
+
+
+# --------------------------------------------------------------------------------------------
+# open_clip names for the timm-trunk families, so the CLI can build them with --model <name>
+# --------------------------------------------------------------------------------------------
+def _tiny_siglip_trunk(pretrained=False, **kwargs):
+    """SigLIP's trunk in small: MAP pool, no class token, LayerScale; open_clip passes pool and head size."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    kwargs = {k: v for k, v in kwargs.items() if not k.startswith(("pretrained_cfg", "cache_dir"))}
+    return VisionTransformer(**{**dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2,
+                                       class_token=False, global_pool="map", init_values=0.5), **kwargs})
+
+
+def _tiny_eva_trunk(pretrained=False, **kwargs):
+    """EVA02's trunk in small: rotary embeddings, SwiGLU with its norm, LayerScale."""
+    from timm.models.eva import Eva
+
+    kwargs = {k: v for k, v in kwargs.items() if not k.startswith(("pretrained_cfg", "cache_dir"))}
+    return Eva(**{**dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, swiglu_mlp=True,
+                         scale_mlp=True, use_rot_pos_emb=True, ref_feat_shape=(4, 4), init_values=0.3), **kwargs})
+
+
+# open_clip configs laid out like its ViT-B-16-SigLIP and EVA02-B-16 (custom text tower, the trunk's
+# own pooling), but with CLIP's BPE tokenizer (vocab 49408, no hf_tokenizer_name): nothing to download.
+_TIMM_CONFIGS = {
+    "HarMA-Test-ViT-MAP": dict(
+        embed_dim=48, custom_text=True,
+        vision_cfg=dict(image_size=32, timm_model_name="harma_test_siglip_trunk", timm_model_pretrained=False,
+                        timm_pool="map", timm_proj="none"),
+        text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=2, no_causal_mask=True,
+                      proj_bias=True, pool_type="last")),
+    "HarMA-Test-EVA": dict(
+        embed_dim=32, custom_text=True,
+        vision_cfg=dict(image_size=32, timm_model_name="harma_test_eva_trunk", timm_model_pretrained=False,
+                        timm_pool="token", timm_proj=None),
+        text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=2)),
+}
+
+
+def register_timm_families(folder):
+    """Make ``HarMA-Test-ViT-MAP`` and ``HarMA-Test-EVA`` open_clip names (configs written to ``folder``)."""
+    timm = pytest.importorskip("timm")
+    import open_clip
+    from timm.models import register_model
+
+    for name, fn in (("harma_test_siglip_trunk", _tiny_siglip_trunk), ("harma_test_eva_trunk", _tiny_eva_trunk)):
+        if not timm.is_model(name):
+            fn.__name__ = name
+            register_model(fn)
+    if not set(_TIMM_CONFIGS) <= set(open_clip.list_models()):
+        for name, cfg in _TIMM_CONFIGS.items():
+            (folder / f"{name}.json").write_text(json.dumps(cfg))
+        open_clip.add_model_config(folder)
+    return list(_TIMM_CONFIGS)
+
+
+def fixed_batch_losses(name, run_dir, data):
+    """HarMA loss on the first 24 training pairs: ``(fresh adapters, the run's last.pt adapters)``.
+
+    Both on the backbone the run saved, so only the adapters (and the loss's temperature) differ.
+    """
+    from PIL import Image
+
+    import harma_fast
+    from harma_fast.data.transforms import eval_transform, model_image_spec
+    from harma_fast.losses import HarMALoss
+    from harma_fast.models import get_tokenizer
+    from harma_fast.trainstate import load_training_state
+
+    records = json.loads(data["train"].read_text())[:24]
+    model = harma_fast.create_model(name, pretrained=run_dir / "backbone.pt")
+    transform = eval_transform(*model_image_spec(model))
+    images = torch.stack([transform(Image.open(data["image_root"] / r["image"]).convert("RGB")) for r in records])
+    tokens = get_tokenizer(name)([r["caption"] for r in records])
+    ids = torch.tensor([r["image_id"] for r in records])
+
+    def batch_loss(m, loss):
+        with torch.no_grad():
+            return loss(m.encode_image(images, normalize=True), m.encode_text(tokens, normalize=True), ids).total.item()
+
+    harma_fast.patch(model)
+    before = batch_loss(model, HarMALoss())
+    trained = HarMALoss()
+    load_training_state(run_dir / "last.pt", model, name, trained, restore_rng=False)
+    return before, batch_loss(model, trained)

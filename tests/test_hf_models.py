@@ -68,8 +68,6 @@ def test_folder_without_weights_is_a_clear_error_not_a_download(tmp_path):
 
 def test_training_through_the_cli_lowers_the_loss_and_evaluates(tmp_path, data):
     from harma_fast.cli import main
-    from harma_fast.losses import HarMALoss
-    from harma_fast.trainstate import load_training_state
 
     folder, _ = hf_folder(tmp_path, data)
     out = tmp_path / "run"
@@ -82,25 +80,7 @@ def test_training_through_the_cli_lowers_the_loss_and_evaluates(tmp_path, data):
     assert {"txt_r1", "img_r1", "r_mean"} <= set(result["test"])
 
     # one fixed batch of training pairs: the loss of the trained adapters is below the untrained one's
-    records = json.loads(data["train"].read_text())[:24]
-    from PIL import Image
-    from harma_fast.data.transforms import eval_transform
-    model = harma_fast.create_model(str(folder), pretrained=out / "backbone.pt")
-    size, mean, std = model_image_spec(model)
-    transform = eval_transform(size, mean, std)
-    images = torch.stack([transform(Image.open(data["image_root"] / r["image"]).convert("RGB")) for r in records])
-    tokens = get_tokenizer(str(folder))([r["caption"] for r in records])
-    ids = torch.tensor([r["image_id"] for r in records])
-
-    def batch_loss(m, loss):
-        with torch.no_grad():
-            return loss(m.encode_image(images, normalize=True), m.encode_text(tokens, normalize=True), ids).total.item()
-
-    harma_fast.patch(model)
-    before = batch_loss(model, HarMALoss())
-    trained = HarMALoss()
-    load_training_state(out / "last.pt", model, str(folder), trained, restore_rng=False)
-    after = batch_loss(model, trained)
+    before, after = family_models.fixed_batch_losses(str(folder), out, data)
     assert after < 0.9 * before, (before, after)
 
     # evaluation through the CLI with the folder's tokenizer and processor settings
