@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from ..cliargs import add_subparser, positive_int
-from ..io import check_output_dir, check_output_file, require_dir
+from ..io import check_output_dir, check_output_file, require_dir, require_file
 
 
 def add_export_parsers(sub) -> None:
@@ -51,6 +51,10 @@ def run_export(args: argparse.Namespace) -> int:
     for flag in ("adapters", "released"):
         if getattr(args, flag):
             require_file(getattr(args, flag), f"--{flag}")
+    if args.check_file:
+        require_file(args.check_file, "--check-file")
+    if args.image_root:
+        require_dir(args.image_root, "--image-root")
     check_output_dir(args.out, "--out")
 
     from .. import create_model, load_adapters, load_released_checkpoint

@@ -163,7 +163,6 @@ def test_rank_count_kernel_against_float64():
 def test_fast_train_step_matches_reference_path():
     from harma_fast.checkpoints import adapter_state_dict
     from harma_fast.fast import enable_fast_path
-    from harma_fast.losses import harma_loss_ref
     torch.manual_seed(0)
     ref = harma_fast.patch(harma_fast.create_model("ViT-B-32"), backend="reference").to(DEV)
     with torch.no_grad():

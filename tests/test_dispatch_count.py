@@ -11,7 +11,6 @@ views and other aliasing ops apart (they launch nothing).
 from __future__ import annotations
 
 import collections
-import copy
 import os
 import sys
 
