@@ -399,3 +399,12 @@ def test_search_never_overwrites_a_file_that_is_not_an_index(gallery, tmp_path, 
     assert main(search_argv(gallery, "a lake", "--index", str(tmp_path / "notes.txt"))) == 2
     assert "is a file but not an index" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_export_input_files_are_checked_before_work(tmp_path, capsys, no_model):
+    # every file flag of export is checked up front: exit 2 naming the flag, never a crash (exit 1)
+    for flag in ("--adapters", "--released", "--check-file"):
+        assert main(["export", "--model", "HarMA-Tiny", flag, str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+        assert flag in capsys.readouterr().err
+    argv = ["export", "--model", "HarMA-Tiny", "--image-root", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]
+    assert main(argv) == 2 and "--image-root" in capsys.readouterr().err
