@@ -59,25 +59,24 @@ class FrozenMLP(torch.autograd.Function):
         return grad_y.to(y.dtype), None, None, None, None, None
 
 
-def _frozen_mlp(mlp: nn.Module, y: Tensor) -> Tensor:
+def _frozen_linears(fc1: nn.Linear, fc2: nn.Linear, act, y: Tensor) -> Tensor:
+    """``fc2(act(fc1(y)))`` through ``FrozenMLP``, in the autocast dtype when autocast is on."""
     device = y.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else y.dtype
-    w1, w2 = mlp.c_fc.weight.to(dtype), mlp.c_proj.weight.to(dtype)
-    b1 = mlp.c_fc.bias.to(dtype) if mlp.c_fc.bias is not None else None
-    b2 = mlp.c_proj.bias.to(dtype) if mlp.c_proj.bias is not None else None
-    with torch.autocast(y.device.type, enabled=False):
-        return FrozenMLP.apply(y.to(dtype), w1, b1, w2, b2, mlp.gelu)
+    w1, w2 = fc1.weight.to(dtype), fc2.weight.to(dtype)
+    b1 = fc1.bias.to(dtype) if fc1.bias is not None else None
+    b2 = fc2.bias.to(dtype) if fc2.bias is not None else None
+    with torch.autocast(device, enabled=False):
+        return FrozenMLP.apply(y.to(dtype), w1, b1, w2, b2, act)
+
+
+def _frozen_mlp(mlp: nn.Module, y: Tensor) -> Tensor:
+    return _frozen_linears(mlp.c_fc, mlp.c_proj, mlp.gelu, y)
 
 
 def frozen_mlp_forward(mlp: nn.Module, y: Tensor) -> Tensor:
     """A plain timm / HF MLP (``fc1 → act → fc2``) through ``FrozenMLP``."""
-    device = y.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else y.dtype
-    w1, w2 = mlp.fc1.weight.to(dtype), mlp.fc2.weight.to(dtype)
-    b1 = mlp.fc1.bias.to(dtype) if mlp.fc1.bias is not None else None
-    b2 = mlp.fc2.bias.to(dtype) if mlp.fc2.bias is not None else None
-    with torch.autocast(device, enabled=False):
-        return FrozenMLP.apply(y.to(dtype), w1, b1, w2, b2, mlp_activation(mlp))
+    return _frozen_linears(mlp.fc1, mlp.fc2, mlp_activation(mlp), y)
 
 
 def _attention(attn: nn.Module, y: Tensor, causal: bool) -> Tensor:
