@@ -32,10 +32,21 @@ Tensor = torch.Tensor
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("harma_onnx::attention", mutates_args=())
 def attention(x: Tensor, weight_t: Tensor, bias: Tensor, heads: int, causal: bool) -> Tensor:
-    """``softmax(q kᵀ / √d [+ causal mask]) v`` with ``[q|k|v] = x W + b``; ``x`` (N, L, C), ``W`` (C, 3C)."""
-    n, length, c = x.shape
+    """``softmax(q kᵀ / √d [+ causal mask]) v`` with ``[q|k|v] = x W + b``; ``x`` (N, L, C_in), ``W`` (C_in, 3C).
+
+    Returns (N, L, C). The input width may differ from the attention's (``com.microsoft.Attention``
+    allows it): the adapter folding of :mod:`harma_fast.export.fold` feeds one attention's output,
+    or two of them side by side, straight into the next attention through a composed weight.
+    """
+    return attention_math(x, weight_t, bias, heads, causal)
+
+
+def attention_math(x: Tensor, weight_t: Tensor, bias: Tensor, heads: int, causal: bool = False) -> Tensor:
+    """The body of :func:`attention` in standard ops (what a ``--plain-onnx`` export traces)."""
+    n, length, c_in = x.shape
+    c = weight_t.shape[1] // 3
     hd = c // heads
-    qkv = (x.reshape(n * length, c) @ weight_t + bias).reshape(n, length, 3, heads, hd)
+    qkv = (x.reshape(n * length, c_in) @ weight_t + bias).reshape(n, length, 3, heads, hd)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each N, H, L, hd
     scores = torch.matmul(q * hd ** -0.5, k.transpose(-1, -2))
     if causal:
@@ -46,7 +57,7 @@ def attention(x: Tensor, weight_t: Tensor, bias: Tensor, heads: int, causal: boo
 
 @attention.register_fake
 def _(x, weight_t, bias, heads, causal):
-    return x.new_empty(x.shape)
+    return x.new_empty(*x.shape[:-1], weight_t.shape[1] // 3)
 
 
 def _attention_schema():

@@ -170,6 +170,10 @@ def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("i
         set_backend(work, "reference")
     from .families import vocab_size
 
+    if is_patched(work):
+        from .fold import fold_adapters
+
+        fold_adapters(work, fused)  # each adapter's linear chains multiplied out (export/fold.py)
     if fused:
         from .fuse import fuse_attention
 
