@@ -30,7 +30,9 @@ def add_export_parsers(sub) -> None:
     p.add_argument("--check-file", help="with --dtype int8: evaluation file on which int8 retrieval must match fp32's")
     p.add_argument("--image-root", help="image folder of --check-file")
     p.add_argument("--opset", type=positive_int, help="ONNX opset (default: the exporter's)")
-    p.add_argument("--static-batch", action="store_true", help="fix the batch axis (default: dynamic)")
+    p.add_argument("--static-batch", type=positive_int, metavar="N",
+                   help="fix the batch axis to N (for CUDA graphs; the runtime pads the last batch) "
+                        "(default: a free batch axis)")
     p.set_defaults(handler=run_export)
 
     s = add_subparser(sub, "search", "search a folder of images with a caption, through the ONNX encoders",
@@ -66,7 +68,7 @@ def run_export(args: argparse.Namespace) -> int:
     elif args.released:
         load_released_checkpoint(model, args.released)
     meta = export_onnx(model, args.out, towers=args.towers, dtype=args.dtype, opset=args.opset,
-                       dynamic_batch=not args.static_batch, model_name=args.model, fused=not args.plain_onnx,
+                       batch_size=args.static_batch, model_name=args.model, fused=not args.plain_onnx,
                        check_file=args.check_file, image_root=args.image_root,
                        progress=lambda line: print(line, file=sys.stderr, flush=True))
     worst = {t: (max(r["max_abs"] for r in rows), min(r["min_cosine"] for r in rows))

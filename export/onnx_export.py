@@ -97,12 +97,12 @@ def _tokenizer_spec(model: nn.Module, name: Optional[str]) -> Optional[Dict]:
 
 
 def _export_tower(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, opset: Optional[int],
-                  dynamic_batch: bool, fused: bool) -> None:
+                  batch_size: Optional[int], fused: bool) -> None:
     import onnx
 
     from .fuse import fold_initializer_transposes, translation_table
 
-    dynamic = ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic_batch else None
+    dynamic = ({0: torch.export.Dim("batch", min=1, max=65536)},) if batch_size is None else None
     program = torch.onnx.export(module, (example,), input_names=[input_name], output_names=["embeddings"],
                                 dynamo=True, dynamic_shapes=dynamic, opset_version=opset, verbose=False,
                                 custom_translation_table=translation_table() if fused else None)
@@ -121,7 +121,7 @@ def _clear_previous(out: Path) -> None:
 
 
 def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("image", "text"), dtype: str = "fp32",
-                opset: Optional[int] = None, dynamic_batch: bool = True, model_name: Optional[str] = None,
+                opset: Optional[int] = None, batch_size: Optional[int] = None, model_name: Optional[str] = None,
                 check: bool = True, fused: bool = True, check_file: Optional[PathLike] = None,
                 image_root: Optional[PathLike] = None, progress: Optional[Callable[[str], None]] = None) -> Dict:
     """Write ``image.onnx``/``text.onnx`` and ``harma.json`` to ``out_dir``; returns the metadata.
@@ -132,7 +132,8 @@ def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("i
         dtype: ``"fp32"``, ``"fp16"`` (weights and arithmetic; for the CUDA provider) or ``"int8"``
             (dynamic per-channel int8 weights, for the CPU provider). Inputs and outputs stay float32.
         opset: ONNX opset (the exporter's default when None).
-        dynamic_batch: a free batch axis (else the graphs are fixed to the example batch of 2).
+        batch_size: None (default) for a free batch axis; N fixes every graph to batches of N
+            (what CUDA graphs need; :class:`OrtEncoder` pads the last batch and binds fixed buffers).
         model_name: open_clip architecture name, for the tokenizer (defaults to the name
             ``harma_fast.create_model`` recorded on the model).
         check: run :func:`check_parity` and refuse (remove the files) when it fails.
@@ -153,6 +154,9 @@ def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("i
     towers = tuple(towers)
     if not towers or any(t not in TOWER_FILES for t in towers):
         raise ConfigError(f"towers must be a non-empty subset of ('image', 'text'), got {towers!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
+        raise ConfigError(f"batch_size must be a positive integer (or None for a free batch axis), got {batch_size!r}")
     if dtype == "int8" and not fused:
         raise ConfigError("dtype='int8' quantizes the fused graphs; drop fused=False (--plain-onnx)")
     if check_file is not None and (dtype != "int8" or image_root is None or set(towers) != {"image", "text"}):
@@ -194,11 +198,12 @@ def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("i
                     path = graphs / TOWER_FILES[tower]
                     if tower == "image":
                         module, name = ImageTower(work, _DTYPES[dtype]), "pixels"
-                        example = torch.randn(2, 3, size, size)
+                        example = torch.randn(batch_size or 2, 3, size, size)
                     else:
                         module, name = TextTower(work), "tokens"
-                        example = torch.randint(1, min(vocab_size(work), 49406), (2, int(work.context_length)))
-                    _export_tower(module.eval(), example, path, name, opset, dynamic_batch, fused)
+                        example = torch.randint(1, min(vocab_size(work), 49406),
+                                                (batch_size or 2, int(work.context_length)))
+                    _export_tower(module.eval(), example, path, name, opset, batch_size, fused)
                     written.append(path)
         finally:
             torch.backends.mha.set_fastpath_enabled(previous)
@@ -214,7 +219,8 @@ def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("i
 
         meta = {
             "format": FORMAT, "export_id": uuid.uuid4().hex, "model": model_name, "embed_dim": embed_dim,
-            "towers": {t: TOWER_FILES[t] for t in towers}, "dtype": float_dtype, "dynamic_batch": dynamic_batch,
+            "towers": {t: TOWER_FILES[t] for t in towers}, "dtype": float_dtype,
+            "dynamic_batch": batch_size is None, "batch_size": batch_size,
             "attention": "fused" if fused else "plain",
             "image": {"size": size, "mean": list(mean), "std": list(std), "interpolation": "bicubic", "mode": "RGB"},
             "text": {"context_length": int(work.context_length), "tokenizer": tokenizer},

@@ -7,6 +7,13 @@ providers and session options chosen for their dtype (:func:`session_plan`): fp3
 the CUDA execution provider when onnxruntime-gpu is installed, else the CPU provider; int8
 (dynamic quantization, a CPU format) on the CPU provider. Every graph runs at ONNX Runtime's
 full optimisation level.
+
+Graphs exported with a fixed batch (``--static-batch N``) are run in batches of exactly N, the
+last one padded (padding rows are dropped), through an I/O binding whose input and output
+buffers are allocated once; on the CUDA provider that is what lets ONNX Runtime capture the
+graph once and replay it (``enable_cuda_graph``), which removes per-node launch overhead. The
+CUDA provider cannot be run on the machines this project is tested on: the binding path is
+tested on the CPU provider, the CUDA options by inspection (README: Serving).
 """
 from __future__ import annotations
 
@@ -69,6 +76,12 @@ def default_providers(dtype: str = "fp32") -> List[str]:
     return [p for p in wanted if p in available]
 
 
+def provider_list(providers: Sequence[str], fixed_batch: Optional[int]) -> List:
+    """``providers`` with their options: CUDA graphs for fixed-batch graphs on the CUDA provider."""
+    return [(p, {"enable_cuda_graph": "1"}) if p == "CUDAExecutionProvider" and fixed_batch else p
+            for p in providers]
+
+
 def session_options(dtype: str, provider: str, threads: Optional[int] = None):
     """ONNX Runtime session options for a graph of ``dtype`` run first on ``provider``."""
     import onnxruntime as ort
@@ -93,12 +106,20 @@ class OrtEncoder:
         self.providers = list(providers or default_providers(self.meta["dtype"]))
         self.threads = threads
         self._sessions: Dict = {}
+        self._bindings: Dict = {}
         spec = self.meta["text"].get("tokenizer")
         self.tokenizer = load_tokenizer(self.dir, spec)  # CLIP BPE, a HF tokenizer.json, or None
 
     @property
     def embed_dim(self) -> int:
         return int(self.meta["embed_dim"])
+
+    @property
+    def fixed_batch(self) -> Optional[int]:
+        """The batch size the graphs are fixed to, or None for a free batch axis."""
+        if self.meta.get("dynamic_batch", True):
+            return None
+        return int(self.meta.get("batch_size") or 2)  # exports before batch_size was recorded fixed it at 2
 
     def _session(self, tower: str):
         if tower not in self.meta["towers"]:
@@ -107,7 +128,7 @@ class OrtEncoder:
         if tower not in self._sessions:
             self._sessions[tower] = open_session(self.dir / self.meta["towers"][tower],
                                                  session_options(self.meta["dtype"], self.providers[0], self.threads),
-                                                 self.providers)
+                                                 provider_list(self.providers, self.fixed_batch))
         return self._sessions[tower]
 
     # -- images ------------------------------------------------------------------------------
@@ -133,7 +154,7 @@ class OrtEncoder:
         return pixels.transpose(2, 0, 1)
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        return self._session("image").run(None, {"pixels": np.ascontiguousarray(pixels, np.float32)})[0]
+        return self._run("image", "pixels", np.ascontiguousarray(pixels, np.float32))
 
     def encode_images(self, images: Iterable[ImageLike], batch_size: int = 32) -> np.ndarray:
         images = list(images)
@@ -143,7 +164,42 @@ class OrtEncoder:
 
     # -- texts -------------------------------------------------------------------------------
     def encode_tokens(self, tokens: np.ndarray) -> np.ndarray:
-        return self._session("text").run(None, {"tokens": np.ascontiguousarray(tokens, np.int64)})[0]
+        return self._run("text", "tokens", np.ascontiguousarray(tokens, np.int64))
+
+    # -- running -----------------------------------------------------------------------------
+    def _run(self, tower: str, name: str, array: np.ndarray) -> np.ndarray:
+        session = self._session(tower)
+        fixed = self.fixed_batch
+        if fixed is None:
+            return session.run(None, {name: array})[0]
+        out = []
+        for start in range(0, len(array), fixed):
+            chunk = array[start:start + fixed]
+            n = len(chunk)
+            if n < fixed:  # pad the last batch to the graph's; the padding rows' embeddings are dropped
+                chunk = np.concatenate([chunk, np.zeros((fixed - n, *chunk.shape[1:]), chunk.dtype)])
+            out.append(self._run_bound(tower, name, chunk)[:n])
+        return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
+
+    def _run_bound(self, tower: str, name: str, chunk: np.ndarray) -> np.ndarray:
+        """One fixed-shape batch through buffers bound once (the same addresses on every run, as
+        CUDA graph replay requires)."""
+        import onnxruntime as ort
+
+        if tower not in self._bindings:
+            device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+            # buffers of ONNX Runtime's own: an OrtValue made from a numpy array would share the
+            # caller's memory on the CPU, and the next batch's update would overwrite their input
+            x = ort.OrtValue.ortvalue_from_shape_and_type(chunk.shape, chunk.dtype, device, 0)
+            y = ort.OrtValue.ortvalue_from_shape_and_type((len(chunk), self.embed_dim), np.float32, device, 0)
+            binding = self._sessions[tower].io_binding()
+            binding.bind_ortvalue_input(name, x)
+            binding.bind_ortvalue_output("embeddings", y)
+            self._bindings[tower] = (binding, x)
+        binding, x = self._bindings[tower]
+        x.update_inplace(chunk)
+        self._sessions[tower].run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
 
     def encode_texts(self, texts: Union[str, Sequence[str]], batch_size: int = 256) -> np.ndarray:
         self._session("text")  # says so first if the text tower was not exported

@@ -273,3 +273,42 @@ def test_benchmark_report_compares_onnx_variants_with_torch_eager(tmp_path):
     assert "cos 0.99300" in markdown({}, rows)
     chart(rows, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").stat().st_size > 0
+
+
+# -- fixed-batch graphs (CUDA graphs) ----------------------------------------------------------
+def test_fixed_batch_graphs_pad_the_last_batch_and_leave_the_input_alone(tmp_path, capsys):
+    model = patched_tiny()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--model", "HarMA-Tiny", "--out", str(tmp_path / "bad"), "--static-batch", "0"])
+    assert exit_info.value.code == 2
+    assert "--static-batch" in capsys.readouterr().err
+    with pytest.raises(HarmaError, match="batch_size must be a positive integer"):
+        export_onnx(model, tmp_path, batch_size=2.5)
+    meta = export_onnx(model, tmp_path, batch_size=3, model_name="HarMA-Tiny")  # parity ran batches 1 and 7
+    assert meta["batch_size"] == 3 and meta["dynamic_batch"] is False
+    for tower in ("image", "text"):
+        graph = onnx.load(str(tmp_path / f"{tower}.onnx")).graph
+        assert graph.input[0].type.tensor_type.shape.dim[0].dim_value == 3
+    encoder = OrtEncoder(tmp_path, providers=["CPUExecutionProvider"])
+    assert encoder.fixed_batch == 3
+    pixels = np.random.default_rng(4).standard_normal((7, 3, 64, 64)).astype(np.float32)
+    before = pixels.copy()
+    with torch.no_grad():
+        want = model.encode_image(torch.from_numpy(pixels), normalize=True).numpy()
+    for n in (7, 1, 3):  # two full batches and a padded one; one padded; exactly one
+        assert_close(torch.from_numpy(encoder.encode_pixels(pixels[:n])), torch.from_numpy(want[:n]), atol=1e-5)
+    assert np.array_equal(pixels, before), "the bound input buffer must not alias the caller's array"
+    captions = ["a river next to a road", "many red roofs", "the airport", "a beach", "green field"]
+    tokens = encoder.tokenizer(captions)
+    with torch.no_grad():
+        want = model.encode_text(torch.from_numpy(tokens), normalize=True).numpy()
+    assert_close(torch.from_numpy(encoder.encode_texts(captions)), torch.from_numpy(want), atol=1e-5)
+    assert encoder.encode_pixels(pixels[:0]).shape == (0, meta["embed_dim"])
+
+
+def test_cuda_graphs_only_for_fixed_batch_graphs_on_the_cuda_provider():
+    from harma_fast.export.runtime import provider_list
+    both = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert provider_list(both, None) == both
+    assert provider_list(both, 8) == [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), "CPUExecutionProvider"]
+    assert provider_list(["CPUExecutionProvider"], 8) == ["CPUExecutionProvider"]
