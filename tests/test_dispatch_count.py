@@ -82,14 +82,19 @@ def count_step(model, batch: int, autocast: bool, setattr_fn) -> OpCounter:
     size = size if isinstance(size, (tuple, list)) else (size, size)
     images = torch.randn(batch, 3, *size)
     tokens = torch.randint(1, 1000, (batch, model.context_length))
-    counter = OpCounter()
+    counter, warm_up = OpCounter(), OpCounter()
     stub_kernels(setattr_fn, counter)
-    with counter, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        image_f = model.encode_image(images, normalize=True)
-        text_f = model.encode_text(tokens, normalize=True)
-        dtype = torch.bfloat16 if autocast else torch.float32
-        out = loss(image_f.to(dtype), text_f.to(dtype), torch.arange(batch))
-        out.total.backward()
+    # the second step is counted: a training loop's steady state (the first makes the bf16
+    # copies of the frozen weights, which later steps reuse)
+    for mode in (warm_up, counter):
+        counter.compute.clear(), counter.triton.clear()
+        model.zero_grad(set_to_none=True), loss.zero_grad(set_to_none=True)  # as the trainer does
+        with mode, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            image_f = model.encode_image(images, normalize=True)
+            text_f = model.encode_text(tokens, normalize=True)
+            dtype = torch.bfloat16 if autocast else torch.float32
+            out = loss(image_f.to(dtype), text_f.to(dtype), torch.arange(batch))
+            out.total.backward()
     return counter
 
 
@@ -106,11 +111,13 @@ def _step_counts(name: str, batch: int, autocast: bool, setattr_fn) -> dict:
             "triton": sum(counter.triton.values()), "adapters": _adapters(model), "counter": counter}
 
 
-# Measured (torch 2.14, HarMA-Tiny, 4 adapters): 462 compute ops + 60 Triton launches in fp32,
-# 599 + 60 under bf16 autocast; before the gate gradients moved into a kernel and saved-only
-# outputs stopped getting zero-filled gradients: 572 / 721 + 52. The budgets leave ~5 % for
-# PyTorch versions that decompose an op differently, not room for a per-adapter regression.
-BUDGET = {False: 485, True: 630}
+# Measured (torch 2.14, HarMA-Tiny, 4 adapters, second step): 462 compute ops + 60 Triton
+# launches in fp32, 551 + 60 under bf16 autocast (599 before the bf16 copies of the frozen
+# weights were kept between steps; ViT-B-32: 3,229 -> 2,941); before the gate gradients moved
+# into a kernel and saved-only outputs stopped getting zero-filled gradients: 572 / 721 + 52.
+# The budgets leave ~5 % for PyTorch versions that decompose an op differently, not room for a
+# per-adapter regression.
+BUDGET = {False: 485, True: 580}
 TRITON_BUDGET = 64
 
 

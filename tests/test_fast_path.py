@@ -141,3 +141,25 @@ def test_trainer_fast_mode_finds_a_nan_without_per_step_syncs(tmp_path, monkeypa
     with pytest.raises(TrainingDiverged, match=r"non-finite at step 3 \(found at step 4, before any checkpoint"):
         train(cfg)
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["position"]["step"] == 2
+
+
+def test_bf16_copies_of_frozen_weights_are_kept_and_renewed_when_the_weights_change(models):
+    from harma_fast.fast import frozen_cast
+    ref, fast = models
+    weight = fast.visual.transformer.resblocks[0].mlp.c_fc.weight
+    first = frozen_cast(weight, torch.bfloat16)
+    assert frozen_cast(weight, torch.bfloat16) is first  # made once, reused by later steps
+    assert frozen_cast(weight, torch.float32) is weight
+    trainable = torch.nn.Parameter(torch.randn(3, 3))
+    assert frozen_cast(trainable, torch.bfloat16).requires_grad  # trainable weights: a plain, differentiable cast
+    # new backbone weights, loaded in place: every kept copy is renewed, none is served stale
+    new_backbone = {k: v + 0.01 * torch.randn_like(v) for k, v in tiny_model(seed=9).state_dict().items()}
+    images, tokens = sample_inputs(ref, batch=3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast.encode_image(images)
+        for model in (ref, fast):
+            model.load_state_dict(new_backbone, strict=False)
+        want, got = ref.encode_image(images).float(), fast.encode_image(images).float()
+    assert frozen_cast(weight, torch.bfloat16) is not first
+    assert_close(frozen_cast(weight, torch.bfloat16).float(), weight.detach().bfloat16().float(), atol=0)
+    assert_close(got, want, atol=0.05 * want.abs().max().item())
