@@ -210,7 +210,12 @@ def main(argv=None) -> int:
     dirs = {p: d for p, d in dirs.items() if p in args.providers}
     inputs = make_inputs(patched, args.batches)
     rows = interleaved(make_runners(patched, dirs, inputs), references(patched, stock, inputs), args.rounds)
-    print(f"{MODEL}, torch {torch.__version__} ({torch.get_num_threads()} threads), median of {args.rounds} "
+    import onnxruntime
+
+    from benchmarks._harness import cpu_description
+
+    print(f"{MODEL}, {cpu_description()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"onnxruntime {onnxruntime.__version__}, median of {args.rounds} "
           f"interleaved rounds, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(table(rows))
     return 0
