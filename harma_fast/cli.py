@@ -39,7 +39,7 @@ def load_preset(name_or_path: str) -> Dict:
 
 def train_config(args: argparse.Namespace):
     from .config import settings_from_yaml
-    from .train import TRAIN_RULES, YAML_ALIASES, TrainConfig
+    from .trainconfig import TRAIN_RULES, YAML_ALIASES, TrainConfig
 
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     # every preset value is type- and range-checked here, so an error names the file and the key
@@ -54,7 +54,7 @@ def train_config(args: argparse.Namespace):
         if value is not None:
             settings[key] = value
     if getattr(args, "resume", None):  # the run's own config.json; flags given override it
-        from .train import resumed_config
+        from .trainconfig import resumed_config
 
         return resumed_config(args.resume, settings)
     config = TrainConfig(**settings)
@@ -186,7 +186,7 @@ def run_eval(args: argparse.Namespace) -> Dict:
     from .data.annotations import load_eval_records
     from .data.transforms import eval_transform, model_image_spec
     from .evaluate import evaluate, format_metrics
-    from .train import TrainConfig
+    from .trainconfig import TrainConfig
     from .trainstate import load_training_state
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -70,7 +70,7 @@ def test_every_command_checks_its_numbers_and_choices(argv, capsys):
 
 def test_train_flag_table_matches_train_config_defaults():
     from harma_fast import backend, cliargs
-    from harma_fast.train import TRAIN_RULES
+    from harma_fast.trainconfig import TRAIN_RULES
 
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     assert {k: defaults[k] for k in cli.TRAIN_DEFAULTS} == cli.TRAIN_DEFAULTS
