@@ -126,9 +126,19 @@ class OrtEncoder:
             raise ValueError(f"the {tower} tower was not exported to {self.dir} (it holds: "
                              f"{', '.join(self.meta['towers'])}); re-export with towers including {tower!r}")
         if tower not in self._sessions:
-            self._sessions[tower] = open_session(self.dir / self.meta["towers"][tower],
-                                                 session_options(self.meta["dtype"], self.providers[0], self.threads),
-                                                 provider_list(self.providers, self.fixed_batch))
+            path = self.dir / self.meta["towers"][tower]
+            options = session_options(self.meta["dtype"], self.providers[0], self.threads)
+            providers = provider_list(self.providers, self.fixed_batch)
+            try:
+                self._sessions[tower] = open_session(path, options, providers)
+            except ExportFileError as err:
+                if providers == list(self.providers):
+                    raise
+                # ONNX Runtime refuses CUDA graphs when a node falls back to the CPU: run without them
+                import warnings
+
+                warnings.warn(f"{path}: CUDA graphs unavailable ({err}); running without them", stacklevel=3)
+                self._sessions[tower] = open_session(path, options, self.providers)
         return self._sessions[tower]
 
     # -- images ------------------------------------------------------------------------------

@@ -70,7 +70,9 @@ def frozen_cast(weight: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor
     """
     if weight is None or weight.dtype == dtype:
         return weight
-    if weight.requires_grad or weight.is_inference():  # trainable: autocast's business; inference: no version
+    # compiled: the graph holds its own casts (and cache bookkeeping would break it); trainable:
+    # autocast's business; inference tensors: no version counter to tell a changed weight by
+    if torch.compiler.is_compiling() or weight.requires_grad or weight.is_inference():
         return weight.to(dtype)
     key = (weight.data_ptr(), weight.device, weight._version, dtype)
     cached = getattr(weight, "_harma_cast", None)

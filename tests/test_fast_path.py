@@ -163,3 +163,17 @@ def test_bf16_copies_of_frozen_weights_are_kept_and_renewed_when_the_weights_cha
     assert frozen_cast(weight, torch.bfloat16) is not first
     assert_close(frozen_cast(weight, torch.bfloat16).float(), weight.detach().bfloat16().float(), atol=0)
     assert_close(got, want, atol=0.05 * want.abs().max().item())
+
+
+def test_compiled_fast_path_under_bf16_autocast_stays_within_the_recompile_limit(models):
+    # frozen_cast keeps Python state on the weights; inside a compiled graph it must not, or every
+    # call recompiles it (measured: dynamo's recompile limit hit on a tiny model's first forward)
+    ref, fast = models
+    images, tokens = sample_inputs(ref, batch=3)
+    compiled = torch.compile(copy.deepcopy(fast), backend="aot_eager")
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = compiled(images, tokens), fast(images, tokens)
+    for i, name in enumerate(("image features", "text features")):  # open_clip's CLIP returns a tuple here
+        assert_close(got[i].float(), want[i].float(), atol=2e-2, name=name)
+    torch._dynamo.reset()

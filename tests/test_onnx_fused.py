@@ -313,3 +313,21 @@ def test_cuda_graphs_only_for_fixed_batch_graphs_on_the_cuda_provider():
     assert provider_list(both, None) == both
     assert provider_list(both, 8) == [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), "CPUExecutionProvider"]
     assert provider_list(["CPUExecutionProvider"], 8) == ["CPUExecutionProvider"]
+
+
+def test_a_session_that_refuses_cuda_graphs_runs_without_them(tmp_path, monkeypatch):
+    from harma_fast.export import runtime
+    export_onnx(patched_tiny(), tmp_path, towers=("image",), batch_size=2, model_name="HarMA-Tiny", check=False)
+    real_open = runtime.open_session
+    monkeypatch.setattr(runtime, "provider_list", lambda providers, fixed: [(p, {"enable_cuda_graph": "1"})
+                                                                          for p in providers])
+
+    def open_session(path, options, providers):
+        if any(isinstance(p, tuple) for p in providers):  # what ORT says when a node is not on the CUDA EP
+            raise runtime.ExportFileError("This session cannot use the graph capture feature")
+        return real_open(path, options, providers)
+    monkeypatch.setattr(runtime, "open_session", open_session)
+    encoder = OrtEncoder(tmp_path, providers=["CPUExecutionProvider"])
+    with pytest.warns(UserWarning, match="CUDA graphs unavailable"):
+        out = encoder.encode_pixels(np.zeros((3, 3, 64, 64), np.float32))
+    assert out.shape == (3, encoder.embed_dim) and np.isfinite(out).all()
