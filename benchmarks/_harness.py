@@ -21,6 +21,21 @@ DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def prepare_environment() -> None:
+    """Set up what every benchmark entry point needs before a kernel module imports Triton:
+    without CUDA, Triton runs through its interpreter (CI-sized mode); no hub is ever called."""
+    if not ON_GPU:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from harma_fast.backend import triton_available, triton_interpreting
+
+    if triton_available() and triton_interpreting():
+        from harma_fast.kernels._interpreter import make_bf16_faithful
+
+        make_bf16_faithful()  # the interpreter's own bf16 truncates and multiplies raw bits
+
+
 def sizes(full, small):
     """The benchmark's full sizes on a GPU, its CI sizes elsewhere."""
     return full if FULL else small

@@ -104,15 +104,23 @@ def _sum_gradients_hook(state, bucket):
     return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
 
 
+def fused_optimizer_ok(params) -> bool:
+    """Whether AdamW can run as PyTorch's fused kernels: one launch set for all ~300 adapter
+    tensors instead of per-tensor (foreach) ops — every parameter a float CUDA tensor."""
+    params = list(params)
+    return bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+
+
 def _optimizer(model: nn.Module, loss: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for p in list(model.parameters()) + list(loss.parameters()):
         if p.requires_grad:
             # matrices decay; biases, gates and the temperature do not
             (decay if p.ndim >= 2 else no_decay).append(p)
+    fused = {"fused": True} if fused_optimizer_ok(decay + no_decay) else {}
     return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
-                             lr=config.lr, betas=tuple(config.betas), eps=config.eps)
+                             lr=config.lr, betas=tuple(config.betas), eps=config.eps, **fused)
 
 
 def linear_warmup_schedule(optimizer, total_steps: int, warmup_steps: int):

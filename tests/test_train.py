@@ -191,3 +191,15 @@ def test_no_progress_flag_of_train_and_demo():
     assert train_config(args).progress is False
     assert train_config(build_parser().parse_args(["train", "--train-file", "t.json", "--image-root", "i"])).progress
     assert build_parser().parse_args(["demo", "--no-progress"]).progress is False
+
+
+def test_adamw_runs_fused_only_where_every_parameter_is_a_cuda_float():
+    from types import SimpleNamespace
+
+    from harma_fast.train import fused_optimizer_ok
+
+    cuda = SimpleNamespace(is_cuda=True, is_floating_point=lambda: True)
+    assert fused_optimizer_ok([cuda, cuda])
+    assert not fused_optimizer_ok([cuda, torch.zeros(2)])  # one CPU tensor: PyTorch would refuse fused
+    assert not fused_optimizer_ok([SimpleNamespace(is_cuda=True, is_floating_point=lambda: False)])
+    assert not fused_optimizer_ok([])
