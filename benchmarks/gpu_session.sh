@@ -6,8 +6,9 @@
 #     bash benchmarks/gpu_session.sh tests         # CUDA correctness (tests/test_cuda.py) + kernels compile
 #     bash benchmarks/gpu_session.sh profile       # one ViT-B-32 bf16 step at batch 512 per provider
 #     bash benchmarks/gpu_session.sh check         # tests, then profile: the baseline call (~8 min)
-#     bash benchmarks/gpu_session.sh bench         # the benchmark suite -> $OUT/RESULTS.json + report
+#     bash benchmarks/gpu_session.sh bench         # the GPU suite -> $OUT/RESULTS.json + report + chart
 #     bash benchmarks/gpu_session.sh bench -k "train_step or loss"   # a subset, when time is short
+#     bash benchmarks/gpu_session.sh onnx          # bench_onnx.py alone (ONNX Runtime's CPU provider)
 # Each phase is bounded (timeout) so one call ends inside the device's 10 minutes and brings its
 # files back; at most 8 files come back per call, so each phase writes few. Copy $OUT/report.md
 # into benchmarks/RESULTS.md with the device, versions and date in $OUT/versions.txt.
@@ -43,12 +44,16 @@ profile() {
     --providers "${PROVIDERS:-reference,fused,fused-compiled,fused-compiled:reduce-overhead,fused-compiled:max-autotune-no-cudagraphs}" \
     2>&1 | tee "$OUT/profile.log"
 }
+suite() {
+  # pytest-benchmark writes its JSON only at the end: the timeout leaves time for that and the report
+  timeout 540 python3 -m pytest -q "$@" --benchmark-json="$OUT/RESULTS.json" 2>&1 | tail -n 40 | tee "$OUT/bench.log"
+  python3 -m benchmarks.report "$OUT/RESULTS.json" --markdown "$OUT/report.md" --png "$OUT/speedups.png" && cat "$OUT/report.md"
+}
 case "$what" in
   tests) tests ;;
   profile) profile 540 ;;
   check) tests; profile 240 ;;
-  bench) timeout 560 python3 -m pytest benchmarks/ -q "$@" --benchmark-json="$OUT/RESULTS.json" 2>&1 | tail -n 40 | tee "$OUT/bench.log"
-         python3 -m benchmarks.report "$OUT/RESULTS.json" --markdown "$OUT/report.md" --png "$OUT/speedups.png"
-         cat "$OUT/report.md" ;;
-  *) echo "usage: gpu_session.sh tests|profile|check|bench [pytest args]"; exit 2 ;;
+  bench) suite benchmarks/ --ignore=benchmarks/bench_onnx.py "$@" ;;
+  onnx) suite benchmarks/bench_onnx.py "$@" ;;
+  *) echo "usage: gpu_session.sh tests|profile|check|bench|onnx [pytest args]"; exit 2 ;;
 esac
