@@ -4,6 +4,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -66,6 +67,23 @@ def cached_pretrained_path(name: str, tag: str, cache_dir: Optional[str] = None)
     return None
 
 
+def _unreadable_reason(path: Path, err: Exception) -> str:
+    """Why torch could not read ``path``, in the user's terms (torch's own message for a file that
+    is no checkpoint at all talks about ``weights_only`` and suggests an unsafe retry)."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not (zipfile.is_zipfile(path) or head[:1] == b"\x80"):  # torch.save's zip, or a legacy pickle
+        return ("it is not a PyTorch checkpoint (truncated, corrupt or of another format); "
+                "pass the .pt/.bin/.safetensors weights file of the model")
+    if "weights only" in str(err).lower():
+        return ("it holds Python objects besides tensors, which harma_fast does not unpickle (that "
+                "could run code from the file); save its weights alone, e.g. "
+                "torch.save(model.state_dict(), 'weights.pt'), or use a .safetensors file")
+    return str(err).strip().splitlines()[0]
+
+
 def _read_state_dict(path: Path) -> Tuple[dict, bool]:
     """``(state_dict, is_torchscript)`` of a checkpoint file, or a clear error."""
     import open_clip
@@ -74,9 +92,11 @@ def _read_state_dict(path: Path) -> Tuple[dict, bool]:
         return open_clip.factory.load_state_dict(str(path)), False
     except Exception as err:  # noqa: BLE001 - torch.load raises many types
         try:  # OpenAI's original .pt files are TorchScript archives, which weights_only refuses
-            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+                state = torch.jit.load(str(path), map_location="cpu").state_dict()
         except Exception:  # noqa: BLE001
-            raise CheckpointError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from err
+            raise CheckpointError(f"cannot read checkpoint {path}: {_unreadable_reason(path, err)}") from err
         for key in ("input_resolution", "context_length", "vocab_size"):
             state.pop(key, None)
         return state, True

@@ -46,8 +46,24 @@ def test_missing_and_corrupt_checkpoint_files(tmp_path):
         harma_fast.create_model("HarMA-Tiny", pretrained=tmp_path / "nothing.pt")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"\x00\x01 not torch")
-    with pytest.raises(ValueError, match="cannot read checkpoint .*corrupt.pt"):
+    with pytest.raises(ValueError, match="cannot read checkpoint .*corrupt.pt: it is not a PyTorch checkpoint"):
         harma_fast.create_model("HarMA-Tiny", pretrained=corrupt)
+    whole = tmp_path / "whole.pt"
+    torch.save(harma_fast.create_model("HarMA-Tiny").state_dict(), whole)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated.pt: it is not a PyTorch checkpoint .truncated, corrupt"):
+        harma_fast.create_model("HarMA-Tiny", pretrained=truncated)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"model": _NotATensor(), "state_dict": {}}, pickled)  # e.g. a whole training run object
+    with pytest.raises(ValueError) as err:
+        harma_fast.create_model("HarMA-Tiny", pretrained=pickled)
+    # torch's own message suggests weights_only=False, an unsafe retry; ours says what to do instead
+    assert "holds Python objects besides tensors" in str(err.value) and "weights_only" not in str(err.value)
+
+
+class _NotATensor:
+    pass
 
 
 def test_uncached_pretrained_tag_never_downloads(tmp_path, monkeypatch):
