@@ -134,6 +134,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=256, help="images or captions per forward pass")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="bf16 on CUDA under auto, else fp32")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="kernels: triton on CUDA under auto")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars (also: TQDM_DISABLE=1, or stderr not a terminal)")
 
 
 def _add_demo(sub) -> None:
@@ -191,7 +193,7 @@ def run_eval(args: argparse.Namespace) -> Dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    records = load_eval_records(args.test_file, args.image_root, split=args.split)
+    records = load_eval_records(args.test_file, args.image_root, split=args.split, progress=args.progress)
     model = create_model(args.model, args.pretrained)
     if args.adapters:
         load_adapters(model, args.adapters, check_backbone=not args.ignore_backbone_mismatch)
@@ -206,7 +208,7 @@ def run_eval(args: argparse.Namespace) -> Dict:
     model.to(device)
     size, mean, std = model_image_spec(model)
     metrics = evaluate(model, records, eval_transform(size, mean, std), get_tokenizer(args.model), device,
-                       args.batch_size, 0, precision, args.backend)
+                       args.batch_size, 0, precision, args.backend, args.progress)
     print(format_metrics(metrics, f"{args.test_file}: {len(records.images)} images, {len(records.captions)} captions"))
     if args.output:
         from .io import atomic_path

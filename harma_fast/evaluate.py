@@ -12,6 +12,7 @@ from .data.annotations import EvalRecords
 from .data.datasets import ImageDataset, batched
 from .errors import ConfigError
 from .metrics import retrieval_metrics
+from .progress import bar_wanted
 
 Tensor = torch.Tensor
 
@@ -34,10 +35,10 @@ def encode_records(model: nn.Module, records: EvalRecords, transform: Callable, 
     loader = DataLoader(ImageDataset(records, transform), batch_size=batch_size, num_workers=num_workers)
     images, texts = [], []
     with _autocast(device, precision):
-        for pixels in tqdm(loader, desc="encoding images", leave=False, disable=not progress):
+        for pixels in tqdm(loader, desc="encoding images", leave=False, disable=not bar_wanted(progress)):
             images.append(model.encode_image(pixels.to(device), normalize=True).float())
         for chunk in tqdm(list(batched(records.captions, batch_size)), desc="encoding captions", leave=False,
-                          disable=not progress):
+                          disable=not bar_wanted(progress)):
             texts.append(model.encode_text(tokenizer(list(chunk)).to(device), normalize=True).float())
     model.train(was_training)
     return torch.cat(images), torch.cat(texts)

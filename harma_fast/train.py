@@ -46,6 +46,7 @@ from .fast import enable_fast_path
 from .losses import HarMALoss
 from .models import create_model, get_tokenizer
 from .patching import patch, trainable_parameters
+from .progress import bar_wanted
 from .runlog import RunLog, check_writable
 from .trainconfig import LENGTH_SETTINGS, TrainConfig, resume_checkpoint
 from .trainstate import Position, load_training_state, read_training_state, save_training_state
@@ -59,12 +60,6 @@ class TrainingDiverged(RuntimeError):
 
 class RunExistsError(OutputPathError, FileExistsError):
     """The output directory already holds a run, and neither resume nor overwrite was asked for."""
-
-
-def _progress_bar_wanted(progress: bool) -> bool:
-    # tqdm reads TQDM_DISABLE only for arguments left unset; we set disable= ourselves, so read it here
-    disabled = os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no", "off")
-    return progress and not disabled and sys.stderr.isatty()
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,14 +152,14 @@ class Trainer:
                 raise RunExistsError(f"{self.out} already holds a run (last.pt); pass --resume {self.out} to continue "
                                      "it, --overwrite to start over, or another --output-dir")
         self.log = RunLog(self.out, enabled=self.main)
-        self.bar_wanted = self.main and _progress_bar_wanted(config.progress)
+        self.bar_wanted = self.main and bar_wanted(config.progress)
         # where the frozen backbone comes from, recorded with the adapters so a mismatch can say what to pass
         self.backbone_source = config.pretrained or str(self.out / "backbone.pt")
 
         # data: every file is validated before the model is even built
         check = config.check_images and self.main
         data = load_splits(config.train_file, config.val_file, config.test_file, config.image_root, config.max_words,
-                           check)  # every file's problems reported at once
+                           check, progress=config.progress)  # every file's problems reported at once
         self.train_records, self.val_records, self.test_records = data.train, data.val, data.test
 
         torch.manual_seed(config.seed)

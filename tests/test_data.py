@@ -105,3 +105,47 @@ def test_augmentation_depends_only_on_seed_epoch_and_index(synth):
     assert torch.equal(ds[5][0], a)
     ds.set_epoch(1)
     assert not torch.equal(ds[5][0], a)
+
+
+class _Terminal:
+    """A stand-in stderr that says it is a terminal (tqdm draws bars with \\r on one)."""
+
+    def __init__(self):
+        self.text = ""
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("progress, on_terminal, tqdm_disable, bar", [
+    (True, True, None, True), (False, True, None, False), (True, False, None, False), (True, True, "1", False)])
+def test_image_check_bar_follows_the_progress_rule(tmp_path, monkeypatch, progress, on_terminal, tqdm_disable, bar):
+    import sys
+
+    from harma_fast.data import annotations
+
+    err = _Terminal()
+    if not on_terminal:
+        err.isatty = lambda: False
+    monkeypatch.setattr(sys, "stderr", err)
+    if tqdm_disable:
+        monkeypatch.setenv("TQDM_DISABLE", tqdm_disable)
+    else:
+        monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    paths = [tmp_path / f"{i}.png" for i in range(250)]  # 200 or more images get a bar
+    assert len(annotations._check_images(paths, workers=2, progress=progress)) == 250  # none exists
+    assert ("checking images" in err.text) == bar
+
+
+def test_eval_command_has_no_progress_flag():
+    from harma_fast.cli import build_parser
+
+    base = ["eval", "--test-file", "t.json", "--image-root", "i"]
+    assert build_parser().parse_args(base + ["--no-progress"]).progress is False
+    assert build_parser().parse_args(base).progress is True

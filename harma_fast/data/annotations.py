@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, HarmaError
 from ..io import PathLike
+from ..progress import bar_wanted
 from .layouts import SPLITS, Entry, ParsedFile, Problem, clean_caption, read_annotations
 
 __all__ = ["AnnotationError", "Problem", "TrainRecords", "EvalRecords", "Splits", "Survey", "clean_caption",
@@ -181,10 +182,10 @@ def _check_image(path: Path) -> str:
     return ""
 
 
-def _check_images(paths: Sequence[Path], workers: int = 8) -> Dict[Path, str]:
+def _check_images(paths: Sequence[Path], workers: int = 8, progress: bool = True) -> Dict[Path, str]:
     with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL decodes without the GIL
         verdicts = list(tqdm(pool.map(_check_image, paths), total=len(paths), desc="checking images", unit="img",
-                             leave=False, disable=len(paths) < 200))
+                             leave=False, disable=len(paths) < 200 or not bar_wanted(progress)))
     return {p: why for p, why in zip(paths, verdicts) if why}
 
 
@@ -192,7 +193,7 @@ def _check_images(paths: Sequence[Path], workers: int = 8) -> Dict[Path, str]:
 # the loaders
 # --------------------------------------------------------------------------------------------
 def survey(requests: Sequence[Tuple[str, PathLike, Optional[str]]], image_root: PathLike, max_words: int = 30,
-           check_images: bool = True) -> Survey:
+           check_images: bool = True, progress: bool = True) -> Survey:
     """Read every ``(role, file, split)`` request ("train" or "eval"; the split names the part of
     a Karpathy/NWPU file and is ignored for HarMA files) and collect every problem, without raising.
 
@@ -223,7 +224,7 @@ def survey(requests: Sequence[Tuple[str, PathLike, Optional[str]]], image_root: 
         for (_, path, _), (_, entries) in zip(requests, chosen):
             for e in entries:
                 uses.setdefault(e.image, {})[(Path(path), e.record)] = e
-        result.bad_images = _check_images(list(uses))
+        result.bad_images = _check_images(list(uses), progress=progress)
         result.images_checked = len(uses)
         for image, why in result.bad_images.items():
             rel = image.relative_to(root) if image.is_relative_to(root) else image
@@ -235,8 +236,8 @@ def survey(requests: Sequence[Tuple[str, PathLike, Optional[str]]], image_root: 
     return result
 
 
-def _load(requests, image_root, max_words, check_images) -> List[Optional[Records]]:
-    found = survey(requests, image_root, max_words, check_images)
+def _load(requests, image_root, max_words, check_images, progress=True) -> List[Optional[Records]]:
+    found = survey(requests, image_root, max_words, check_images, progress)
     if found.problems:
         raise AnnotationError(found.problems)
     return found.records
@@ -249,13 +250,13 @@ def load_train_records(path: PathLike, image_root: PathLike, max_words: int = 30
 
 
 def load_eval_records(path: PathLike, image_root: PathLike, max_words: int = 30, check_images: bool = True,
-                      split: str = "test") -> EvalRecords:
+                      split: str = "test", progress: bool = True) -> EvalRecords:
     """Read and validate an evaluation file (HarMA, or the ``split`` of a Karpathy/NWPU file)."""
-    return _load([("eval", path, split)], image_root, max_words, check_images)[0]
+    return _load([("eval", path, split)], image_root, max_words, check_images, progress)[0]
 
 
 def load_splits(train_file: Optional[PathLike], val_file: Optional[PathLike], test_file: Optional[PathLike],
-                image_root: PathLike, max_words: int = 30, check_images: bool = True) -> Splits:
+                image_root: PathLike, max_words: int = 30, check_images: bool = True, progress: bool = True) -> Splits:
     """The records of a run; every problem of every file is reported in one AnnotationError.
 
     A Karpathy/NWPU file may be given for several roles: each reads the split named after it.
@@ -264,7 +265,7 @@ def load_splits(train_file: Optional[PathLike], val_file: Optional[PathLike], te
         raise ConfigError("no training file: set train_file (--train-file, or --data for a file holding every split)")
     wanted = [(role, f, split) for role, f, split in (("train", train_file, "train"), ("eval", val_file, "val"),
                                                        ("eval", test_file, "test")) if f]
-    records = iter(_load(wanted, image_root, max_words, check_images))
+    records = iter(_load(wanted, image_root, max_words, check_images, progress))
     return Splits(*(next(records) if f else None for f in (train_file, val_file, test_file)))
 
 
