@@ -12,7 +12,7 @@ def add_export_parsers(sub) -> None:
     p = add_subparser(sub, "export", "export the (adapted) encoders to ONNX, checked against PyTorch",
                       "Export the image and text encoders (backbone plus adapters) to ONNX graphs with a "
                       "harma.json describing them. Each graph is run with ONNX Runtime against PyTorch on "
-                      "fresh inputs and refused, its files removed, if they differ.")
+                      "fresh inputs and refused, nothing written, if they differ.")
     p.add_argument("--model", default="ViT-B-32", help="open_clip architecture")
     p.add_argument("--pretrained", help="backbone weights: local file or cached tag (default: random weights)")
     src = p.add_mutually_exclusive_group()
@@ -29,7 +29,7 @@ def add_export_parsers(sub) -> None:
                    help="standard ONNX ops only (no ONNX Runtime contrib ops such as the fused Attention)")
     p.add_argument("--check-file", help="with --dtype int8: evaluation file on which int8 retrieval must match fp32's")
     p.add_argument("--image-root", help="image folder of --check-file")
-    p.add_argument("--opset", type=positive_int, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--opset", type=positive_int, help="ONNX opset, 18 to the newest torch.onnx writes (default: the exporter's)")
     p.add_argument("--static-batch", type=positive_int, metavar="N",
                    help="fix the batch axis to N (for CUDA graphs; the runtime pads the last batch) "
                         "(default: a free batch axis)")
@@ -60,7 +60,10 @@ def run_export(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")
 
     from .. import create_model, load_adapters, load_released_checkpoint
-    from .onnx_export import export_onnx
+    from .onnx_export import check_export_options, export_onnx
+
+    check_export_options(args.towers, args.dtype, args.opset, args.static_batch, not args.plain_onnx,
+                         args.check_file, args.image_root)
 
     model = create_model(args.model, args.pretrained)
     if args.adapters:

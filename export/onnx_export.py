@@ -12,19 +12,20 @@ standard ONNX ops only, for runtimes without ONNX Runtime's contrib ops (e.g. Te
 fuses attention itself). Either way weights are stored pre-transposed. ``dtype="int8"``
 quantizes the fused fp32 graphs (``harma_fast.export.quantize``).
 
-After writing, the graphs are run with ONNX Runtime on fresh random inputs at several batch
-sizes and caption lengths and compared with PyTorch; an export that does not match is
-removed and refused.
+The graphs are written to a scratch folder inside the output folder, run with ONNX Runtime on
+fresh random inputs at several batch sizes and caption lengths and compared with PyTorch, and
+moved into place only if they match; a refused export writes nothing (an earlier one is kept).
 """
 from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ TOWER_FILES = {"image": "image.onnx", "text": "text.onnx"}
 
 
 class ExportParityError(HarmaError, RuntimeError):
-    """The ONNX graphs did not reproduce PyTorch (or int8 changed retrieval); the files were removed."""
+    """The ONNX graphs did not reproduce PyTorch (or int8 changed retrieval); nothing was written."""
 
 
 class ImageTower(nn.Module):
@@ -114,41 +115,30 @@ def _export_tower(module: nn.Module, example: torch.Tensor, path: Path, input_na
         onnx.save_model(graph, str(tmp), save_as_external_data=large, location=f"{path.name}.data")
 
 
-def _clear_previous(out: Path) -> None:
-    """Remove an earlier export's harma.json and tower graphs, so none outlives its description."""
+def _publish(stage: Path, out: Path) -> None:
+    """Move a finished export from ``stage`` into ``out``, replacing an earlier export there whole
+    (its tower graphs and harma.json go first, so no graph outlives its description)."""
     for name in ("harma.json", *TOWER_FILES.values(), *(f"{n}.data" for n in TOWER_FILES.values())):
         (out / name).unlink(missing_ok=True)
+    files = [f for f in stage.iterdir() if f.is_file()]
+    for f in sorted(files, key=lambda f: f.name == "harma.json"):  # the description last
+        os.replace(f, out / f.name)
 
 
-def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("image", "text"), dtype: str = "fp32",
-                opset: Optional[int] = None, batch_size: Optional[int] = None, model_name: Optional[str] = None,
-                check: bool = True, fused: bool = True, check_file: Optional[PathLike] = None,
-                image_root: Optional[PathLike] = None, progress: Optional[Callable[[str], None]] = None) -> Dict:
-    """Write ``image.onnx``/``text.onnx`` and ``harma.json`` to ``out_dir``; returns the metadata.
+def opset_range() -> Tuple[int, int]:
+    """The ONNX opsets torch.onnx's exporter writes: it builds opset 18 and converts upwards only
+    (a lower request is silently raised to 18), up to the newest it knows."""
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET
+    except ImportError:  # a private module: assume what torch 2.11-2.14 have
+        ONNX_MAX_OPSET = 23
+    return 18, int(ONNX_MAX_OPSET)
 
-    Args:
-        model: an open_clip CLIP, patched with HarMA or not (it is not modified).
-        towers: which encoders to export. Graphs of an earlier export in ``out_dir`` are removed.
-        dtype: ``"fp32"``, ``"fp16"`` (weights and arithmetic; for the CUDA provider) or ``"int8"``
-            (dynamic per-channel int8 weights, for the CPU provider). Inputs and outputs stay float32.
-        opset: ONNX opset (the exporter's default when None).
-        batch_size: None (default) for a free batch axis; N fixes every graph to batches of N
-            (what CUDA graphs need; :class:`OrtEncoder` pads the last batch and binds fixed buffers).
-        model_name: open_clip architecture name, for the tokenizer (defaults to the name
-            ``harma_fast.create_model`` recorded on the model).
-        check: run :func:`check_parity` and refuse (remove the files) when it fails.
-        fused: attention as ONNX Runtime's fused ``com.microsoft.Attention`` (default), or
-            standard ONNX ops only (``False``; int8 needs the fused graphs).
-        check_file, image_root: an evaluation file (and its image folder); with ``dtype="int8"``,
-            retrieval through the int8 graphs must match the fp32 graphs' (``quantize``'s tolerances).
-        progress: called with a line saying what step the export is on (e.g. ``print``).
-    """
-    import open_clip
 
-    from .. import __version__
-    from ..patching import is_patched, set_backend
-
-    say = progress or (lambda message: None)
+def check_export_options(towers: Sequence[str], dtype: str, opset: Optional[int], batch_size: Optional[int],
+                         fused: bool, check_file: Optional[PathLike], image_root: Optional[PathLike]) -> tuple:
+    """Refuse options :func:`export_onnx` cannot honour, before any work (the CLI calls it before
+    loading the model); returns ``towers`` as a tuple."""
     if dtype not in _DTYPES:
         raise ConfigError(f"dtype must be 'fp32', 'fp16' or 'int8', got {dtype!r}")
     towers = tuple(towers)
@@ -162,9 +152,48 @@ def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("i
     if check_file is not None and (dtype != "int8" or image_root is None or set(towers) != {"image", "text"}):
         raise ConfigError("check_file (--check-file) judges int8 retrieval: it needs dtype='int8', both towers and "
                           "image_root (--image-root)")
+    low, high = opset_range()
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high):
+        raise ConfigError(f"opset must be an integer from {low} to {high} (what torch {torch.__version__}'s ONNX "
+                          f"exporter writes), got {opset!r}; leave it out for the exporter's default")
+    return towers
+
+
+def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("image", "text"), dtype: str = "fp32",
+                opset: Optional[int] = None, batch_size: Optional[int] = None, model_name: Optional[str] = None,
+                check: bool = True, fused: bool = True, check_file: Optional[PathLike] = None,
+                image_root: Optional[PathLike] = None, progress: Optional[Callable[[str], None]] = None) -> Dict:
+    """Write ``image.onnx``/``text.onnx`` and ``harma.json`` to ``out_dir``; returns the metadata.
+
+    Args:
+        model: an open_clip CLIP, patched with HarMA or not (it is not modified).
+        towers: which encoders to export. Everything is written to a scratch folder inside
+            ``out_dir`` and moved into place only once it passed its checks; an earlier export in
+            ``out_dir`` is replaced whole then, and kept as it was if this one fails.
+        dtype: ``"fp32"``, ``"fp16"`` (weights and arithmetic; for the CUDA provider) or ``"int8"``
+            (dynamic per-channel int8 weights, for the CPU provider). Inputs and outputs stay float32.
+        opset: ONNX opset (the exporter's default when None), within :func:`opset_range`.
+        batch_size: None (default) for a free batch axis; N fixes every graph to batches of N
+            (what CUDA graphs need; :class:`OrtEncoder` pads the last batch and binds fixed buffers).
+        model_name: open_clip architecture name, for the tokenizer (defaults to the name
+            ``harma_fast.create_model`` recorded on the model).
+        check: run :func:`check_parity` and refuse (write nothing) when it fails.
+        fused: attention as ONNX Runtime's fused ``com.microsoft.Attention`` (default), or
+            standard ONNX ops only (``False``; int8 needs the fused graphs).
+        check_file, image_root: an evaluation file (and its image folder); with ``dtype="int8"``,
+            retrieval through the int8 graphs must match the fp32 graphs' (``quantize``'s tolerances).
+        progress: called with a line saying what step the export is on (e.g. ``print``).
+    """
+    import open_clip
+
+    from .. import __version__
+    from ..patching import is_patched, set_backend
+
+    say = progress or (lambda message: None)
+    towers = check_export_options(towers, dtype, opset, batch_size, fused, check_file, image_root)
     out = Path(out_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    _clear_previous(out)
     model_name = model_name or getattr(model, "harma_model_name", None)
     float_dtype = "fp32" if dtype == "int8" else dtype
 
@@ -184,9 +213,11 @@ def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("i
         fuse_attention(work)
     size, mean, std = model_image_spec(work)
     tokenizer = _tokenizer_spec(work, model_name) if "text" in towers else None
-    # int8 graphs are quantized from fp32 graphs written to a scratch folder first
-    graphs = Path(tempfile.mkdtemp(prefix=".fp32-", dir=out)) if dtype == "int8" else out
-    written = []
+    # everything is written to a scratch folder and published only when it passed its checks;
+    # int8 graphs are quantized from fp32 graphs in a folder inside it
+    stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    graphs = stage / "fp32" if dtype == "int8" else stage
+    graphs.mkdir(exist_ok=True)
     try:
         previous = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)  # the MHA fast path has no ONNX mapping
@@ -204,13 +235,12 @@ def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("i
                         example = torch.randint(1, min(vocab_size(work), 49406),
                                                 (batch_size or 2, int(work.context_length)))
                     _export_tower(module.eval(), example, path, name, opset, batch_size, fused)
-                    written.append(path)
         finally:
             torch.backends.mha.set_fastpath_enabled(previous)
         if tokenizer:
             from .families import write_tokenizer_files
 
-            for folder in {out, graphs}:
+            for folder in {stage, graphs}:
                 write_tokenizer_files(tokenizer, folder, _vocab_path())
         with torch.no_grad():
             embed_dim = int(work.encode_image(torch.zeros(1, 3, size, size, dtype=_DTYPES[dtype])).shape[-1])
@@ -233,37 +263,41 @@ def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("i
         if check:
             say(f"checking the {float_dtype} graphs against PyTorch with ONNX Runtime")
             meta["parity"] = check_parity(model, graphs)
-            _refuse_on_failure(meta["parity"], graphs, float_dtype)
+            _refuse_on_failure(meta["parity"], out, float_dtype)
         if dtype == "int8":
             for tower in towers:
                 say(f"quantizing the {tower} tower to int8 (dynamic, per-channel weights)")
-                quantize.quantize_tower(graphs / TOWER_FILES[tower], out / TOWER_FILES[tower])
-                written.append(out / TOWER_FILES[tower])
+                quantize.quantize_tower(graphs / TOWER_FILES[tower], stage / TOWER_FILES[tower])
             meta.update(dtype="int8", quantization={"method": "dynamic", "weights": "QInt8, per channel",
                                                     "ops": list(quantize.OP_TYPES), "fp32": "patch Conv"})
             meta.pop("parity", None)
-            _write_meta(out, meta)
+            _write_meta(stage, meta)
             if check:
                 say("checking the int8 graphs against PyTorch (cosine)")
-                meta["parity"] = check_parity(model, out)
+                meta["parity"] = check_parity(model, stage)
                 _refuse_on_failure(meta["parity"], out, "int8")
             if check_file is not None:
-                meta["retrieval_check"] = quantize.retrieval_check(graphs, out, check_file, image_root, say)
+                meta["retrieval_check"] = quantize.retrieval_check(graphs, stage, check_file, image_root, say)
                 if not meta["retrieval_check"]["ok"]:
                     raise ExportParityError(
                         f"int8 export to {out} changes retrieval on {check_file}: "
-                        f"{'; '.join(meta['retrieval_check']['failures'])}. The files were removed; "
+                        f"{'; '.join(meta['retrieval_check']['failures'])}. {_NOTHING_WRITTEN.format(out)}; "
                         "export fp32 (--dtype fp32) instead.")
-        _write_meta(out, meta)
+        if graphs != stage:
+            shutil.rmtree(graphs)
+        _write_meta(stage, meta)
+        _publish(stage, out)
     except BaseException:
-        tokenizer_file = (tokenizer or {}).get("vocab") or (tokenizer or {}).get("file")
-        for path in written + [out / "harma.json"] + ([out / tokenizer_file] if tokenizer_file else []):
-            path.unlink(missing_ok=True)
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()  # a refused export leaves no trace, not even the folder it made
         raise
-    finally:
-        if graphs != out:
-            shutil.rmtree(graphs, ignore_errors=True)
+    shutil.rmtree(stage, ignore_errors=True)
     return meta
+
+
+# what a refused export says of the disk (the files were staged in a scratch folder, now removed)
+_NOTHING_WRITTEN = "No file was written to {} (an earlier export there is kept)"
 
 
 def _refuse_on_failure(report: Dict, out: Path, dtype: str) -> None:
@@ -271,7 +305,7 @@ def _refuse_on_failure(report: Dict, out: Path, dtype: str) -> None:
                 for t, rows in report.items() for r in rows if not r["ok"]]
     if failures:
         raise ExportParityError(f"ONNX export to {out} does not match PyTorch ({dtype} tolerance "
-                                f"{TOLERANCE[dtype]}): {'; '.join(failures)}. The files were removed.")
+                                f"{TOLERANCE[dtype]}): {'; '.join(failures)}. {_NOTHING_WRITTEN.format(out)}.")
 
 
 def _write_meta(out: Path, meta: Dict) -> None:

@@ -8,6 +8,7 @@ import torch
 
 import harma_fast
 from harma_fast.cli import main
+from harma_fast.errors import ConfigError
 from helpers import randomize_adapters, tiny_model
 
 onnx = pytest.importorskip("onnx")
@@ -88,16 +89,42 @@ def test_tokenizer_matches_open_clip(tmp_path):
     assert np.array_equal(ours(texts), reference(texts).numpy())
 
 
-def test_failed_parity_removes_the_files(tmp_path, monkeypatch):
+def test_failed_export_writes_nothing_and_keeps_the_earlier_export(tmp_path, monkeypatch):
     import harma_fast.export.onnx_export as ox
     model = tiny_model()
+    earlier = export_onnx(model, tmp_path, towers=("text",), model_name="HarMA-Tiny")
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
 
     def broken(model, out_dir, **kw):
         return {"image": [{"batch": 1, "max_abs": 0.5, "min_cosine": 0.2, "ok": False}]}
     monkeypatch.setattr(ox, "check_parity", broken)
-    with pytest.raises(ExportParityError, match="image tower at batch 1: max abs 5.00e-01.*files were removed"):
+    with pytest.raises(ExportParityError, match="image tower at batch 1: max abs 5.00e-01.*No file was written to "
+                       ".*an earlier export there is kept"):
         export_onnx(model, tmp_path, towers=("image",), model_name="HarMA-Tiny")
-    assert not (tmp_path / "image.onnx").exists() and not (tmp_path / "harma.json").exists()
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before  # no scratch folder left either
+    assert json.loads((tmp_path / "harma.json").read_text())["export_id"] == earlier["export_id"]
+    fresh = tmp_path / "new"
+    with pytest.raises(ExportParityError):
+        export_onnx(model, fresh, towers=("image",), model_name="HarMA-Tiny")
+    assert not fresh.exists()  # the folder it made is gone too
+
+
+def test_a_successful_export_replaces_the_earlier_one_whole(tmp_path):
+    model = tiny_model()
+    export_onnx(model, tmp_path, towers=("text",), model_name="HarMA-Tiny")
+    meta = export_onnx(model, tmp_path, towers=("image",), model_name="HarMA-Tiny")
+    names = {f.name for f in tmp_path.iterdir()}
+    assert {"harma.json", "image.onnx"} <= names and "text.onnx" not in names  # no stale text graph
+    assert OrtEncoder(tmp_path).meta["export_id"] == meta["export_id"]
+
+
+@pytest.mark.parametrize("opset", [5, 17, 99, True])
+def test_an_opset_the_exporter_cannot_write_is_refused(tmp_path, opset):
+    # torch.onnx builds opset 18 and converts upwards only: 5 used to give an opset-18 graph silently,
+    # 99 a converter traceback and then an "invalid graph" error
+    with pytest.raises(ConfigError, match="opset must be an integer from 18 to"):
+        export_onnx(tiny_model(), tmp_path / "x", towers=("text",), opset=opset, model_name="HarMA-Tiny")
+    assert not (tmp_path / "x").exists()
 
 
 def test_runtime_errors(tmp_path):

@@ -154,7 +154,7 @@ def test_int8_keeps_the_demo_models_retrieval(trained_demo, tmp_path, capsys):
 
 def test_int8_that_changes_retrieval_is_refused_and_removed(tmp_path, synthetic_eval, monkeypatch):
     monkeypatch.setattr(quantize, "recall_failures", lambda *a: ["img_r1 10.00 vs fp32 50.00 (allowed ±2.0)"])
-    with pytest.raises(ExportParityError, match="changes retrieval on .*img_r1 10.00 vs fp32 50.00.*removed"):
+    with pytest.raises(ExportParityError, match="changes retrieval on .*img_r1 10.00 vs fp32 50.00.*No file was written"):
         export_onnx(patched_tiny(), tmp_path, dtype="int8", model_name="HarMA-Tiny", check=False,
                     check_file=synthetic_eval["test"], image_root=synthetic_eval["image_root"])
     assert sorted(p.name for p in tmp_path.iterdir()) == []
