@@ -123,8 +123,11 @@ class GalleryIndex:
         removed = [n for n in cached if n not in current]
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc="embedding images", unit="img", disable=not self.progress or not todo,
-                   leave=False)
+        from ..progress import bar_wanted
+
+        bar = tqdm(total=len(todo), desc="embedding images", unit="img",
+                   disable=not bar_wanted(self.progress) or not todo, leave=False)
+        embedded = 0
         for start in range(0, len(todo), 64):
             chunk = todo[start:start + 64]
             pixels, ok = [], []
@@ -137,13 +140,16 @@ class GalleryIndex:
             if ok:
                 for name, vec in zip(ok, self.encoder.encode_pixels(np.stack(pixels)), strict=True):
                     keep[name] = vec
+                embedded += len(ok)
             bar.update(len(chunk))
         bar.close()
         self.names = [n for n in current if n in keep]
         self.embeddings = np.stack([keep[n] for n in self.names]).astype(np.float32) if self.names else self.embeddings
         if todo or removed or why:
-            self.status = (f"index {'rebuilt' if why or not cached else 'updated'}: {len(todo)} embedded, "
-                           f"{len(removed)} removed, {len(self.names)} in all" + (f" ({why})" if why else ""))
+            unreadable = len(todo) - embedded
+            self.status = (f"index {'rebuilt' if why or not cached else 'updated'}: {embedded} embedded, "
+                           + (f"{unreadable} unreadable, " if unreadable else "")
+                           + f"{len(removed)} removed, {len(self.names)} in all" + (f" ({why})" if why else ""))
             self._save(current)
         else:
             self.status = f"index reused: {len(self.names)} images unchanged"

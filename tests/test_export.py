@@ -184,4 +184,4 @@ def test_search_finds_the_captioned_image_after_demo_training(trained_demo, tmp_
     shutil.copy(records.images[25], root / "new.tif")
     assert main(args) == 0
     err = capsys.readouterr().err
-    assert "index updated: 2 embedded, 0 removed, 21 in all" in err and "skipped broken.png" in err
+    assert "index updated: 1 embedded, 1 unreadable, 0 removed, 21 in all" in err and "skipped broken.png" in err
