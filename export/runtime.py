@@ -164,7 +164,17 @@ class OrtEncoder:
         return pixels.transpose(2, 0, 1)
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        return self._run("image", "pixels", np.ascontiguousarray(pixels, np.float32))
+        """Embeddings of preprocessed images ``(N, 3, S, S)`` (what :meth:`preprocess` makes)."""
+        pixels = np.ascontiguousarray(pixels, np.float32)
+        size = self.meta["image"]["size"]
+        if pixels.ndim != 4 or pixels.shape[1:] != (3, size, size):
+            raise ValueError(f"pixels must have shape (N, 3, {size}, {size}) for this export ({self.dir}), got "
+                             f"{pixels.shape}; OrtEncoder.preprocess (or encode_images) makes them from images")
+        bad = ~np.isfinite(pixels).all(axis=(1, 2, 3))
+        if bad.any():  # a NaN pixel would silently give a NaN embedding
+            raise ValueError(f"pixels of image(s) {np.flatnonzero(bad)[:10].tolist()} of the batch are NaN or "
+                             "infinite; check the image decoding or normalisation that made them")
+        return self._run("image", "pixels", pixels)
 
     def encode_images(self, images: Iterable[ImageLike], batch_size: int = 32) -> np.ndarray:
         images = list(images)
@@ -174,6 +184,17 @@ class OrtEncoder:
 
     # -- texts -------------------------------------------------------------------------------
     def encode_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        """Embeddings of token ids ``(N, context_length)`` (what :attr:`tokenizer` makes)."""
+        tokens = np.asarray(tokens)
+        length = self.meta["text"]["context_length"]
+        if tokens.ndim != 2 or tokens.shape[1] != length or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"tokens must be integer ids of shape (N, {length}) for this export ({self.dir}), got "
+                             f"{tokens.dtype} {tokens.shape}; encode_texts tokenizes captions for you")
+        vocab = self.meta["text"].get("vocab_size") or np.iinfo(np.int64).max  # older exports lack it
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
+            known = f"ids 0 to {vocab - 1}" if vocab < np.iinfo(np.int64).max else "ids from 0"
+            raise ValueError(f"tokens hold ids from {tokens.min()} to {tokens.max()}; this export's vocabulary has "
+                             f"{known} (encode_texts tokenizes captions for you)")
         return self._run("text", "tokens", np.ascontiguousarray(tokens, np.int64))
 
     # -- running -----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 import copy
 import json
+import re
 import shutil
 
 import numpy as np
@@ -148,6 +149,29 @@ def test_runtime_errors(tmp_path):
     (tmp_path / "harma.json").write_text("{not json")
     with pytest.raises(ValueError, match="harma.json is not valid JSON"):
         OrtEncoder(tmp_path)
+
+
+@pytest.mark.parametrize("static_batch", [None, 4])
+def test_encoder_refuses_malformed_pixels_and_tokens_clearly(tmp_path, static_batch):
+    export_onnx(tiny_model(), tmp_path, model_name="HarMA-Tiny", batch_size=static_batch, check=False)
+    enc = OrtEncoder(tmp_path)
+    size, length = enc.meta["image"]["size"], enc.meta["text"]["context_length"]
+    for shape in ((2, 3, size + 1, size), (3, size, size), (2, 1, size, size)):
+        with pytest.raises(ValueError, match=rf"pixels must have shape \(N, 3, {size}, {size}\) .*got {re.escape(str(shape))}"):
+            enc.encode_pixels(np.zeros(shape, np.float32))
+    pixels = np.zeros((5, 3, size, size), np.float32)
+    pixels[3, 1, 2, 2] = np.nan  # would silently give one NaN embedding
+    with pytest.raises(ValueError, match=r"pixels of image\(s\) \[3\] of the batch are NaN or infinite"):
+        enc.encode_pixels(pixels)
+    for tokens in (np.zeros((2, length + 1), np.int64), np.zeros((2, length)), np.zeros(length, np.int64)):
+        with pytest.raises(ValueError, match=rf"tokens must be integer ids of shape \(N, {length}\)"):
+            enc.encode_tokens(tokens)
+    for bad_id in (-1, 49408):
+        tokens = np.zeros((2, length), np.int64)
+        tokens[1, 3] = bad_id
+        with pytest.raises(ValueError, match="this export's vocabulary has ids 0 to 49407"):
+            enc.encode_tokens(tokens)
+    assert enc.encode_pixels(np.zeros((0, 3, size, size), np.float32)).shape == (0, enc.embed_dim)
 
 
 @pytest.mark.slow
