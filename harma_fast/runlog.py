@@ -14,8 +14,8 @@ from typing import Dict, List, Optional, Tuple
 from .io import PathLike, atomic_path
 
 # Everything a run writes into its directory; --overwrite removes these and nothing else.
-RUN_FILES = ("config.json", "metrics.jsonl", "loss.png", "mr.png", "last.pt", "best.safetensors", "result.json",
-             "backbone.pt")
+RUN_FILES = ("config.json", "metrics.jsonl", "loss.png", "mr.png", "last.pt", "best.safetensors",
+             "final.safetensors", "result.json", "backbone.pt")
 
 
 def check_writable(directory: PathLike) -> Path:

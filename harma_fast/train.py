@@ -7,8 +7,9 @@
 AdamW (β 0.9/0.98, eps 1e-8, weight decay 0.04 on matrices), linear schedule with 10% warm-up,
 HarMALoss over the gathered batch, bf16 autocast on GPU, gradient accumulation and clipping.
 The run directory holds ``config.json``, ``metrics.jsonl``, ``loss.png``/``mr.png``,
-``last.pt`` (resume) and ``best.safetensors`` (adapters with the best validation mR; the test
-split is never used to choose). Under DDP every rank trains; rank 0 writes and evaluates.
+``last.pt`` (resume), ``best.safetensors`` (adapters with the best validation mR; the test
+split is never used to choose) and, once the run ends, ``final.safetensors`` (the last adapters:
+what a run without a validation file has to export or evaluate). Under DDP every rank trains; rank 0 writes and evaluates.
 
 The settings (``TrainConfig``) and how a resumed run reads its own back live in
 ``harma_fast.trainconfig``; ``TrainConfig`` is importable from here too.
@@ -429,6 +430,13 @@ class Trainer:
             self.log.log({"kind": "eval", "split": "test", "step": pos.step, "best_step": pos.best_step,
                           **result["test"]})
             self._say(format_metrics(result["test"], "test (adapters chosen on validation)"))
+        if self.main:
+            save_adapters(self.model, self.out / "final.safetensors", backbone=self.backbone_source)
+        best = self.out / "best.safetensors"
+        result["adapters"] = str(best if best.exists() else self.out / "final.safetensors")
+        self._say(f"adapters: {result['adapters']} ("
+                  + ("best on validation" if best.exists() else "the last step's; no validation chose others")
+                  + "), for harma-fast eval/export --adapters")
         pos.finished = True
         pos.extra["result"] = result
         pos.extra["finished_with"] = {k: getattr(self.config, k) for k in LENGTH_SETTINGS}

@@ -11,7 +11,7 @@ import harma_fast
 import harma_fast.checkpoints
 from harma_fast.cli import build_parser, train_config
 from harma_fast.data.synthetic import generate
-from harma_fast.train import TrainConfig, TrainingDiverged, train
+from harma_fast.train import TrainConfig, Trainer, TrainingDiverged, train
 from dist_workers import train_worker
 
 
@@ -73,6 +73,22 @@ def test_run_directory_contents(data, tmp_path):
     # the saved backbone rebuilds the random-initialised model the adapters belong to
     model = harma_fast.create_model("HarMA-Tiny", pretrained=out / "backbone.pt")
     harma_fast.load_adapters(model, out / "best.safetensors")
+    assert result["adapters"] == str(out / "best.safetensors")
+    harma_fast.load_adapters(model, out / "final.safetensors")  # the last adapters are kept too
+
+
+def test_a_run_without_validation_leaves_adapters_to_export(data, tmp_path, capsys):
+    from harma_fast.checkpoints import adapter_state_dict
+
+    out = tmp_path / "run"
+    result = train(config(data, out, epochs=1, max_steps=2, backend="reference"))
+    assert result["adapters"] == str(out / "final.safetensors") and not (out / "best.safetensors").exists()
+    assert f"adapters: {out / 'final.safetensors'} (the last step's" in capsys.readouterr().err
+    model = harma_fast.create_model("HarMA-Tiny", pretrained=out / "backbone.pt")
+    harma_fast.load_adapters(model, out / "final.safetensors")
+    trained = Trainer(config(data, out, epochs=1, max_steps=2, backend="reference", resume=str(out)))
+    for key, value in adapter_state_dict(trained.model).items():  # the adapters last.pt holds
+        assert torch.equal(adapter_state_dict(model)[key], value), key
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch):
