@@ -70,6 +70,12 @@ def _read_adapter_file(path: PathLike):
             metadata = f.metadata() or {}
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        import zipfile
+
+        if zipfile.is_zipfile(path):  # what torch.save writes: a training checkpoint such as last.pt
+            raise CheckpointError(f"adapter file {path} is a PyTorch checkpoint, not a safetensors adapter file: "
+                                  "for a training checkpoint (last.pt) use --checkpoint (harma-fast eval), or its "
+                                  "run's best.safetensors / final.safetensors") from err
         raise CheckpointError(f"cannot read adapter file {path}: not a valid safetensors file ({err}); it is "
                               "truncated, corrupt or of another format. Use another adapter file or train "
                               "again.") from err

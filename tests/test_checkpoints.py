@@ -89,6 +89,10 @@ def test_load_adapters_bad_files(tmp_path):
     corrupt.write_bytes(b"garbage" * 20)
     with pytest.raises(ValueError, match="cannot read adapter file .*corrupt.safetensors: not a valid safetensors"):
         harma_fast.load_adapters(model, corrupt)
+    torch_file = tmp_path / "last.pt"  # a training checkpoint given where adapters are expected
+    torch.save({"adapters": {"w": torch.zeros(2)}}, torch_file)
+    with pytest.raises(ValueError, match="last.pt is a PyTorch checkpoint, not a safetensors adapter file: .*--checkpoint"):
+        harma_fast.load_adapters(model, torch_file)
     foreign = tmp_path / "foreign.safetensors"
     save_file({"w": torch.zeros(2)}, str(foreign))
     with pytest.raises(ValueError, match="not a harma_fast adapter file"):
