@@ -125,6 +125,20 @@ def _publish(stage: Path, out: Path) -> None:
         os.replace(f, out / f.name)
 
 
+def _remove_abandoned_stages(out: Path) -> None:
+    """Scratch folders of exports whose process is gone (killed mid-export): ``.export-<pid>-*``."""
+    for stage in out.glob(".export-*-*"):
+        pid = stage.name.split("-")[1]
+        if not (stage.is_dir() and pid.isdigit()):
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            shutil.rmtree(stage, ignore_errors=True)
+        except OSError:  # it exists but is another user's: not ours to judge
+            pass
+
+
 def opset_range() -> Tuple[int, int]:
     """The ONNX opsets torch.onnx's exporter writes: it builds opset 18 and converts upwards only
     (a lower request is silently raised to 18), up to the newest it knows."""
@@ -215,7 +229,8 @@ def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("i
     tokenizer = _tokenizer_spec(work, model_name) if "text" in towers else None
     # everything is written to a scratch folder and published only when it passed its checks;
     # int8 graphs are quantized from fp32 graphs in a folder inside it
-    stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    _remove_abandoned_stages(out)
+    stage = Path(tempfile.mkdtemp(prefix=f".export-{os.getpid()}-", dir=out))
     graphs = stage / "fp32" if dtype == "int8" else stage
     graphs.mkdir(exist_ok=True)
     try:

@@ -1,5 +1,6 @@
 import copy
 import json
+import os
 import re
 import shutil
 
@@ -117,6 +118,20 @@ def test_a_successful_export_replaces_the_earlier_one_whole(tmp_path):
     names = {f.name for f in tmp_path.iterdir()}
     assert {"harma.json", "image.onnx"} <= names and "text.onnx" not in names  # no stale text graph
     assert OrtEncoder(tmp_path).meta["export_id"] == meta["export_id"]
+
+
+def test_scratch_folders_of_killed_exports_are_cleaned_up(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    abandoned = tmp_path / f".export-{int(dead.stdout)}-abc"   # its process has exited
+    alive = tmp_path / f".export-{os.getpid()}-def"           # an export still running (this process)
+    for stage in (abandoned, alive):
+        stage.mkdir()
+        (stage / "image.onnx").write_bytes(b"partial")
+    export_onnx(tiny_model(), tmp_path, towers=("text",), model_name="HarMA-Tiny", check=False)
+    assert not abandoned.exists() and alive.exists()
 
 
 @pytest.mark.parametrize("opset", [5, 17, 99, True])
