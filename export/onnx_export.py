@@ -284,7 +284,7 @@ def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("i
             for tower in towers:
                 say(f"quantizing the {tower} tower to int8 (dynamic, per-channel weights)")
                 quantize.quantize_tower(graphs / TOWER_FILES[tower], stage / TOWER_FILES[tower])
-            meta.update(dtype="int8", quantization={"method": "dynamic", "weights": "QInt8, per channel",
+            meta.update(dtype="int8", quantization={"method": "dynamic", "weights": "QInt8 (7-bit range), per channel",
                                                     "ops": list(quantize.OP_TYPES), "fp32": "patch Conv"})
             meta.pop("parity", None)
             _write_meta(stage, meta)

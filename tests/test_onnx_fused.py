@@ -184,6 +184,30 @@ def test_quantized_attention_stays_close_to_fp32(tmp_path, causal):
     assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
 
 
+def test_quantized_matmul_does_not_saturate_on_any_cpu(tmp_path):
+    """Non-negative activations near the top of uint8 times large weights: on a CPU without VNNI
+    ONNX Runtime adds pairs of u8×s8 products in int16, which overflows for 8-bit weights
+    (255·127·2 > 32767); weights in 7 bits (reduce_range) cannot overflow there."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    k, n = 256, 64
+    weight = rng.choice([-1.0, 1.0], size=(k, n)).astype(np.float32) * rng.uniform(0.9, 1.0, (k, n)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, n])],
+                              [numpy_helper.from_array(weight, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "a.onnx")
+    quantize.quantize_tower(tmp_path / "a.onnx", tmp_path / "q.onnx")
+    q = onnx.load(str(tmp_path / "q.onnx")).graph
+    ints = [numpy_helper.to_array(t) for t in q.initializer if t.data_type == TensorProto.INT8]
+    assert ints and max(np.abs(w).max() for w in ints) <= 64  # 7-bit weights, whatever the CPU
+    x = {"x": rng.uniform(0.8, 1.0, (8, k)).astype(np.float32)}  # quantized near 255
+    x["x"][:, 0] = 0.0  # the zero point at 0: the range is [0, 1]
+    want = x["x"] @ weight
+    got = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+
+
 def test_recall_tolerances():
     fp32 = {"txt_r1": 50.0, "txt_r5": 80.0, "txt_r10": 90.0, "img_r1": 40.0, "img_r5": 70.0, "img_r10": 85.0,
             "r_mean": 69.17}
