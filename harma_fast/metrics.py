@@ -59,38 +59,35 @@ def _check(image: Tensor, text: Tensor, text_to_image) -> Tensor:
     return text_to_image
 
 
-def ground_truth_scores(image: Tensor, text: Tensor, text_to_image: Tensor) -> Tuple[Tensor, Tensor]:
-    """(best caption score per image, own-image score per caption), in float32."""
-    t2i = (text.float() * image.float()[text_to_image]).sum(1)
-    i2t = torch.full((image.shape[0],), float("-inf"), device=image.device)
-    i2t = i2t.scatter_reduce(0, text_to_image, t2i, reduce="amax")
-    return i2t, t2i
+def count_above_ref(queries: Tensor, gallery: Tensor, query_label: Tensor, gallery_owner: Tensor,
+                    chunk: int = 1024) -> Tensor:
+    """For each query: #gallery items of another owner scoring strictly above its ground truth.
 
-
-def count_above_ref(queries: Tensor, gallery: Tensor, threshold: Tensor, query_label: Tensor,
-                    gallery_owner: Tensor, chunk: int = 1024) -> Tensor:
-    """For each query: #gallery items of another owner whose score is strictly above ``threshold``."""
+    The ground truth's score is the best score among the query's own items (owner == label),
+    taken from the same score matrix as the candidates': a duplicate of the ground truth (the
+    same caption under two images, say) then ties with it exactly and does not count, where a
+    score summed in another order would beat it or not by rounding.
+    """
     counts = torch.empty(queries.shape[0], dtype=torch.long, device=queries.device)
     g = gallery.float()
     for start in range(0, queries.shape[0], chunk):
-        q = queries[start:start + chunk].float()
-        above = (q @ g.t()) > threshold[start:start + chunk, None]
-        above &= gallery_owner[None, :] != query_label[start:start + chunk, None]
-        counts[start:start + chunk] = above.sum(1)
+        scores = queries[start:start + chunk].float() @ g.t()
+        own = gallery_owner[None, :] == query_label[start:start + chunk, None]
+        truth = scores.masked_fill(~own, float("-inf")).amax(1, keepdim=True)
+        counts[start:start + chunk] = ((scores > truth) & ~own).sum(1)
     return counts
 
 
 def retrieval_ranks(image: Tensor, text: Tensor, text_to_image: Tensor, backend: str = "auto") -> Tuple[Tensor, Tensor]:
     """``(image→text rank per image, text→image rank per caption)``, 0 = ground truth first."""
     text_to_image = _check(image, text, text_to_image)
-    best_i2t, gt_t2i = ground_truth_scores(image, text, text_to_image)
     image_index = torch.arange(image.shape[0], device=image.device)
     if use_triton(backend, image, text):
         from .kernels.retrieval_ranks import count_above
     else:
         count_above = count_above_ref
-    i2t = count_above(image, text, best_i2t, image_index, text_to_image)
-    t2i = count_above(text, image, gt_t2i, text_to_image, image_index)
+    i2t = count_above(image, text, image_index, text_to_image)  # an image's truth: its best caption
+    t2i = count_above(text, image, text_to_image, image_index)
     return i2t, t2i
 
 

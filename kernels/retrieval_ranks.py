@@ -2,13 +2,18 @@
 
 Reference (the spec): ``harma_fast.metrics.count_above_ref``.
 
-    count_q = #{ g : owner_g ≠ label_q  and  q · g > threshold_q }
+    gt_q    = max { q · g : owner_g = label_q }           (the ground truth's score)
+    count_q = #{ g : owner_g ≠ label_q  and  q · g > gt_q }
 
 The rank of a ground truth is the number of other-owner candidates strictly above its score,
 so recall@K over an N×M gallery needs only this count: each program owns BLOCK_Q queries and
-streams BLOCK_G gallery tiles (a K-loop over D, fp32 accumulation), comparing on chip. Work is
-one N×M×D matrix product; memory is O((N + M)·D). Candidates of the query's own image are
-skipped by owner, so the ground truth never counts against itself whatever the rounding.
+streams BLOCK_G gallery tiles (a K-loop over D, fp32 accumulation), comparing on chip. The
+ground truth's score comes from the same tiles as the candidates' (a first pass over the
+gallery tiles that hold the program's own items), so a candidate that equals the ground truth
+(a duplicate image or caption) is a tie, as the protocol wants, whatever the rounding: a score
+summed another way would break such ties at random. Queries are sorted by where their own
+items lie, so that first pass touches a few tiles per program. Work is about one N×M×D matrix
+product; memory is O((N + M)·D).
 """
 from __future__ import annotations
 
@@ -24,47 +29,88 @@ BLOCKS = (128, 128, 64, 8)  # BLOCK_Q, BLOCK_G, BLOCK_K, num_warps
 
 
 @triton.jit
-def _count_above_kernel(q_ptr, g_ptr, thr_ptr, label_ptr, owner_ptr, out_ptr,
+def _score_tile(q_ptr, g_ptr, rows, rmask, g0, NG, D, stride_q, stride_g,
+                BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    cols = g0 + tl.arange(0, BLOCK_G)
+    cmask = cols < NG
+    acc = tl.zeros((BLOCK_Q, BLOCK_G), tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < D
+        q = tl.load(q_ptr + rows[:, None] * stride_q + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        g = tl.load(g_ptr + cols.to(tl.int64)[:, None] * stride_g + ks[None, :],
+                    mask=cmask[:, None] & kmask[None, :], other=0.0)
+        acc = tl.dot(q, tl.trans(g), acc, input_precision=DOT_PRECISION)
+    return acc, cols, cmask
+
+
+@triton.jit
+def _count_above_kernel(q_ptr, g_ptr, label_ptr, owner_ptr, lo_ptr, hi_ptr, out_ptr,
                         NQ, NG, D, stride_q, stride_g,
                         BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
                         DOT_PRECISION: tl.constexpr):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    rows = pid.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)  # int64: N·D may pass 2**31
     rmask = rows < NQ
-    thr = tl.load(thr_ptr + rows, mask=rmask, other=float("inf"))
     label = tl.load(label_ptr + rows, mask=rmask, other=-1)
+    # pass 1: the ground truth's score, over the gallery tiles [lo, hi) that hold this block's own items
+    gt = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
+    for g0 in range(tl.load(lo_ptr + pid), tl.load(hi_ptr + pid), BLOCK_G):
+        acc, cols, cmask = _score_tile(q_ptr, g_ptr, rows, rmask, g0, NG, D, stride_q, stride_g,
+                                       BLOCK_Q, BLOCK_G, BLOCK_K, DOT_PRECISION)
+        owner = tl.load(owner_ptr + cols, mask=cmask, other=-2)
+        own = (owner[None, :] == label[:, None]) & cmask[None, :]
+        gt = tl.maximum(gt, tl.max(tl.where(own, acc, float("-inf")), axis=1))
+    # pass 2: candidates of other owners strictly above it (the same tiles give the same scores)
     count = tl.zeros((BLOCK_Q,), tl.int32)
     for g0 in range(0, NG, BLOCK_G):
-        cols = g0 + tl.arange(0, BLOCK_G)
-        cmask = cols < NG
-        acc = tl.zeros((BLOCK_Q, BLOCK_G), tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            kmask = ks < D
-            q = tl.load(q_ptr + rows[:, None] * stride_q + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            g = tl.load(g_ptr + cols[:, None] * stride_g + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
-            acc = tl.dot(q, tl.trans(g), acc, input_precision=DOT_PRECISION)
+        acc, cols, cmask = _score_tile(q_ptr, g_ptr, rows, rmask, g0, NG, D, stride_q, stride_g,
+                                       BLOCK_Q, BLOCK_G, BLOCK_K, DOT_PRECISION)
         owner = tl.load(owner_ptr + cols, mask=cmask, other=-2)
-        above = (acc > thr[:, None]) & (owner[None, :] != label[:, None]) & cmask[None, :]
+        above = (acc > gt[:, None]) & (owner[None, :] != label[:, None]) & cmask[None, :]
         count += tl.sum(above.to(tl.int32), axis=1)
     tl.store(out_ptr + rows, count, mask=rmask)
 
 
-def count_above(queries: Tensor, gallery: Tensor, threshold: Tensor, query_label: Tensor, gallery_owner: Tensor,
+def own_ranges(query_label: Tensor, gallery_owner: Tensor):
+    """(first, last + 1) gallery index of each query's own items; first = M when it has none."""
+    m = gallery_owner.shape[0]
+    n_labels = int(max(query_label.max(), gallery_owner.max())) + 1
+    index = torch.arange(m, device=gallery_owner.device)
+    first = torch.full((n_labels,), m, dtype=torch.long, device=index.device)
+    first = first.scatter_reduce(0, gallery_owner, index, reduce="amin")
+    last = torch.full((n_labels,), -1, dtype=torch.long, device=index.device)
+    last = last.scatter_reduce(0, gallery_owner, index, reduce="amax")
+    return first[query_label], last[query_label] + 1
+
+
+def count_above(queries: Tensor, gallery: Tensor, query_label: Tensor, gallery_owner: Tensor,
                 blocks=BLOCKS) -> Tensor:
     """Triton version of ``count_above_ref`` (same arguments); returns int64 counts."""
     check_inputs("count_above", queries, gallery)
-    if gallery.dtype != queries.dtype:
-        gallery = gallery.to(queries.dtype)
-    queries, gallery = queries.contiguous(), gallery.contiguous()
+    dtype = torch.promote_types(queries.dtype, gallery.dtype)  # never round one side to the other's precision
     nq, d = queries.shape
     ng = gallery.shape[0]
+    out = torch.zeros(nq, dtype=torch.long, device=queries.device)
+    if nq == 0 or ng == 0:
+        return out
+    label, owner = query_label.long().contiguous(), gallery_owner.long().contiguous()
+    first, end = own_ranges(label, owner)
+    order = torch.argsort(first, stable=True)  # queries whose own items are near each other share a program
+    queries, label, first, end = queries.to(dtype)[order].contiguous(), label[order], first[order], end[order]
+    gallery = gallery.to(dtype).contiguous()
     bq, bg, bk, warps = blocks
-    out = torch.empty(nq, dtype=torch.int32, device=queries.device)
+    tiles = triton.cdiv(nq, bq)
+    pad = tiles * bq - nq
+    lo = torch.cat([first, first.new_full((pad,), ng)]).view(tiles, bq).amin(1)
+    hi = torch.cat([end, end.new_zeros(pad)]).view(tiles, bq).amax(1)
+    lo = (lo // bg * bg).clamp(max=ng).to(torch.int32)  # tile-aligned: pass 1 computes pass 2's tiles
+    hi = hi.clamp(min=0).to(torch.int32)
+    counts = torch.empty(nq, dtype=torch.int32, device=queries.device)
     with on_device(queries):
-        _count_above_kernel[(triton.cdiv(nq, bq),)](
-            queries, gallery, threshold.float().contiguous(), query_label.long().contiguous(),
-            gallery_owner.long().contiguous(), out, nq, ng, d, queries.stride(0), gallery.stride(0),
-            BLOCK_Q=bq, BLOCK_G=bg, BLOCK_K=min(bk, pow2(d)), DOT_PRECISION=dot_precision(queries.dtype),
+        _count_above_kernel[(tiles,)](
+            queries, gallery, label, owner, lo, hi, counts, nq, ng, d, queries.stride(0), gallery.stride(0),
+            BLOCK_Q=bq, BLOCK_G=bg, BLOCK_K=min(bk, pow2(d)), DOT_PRECISION=dot_precision(dtype),
             num_warps=warps)
-    return out.long()
+    out[order] = counts.long()
+    return out
