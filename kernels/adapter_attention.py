@@ -43,7 +43,7 @@ def _warps(block_l: int, dtype: torch.dtype) -> int:
 def _sequence_tiles(qkv_ptr, L, C, stride_b, stride_l, stride_ob, stride_ol,
                     HD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_HD: tl.constexpr):
     """This program's (sample, head): the q, k, v tiles of its whole sequence and where its output goes."""
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # int64: N·L·3C may pass 2**31
     h = tl.program_id(1)
     ls = tl.arange(0, BLOCK_L)
     ds = tl.arange(0, BLOCK_HD)

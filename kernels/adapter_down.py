@@ -47,7 +47,7 @@ def _down_gelu_fwd_kernel(h_ptr, w_ptr, b_ptr, z_ptr, p_ptr, M, N, K, stride_hm,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           DOT_PRECISION: tl.constexpr):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M·d may pass 2**31
     cols = tl.arange(0, BLOCK_N)
     rmask, cmask = rows < M, cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -68,7 +68,7 @@ def _down_gelu_fwd_kernel(h_ptr, w_ptr, b_ptr, z_ptr, p_ptr, M, N, K, stride_hm,
 
 @triton.jit
 def _gelu_grad_kernel(dz_ptr, p_ptr, dp_ptr, numel, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dz = tl.load(dz_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -92,6 +92,7 @@ def down_gelu_forward(h2: Tensor, weight: Tensor, bias: Tensor) -> Tuple[Tensor,
         raise ValueError(f"down_gelu: bottleneck {n} > {MAX_R} is not supported by the fused kernel")
     h2 = h2 if h2.stride(1) == 1 else h2.contiguous()
     w = weight.to(h2.dtype).contiguous()  # a no-op from the wrapper, which casts once
+    bias = bias.contiguous()  # read with unit stride
     z = torch.empty(m, n, device=h2.device, dtype=h2.dtype)
     p = torch.empty_like(z)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731

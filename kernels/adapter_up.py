@@ -64,7 +64,7 @@ def _mix_up_fwd_kernel(z_ptr, a_ptr, w_ptr, b_ptr, gmix_ptr, gout_ptr, h_ptr, x_
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = pid // n_blocks, pid % n_blocks
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M·d may pass 2**31
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask, cmask = rows < M, cols < N
     alpha = tl.sigmoid(tl.load(gmix_ptr).to(tl.float32))
@@ -96,7 +96,7 @@ def _mix_up_bwd_kernel(g_ptr, w_ptr, z_ptr, a_ptr, gmix_ptr, gout_ptr, dz_ptr, d
                        HAS_GOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_R)
     rmask, kmask = rows < M, rk < K
     acc = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
@@ -176,6 +176,8 @@ def mix_up_forward(z: Tensor, a: Tensor, weight: Tensor, bias: Tensor, gate_mix:
         raise ValueError(f"mix_up_residual: z, a ({m_rows}, {k}), W ({n}, {k}), h and x ({m_rows}, {n}) expected; got "
                          f"z {tuple(z.shape)}, a {tuple(a.shape)}, W {tuple(weight.shape)}, h {tuple(h.shape)}")
     w = weight.to(z.dtype).contiguous()  # a no-op from the wrapper, which casts once
+    bias = bias.contiguous()  # bias and γ are read with unit stride
+    gamma = gamma.contiguous() if gamma is not None else None
     out = torch.empty(m_rows, n, device=z.device, dtype=out_dtype(h, x))
     grid = lambda meta: (triton.cdiv(m_rows, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     with on_device(z):

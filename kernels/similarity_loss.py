@@ -76,7 +76,7 @@ def _loss_rows_kernel(a_ptr, b_ptr, ids_ptr, diag_ptr, tau_ptr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       DOT_PRECISION: tl.constexpr):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # int32 offsets: harma_loss refuses B·D >= 2**31
     rmask = rows < B
     inv_tau = 1.0 / tl.load(tau_ptr).to(tl.float32)
     diag_r = tl.load(diag_ptr + rows, mask=rmask, other=0.0)
@@ -335,6 +335,12 @@ def harma_loss(image: Tensor, text: Tensor, tau: Tensor, ids: Optional[Tensor] =
     if image.shape != text.shape or image.ndim != 2:
         raise ValueError(f"harma_loss: image and text must both be (B, D), got {tuple(image.shape)}, {tuple(text.shape)}")
     bm, bn, bk = blocks or FWD_BLOCKS[:3]
+    if image.numel() >= 2 ** 31:  # int32 offsets (int64 ones cost the gradient kernel registers it has not)
+        raise ValueError(f"harma_loss: a batch of {image.shape[0]} x {image.shape[1]} features is past the fused "
+                         "kernel's 2**31 elements; use the reference backend")
+    if image.dtype != text.dtype:  # tl.dot needs one dtype: promote, as `image @ text.T` does
+        dtype = torch.promote_types(image.dtype, text.dtype)
+        image, text = image.to(dtype), text.to(dtype)
     tau = tau.reshape(()).to(device=image.device)
     if ids is not None:
         ids = ids.to(device=image.device, dtype=torch.int64).contiguous()

@@ -182,3 +182,20 @@ def test_every_gpu_autotune_config_is_correct(gen, monkeypatch, which):
                 check(up.mix_up_residual, HF.mix_up_residual_ref,
                       [z, a, w_up, b_up, torch.tensor(0.6), h, torch.tensor(-0.3), x], torch.float32,
                       ["out", "dz", "da", "dW", "db", "dg_a", "dh", "dg_blk", "dx"])
+
+
+def test_strided_bias_and_gamma_are_read_by_stride(gen):
+    # a bias or LayerScale γ that is a strided view (a slice of a packed parameter) must be read
+    # through its stride, not as if it were contiguous
+    m, d, r = 13, 40, 24
+    h, w = torch.randn(m, d, generator=gen), torch.randn(r, d, generator=gen)
+    packed = torch.randn(2 * r, generator=gen)
+    z, p = down.down_gelu_forward(h, w, packed[::2])
+    assert_close(p, h @ w.t() + packed[::2], **FP32_TOL, name="p")
+    w_up, b_up = torch.randn(d, r, generator=gen), torch.randn(3 * d, generator=gen)[::3]
+    gamma = torch.randn(2 * d, generator=gen)[1::2]
+    gate, hh = torch.tensor(0.3), torch.randn(m, d, generator=gen)
+    got = up.mix_up_forward(z, z, w_up, b_up, gate, hh, gate, hh, gamma)
+    want = up.mix_up_forward(z, z, w_up, b_up.contiguous(), gate, hh, gate, hh, gamma.contiguous())
+    assert torch.equal(got, want)
+    assert_close(got, (torch.sigmoid(gate) * (z @ w_up.t() + b_up) + hh) * gamma + hh, **FP32_TOL, name="out")

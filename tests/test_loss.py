@@ -231,3 +231,21 @@ def test_fp32_launch_under_the_new_tf32_api(gen, restore_matmul_precision):
     assert dot_precision(torch.float32) == "ieee" and dot_precision(torch.bfloat16) == "tf32"
     torch.set_float32_matmul_precision("high")  # the older switch, set through its own setter
     assert dot_precision(torch.float32) == "tf32"
+
+
+@pytest.mark.interpreter
+def test_triton_loss_promotes_mixed_dtypes(gen):
+    # an fp32 image tower beside a bf16 text tower: tl.dot takes one dtype, so the launcher
+    # promotes as `image @ text.T` would; the bf16 side's gradient comes back in bf16
+    i, t = features(37, 24, gen)
+    t16 = t.bfloat16()
+    tau, upstream = torch.tensor(0.05), torch.randn(3, generator=gen)
+    got = _run(kernels.harma_loss, i, t16, tau, None, False, upstream, blocks=(16, 16, 16))
+    want = _run(kernels.harma_loss, i, t16.float(), tau, None, False, upstream, blocks=(16, 16, 16))
+    ref = _run(harma_loss_ref, i.double(), t16.double(), tau.double(), None, False, upstream.double())
+    for g, w, r in zip(got[0], want[0], ref[0], strict=True):
+        assert_close(g, w, atol=1e-6, rtol=1e-6)
+        assert_close(g, r, atol=2e-5, rtol=2e-5)
+    assert got[1].dtype == torch.float32 and got[2].dtype == torch.bfloat16
+    assert_close(got[1], want[1], atol=1e-6, rtol=1e-6, name="d_image")
+    assert torch.equal(got[2], want[2].bfloat16())
