@@ -63,6 +63,10 @@ class TokenizersTokenizer:
             out.append(ids)
         return out
 
+    def length(self, text: str) -> int:
+        """Tokens ``text`` takes, special tokens included (more than context_length: truncated)."""
+        return len(self.tokenizer.encode(text).ids)
+
     def __call__(self, texts: Union[str, Sequence[str]]) -> np.ndarray:
         texts = [texts] if isinstance(texts, str) else list(texts)
         result = np.full((len(texts), self.context_length), self.pad_id, dtype=np.int64)

@@ -78,10 +78,27 @@ def _vocab_path() -> Optional[Path]:
     return path if path.is_file() else None
 
 
-def _tokenizer_spec(model: nn.Module, name: Optional[str]) -> Optional[Dict]:
-    """CLIP BPE tokenizers are served by harma_fast.export.tokenizer; others are not supported."""
+def _uses_clip_bpe(name: Optional[str]) -> bool:
+    """Whether open_clip tokenizes ``name``'s captions with plain CLIP BPE, read from its config:
+    building the tokenizer (``open_clip.get_tokenizer``) would download SigLIP's and other
+    Hugging Face tokenizers from the hub."""
     import open_clip
 
+    if not name:
+        return True  # a model built without a name: open_clip's default tokenizer is CLIP BPE
+    if ":" in name:
+        return False  # hf-hub:/local-dir: names: their tokenizer is decided by files we do not read here
+    config = open_clip.get_model_config(name)
+    text_cfg = (config or {}).get("text_cfg", {})
+    kwargs = text_cfg.get("tokenizer_kwargs", {})
+    # open_clip's own rules (factory.get_tokenizer): an hf_tokenizer_name or a SigLIP name means
+    # another tokenizer; cleaning other than lower-casing or a reduction mask changes the ids
+    return ("hf_tokenizer_name" not in text_cfg and "siglip" not in name.lower()
+            and not kwargs.get("reduction_mask") and kwargs.get("clean", "lower") == "lower")
+
+
+def _tokenizer_spec(model: nn.Module, name: Optional[str]) -> Optional[Dict]:
+    """CLIP BPE tokenizers are served by harma_fast.export.tokenizer; others are not supported."""
     from ..models import register_model_configs
     from .families import hf_tokenizer_spec, vocab_size
 
@@ -89,10 +106,7 @@ def _tokenizer_spec(model: nn.Module, name: Optional[str]) -> Optional[Dict]:
     if spec:
         return spec
     register_model_configs()
-    tokenizer = open_clip.get_tokenizer(name) if name else None
-    clip_bpe = tokenizer is None or (type(tokenizer).__name__ == "SimpleTokenizer"
-                                     and getattr(tokenizer, "reduction_fn", None) is None)
-    if not clip_bpe or vocab_size(model) != 49408 or _vocab_path() is None:
+    if not _uses_clip_bpe(name) or vocab_size(model) != 49408 or _vocab_path() is None:
         return None
     return {"type": "clip_bpe", "vocab": VOCAB_FILE, "context_length": int(model.context_length)}
 
@@ -206,8 +220,6 @@ def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("i
     say = progress or (lambda message: None)
     towers = check_export_options(towers, dtype, opset, batch_size, fused, check_file, image_root)
     out = Path(out_dir)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
     model_name = model_name or getattr(model, "harma_model_name", None)
     float_dtype = "fp32" if dtype == "int8" else dtype
 
@@ -228,12 +240,16 @@ def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("i
     size, mean, std = model_image_spec(work)
     tokenizer = _tokenizer_spec(work, model_name) if "text" in towers else None
     # everything is written to a scratch folder and published only when it passed its checks;
-    # int8 graphs are quantized from fp32 graphs in a folder inside it
-    _remove_abandoned_stages(out)
-    stage = Path(tempfile.mkdtemp(prefix=f".export-{os.getpid()}-", dir=out))
-    graphs = stage / "fp32" if dtype == "int8" else stage
-    graphs.mkdir(exist_ok=True)
+    # int8 graphs are quantized from fp32 graphs in a folder inside it. The output folder is made
+    # only now, after everything above that can refuse the model.
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    stage = None
     try:
+        _remove_abandoned_stages(out)
+        stage = Path(tempfile.mkdtemp(prefix=f".export-{os.getpid()}-", dir=out))
+        graphs = stage / "fp32" if dtype == "int8" else stage
+        graphs.mkdir(exist_ok=True)
         previous = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)  # the MHA fast path has no ONNX mapping
         try:
@@ -304,7 +320,8 @@ def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("i
         _write_meta(stage, meta)
         _publish(stage, out)
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
         if created and not any(out.iterdir()):
             out.rmdir()  # a refused export leaves no trace, not even the folder it made
         raise

@@ -18,6 +18,7 @@ tested on the CPU provider, the CUDA options by inspection (README: Serving).
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
@@ -60,11 +61,48 @@ def read_metadata(onnx_dir: Union[str, Path]) -> Dict:
     missing = [k for k in ("towers", "dtype", "embed_dim", "image", "text") if k not in meta]
     if missing:
         raise ExportFileError(f"{path} lacks {', '.join(missing)}; the export is incomplete (re-export it)")
+    problem = _metadata_type_problem(meta)
+    if problem:
+        raise ExportFileError(f"{path}: {problem}; the file was edited or damaged (re-export the model)")
     for tower, name in meta["towers"].items():
         if not (directory / name).is_file():
             raise ExportDirError(f"{path} lists the {tower} tower as {name}, which is missing from {directory} "
                                  "(re-export with `harma-fast export`)")
     return meta
+
+
+def _metadata_type_problem(meta: Dict) -> Optional[str]:
+    """What is ill-typed in harma.json, or None: every later use trusts these fields."""
+    def positive_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    if not isinstance(meta["towers"], dict) or not meta["towers"] or not set(meta["towers"]) <= {"image", "text"} \
+            or not all(isinstance(v, str) for v in meta["towers"].values()):
+        return "'towers' must map 'image' and/or 'text' to graph file names"
+    if meta["dtype"] not in ("fp32", "fp16", "int8"):
+        return f"'dtype' is {meta['dtype']!r}, not one of fp32, fp16, int8"
+    if not positive_int(meta["embed_dim"]):
+        return f"'embed_dim' is {meta['embed_dim']!r}, not a positive integer"
+    image, text = meta["image"], meta["text"]
+    if not isinstance(image, dict) or not isinstance(text, dict):
+        return "'image' and 'text' must be objects"
+    if "image" in meta["towers"]:
+        if not positive_int(image.get("size")):
+            return f"'image.size' is {image.get('size')!r}, not a positive integer"
+        for key in ("mean", "std"):
+            value = image.get(key)
+            if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value)):
+                return f"'image.{key}' is {value!r}, not three numbers"
+        if any(v == 0 for v in image["std"]):
+            return "'image.std' holds a zero"
+    if "text" in meta["towers"] and not positive_int(text.get("context_length")):
+        return f"'text.context_length' is {text.get('context_length')!r}, not a positive integer"
+    if text.get("vocab_size") is not None and not positive_int(text["vocab_size"]):
+        return f"'text.vocab_size' is {text['vocab_size']!r}, not a positive integer"
+    if not meta.get("dynamic_batch", True) and meta.get("batch_size") is not None \
+            and not positive_int(meta["batch_size"]):
+        return f"'batch_size' is {meta['batch_size']!r}, not a positive integer"
+    return None
 
 
 def default_providers(dtype: str = "fp32") -> List[str]:
@@ -107,6 +145,9 @@ class OrtEncoder:
         self.threads = threads
         self._sessions: Dict = {}
         self._bindings: Dict = {}
+        # one lock per tower: a fixed-batch tower's bound buffers are shared by every call, and
+        # sessions are created lazily; free-batch runs need no lock (InferenceSession.run is thread-safe)
+        self._locks = {tower: threading.Lock() for tower in ("image", "text")}
         spec = self.meta["text"].get("tokenizer")
         self.tokenizer = load_tokenizer(self.dir, spec)  # CLIP BPE, a HF tokenizer.json, or None
 
@@ -125,21 +166,29 @@ class OrtEncoder:
         if tower not in self.meta["towers"]:
             raise ValueError(f"the {tower} tower was not exported to {self.dir} (it holds: "
                              f"{', '.join(self.meta['towers'])}); re-export with towers including {tower!r}")
-        if tower not in self._sessions:
-            path = self.dir / self.meta["towers"][tower]
-            options = session_options(self.meta["dtype"], self.providers[0], self.threads)
-            providers = provider_list(self.providers, self.fixed_batch)
-            try:
-                self._sessions[tower] = open_session(path, options, providers)
-            except ExportFileError as err:
-                if providers == list(self.providers):
-                    raise
-                # ONNX Runtime refuses CUDA graphs when a node falls back to the CPU: run without them
-                import warnings
-
-                warnings.warn(f"{path}: CUDA graphs unavailable ({err}); running without them", stacklevel=3)
-                self._sessions[tower] = open_session(path, options, self.providers)
+        if tower in self._sessions:
+            return self._sessions[tower]
+        with self._locks[tower]:
+            if tower not in self._sessions:
+                session = self._open(tower)
+                check_graph(session, self.meta, tower, self.dir / self.meta["towers"][tower], self.fixed_batch)
+                self._sessions[tower] = session
         return self._sessions[tower]
+
+    def _open(self, tower: str):
+        path = self.dir / self.meta["towers"][tower]
+        options = session_options(self.meta["dtype"], self.providers[0], self.threads)
+        providers = provider_list(self.providers, self.fixed_batch)
+        try:
+            return open_session(path, options, providers)
+        except ExportFileError as err:
+            if providers == list(self.providers):
+                raise
+            # ONNX Runtime refuses CUDA graphs when a node falls back to the CPU: run without them
+            import warnings
+
+            warnings.warn(f"{path}: CUDA graphs unavailable ({err}); running without them", stacklevel=4)
+            return open_session(path, options, self.providers)
 
     # -- images ------------------------------------------------------------------------------
     def preprocess(self, image: ImageLike) -> np.ndarray:
@@ -154,6 +203,9 @@ class OrtEncoder:
             try:
                 with Image.open(path) as img:
                     image = img.convert("RGB")
+            except Image.DecompressionBombError as err:  # not an OSError: it would escape as a traceback
+                raise ValueError(f"image {path} is too large to decode safely ({err}); downscale it first, or "
+                                 "raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from err
             except (UnidentifiedImageError, OSError, ValueError) as err:
                 raise ValueError(f"image {path} cannot be read: {err}") from err
         else:
@@ -165,6 +217,10 @@ class OrtEncoder:
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Embeddings of preprocessed images ``(N, 3, S, S)`` (what :meth:`preprocess` makes)."""
+        pixels = np.asarray(pixels)
+        if not np.issubdtype(pixels.dtype, np.floating):  # raw 0..255 pixels would embed as garbage
+            raise ValueError(f"pixels must be normalised floats (what OrtEncoder.preprocess makes), got {pixels.dtype}; "
+                             "pass raw images to encode_images instead")
         pixels = np.ascontiguousarray(pixels, np.float32)
         size = self.meta["image"]["size"]
         if pixels.ndim != 4 or pixels.shape[1:] != (3, size, size):
@@ -200,6 +256,8 @@ class OrtEncoder:
     # -- running -----------------------------------------------------------------------------
     def _run(self, tower: str, name: str, array: np.ndarray) -> np.ndarray:
         session = self._session(tower)
+        if len(array) == 0:  # ONNX Runtime's int8 kernels divide by the row count (SIGFPE on 0 rows)
+            return np.zeros((0, self.embed_dim), np.float32)
         fixed = self.fixed_batch
         if fixed is None:
             return session.run(None, {name: array})[0]
@@ -209,12 +267,13 @@ class OrtEncoder:
             n = len(chunk)
             if n < fixed:  # pad the last batch to the graph's; the padding rows' embeddings are dropped
                 chunk = np.concatenate([chunk, np.zeros((fixed - n, *chunk.shape[1:]), chunk.dtype)])
-            out.append(self._run_bound(tower, name, chunk)[:n])
-        return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
+            with self._locks[tower]:  # the bound buffers are shared: one batch at a time per tower
+                out.append(self._run_bound(tower, name, chunk)[:n])
+        return np.concatenate(out)
 
     def _run_bound(self, tower: str, name: str, chunk: np.ndarray) -> np.ndarray:
         """One fixed-shape batch through buffers bound once (the same addresses on every run, as
-        CUDA graph replay requires)."""
+        CUDA graph replay requires). The caller holds the tower's lock."""
         import onnxruntime as ort
 
         if tower not in self._bindings:
@@ -240,6 +299,33 @@ class OrtEncoder:
         texts = [texts] if isinstance(texts, str) else list(texts)
         out = [self.encode_tokens(self.tokenizer(texts[i:i + batch_size])) for i in range(0, len(texts), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
+
+
+_GRAPH_IO = {"image": ("pixels", "tensor(float)"), "text": ("tokens", "tensor(int64)")}
+
+
+def check_graph(session, meta: Dict, tower: str, path: Path, fixed_batch: Optional[int]) -> None:
+    """The graph's input and output agree with harma.json (an edited or mixed-up export would
+    otherwise fail inside ONNX Runtime with a shape error, or give embeddings of the wrong size)."""
+    name, dtype = _GRAPH_IO[tower]
+    per_item = ([3, meta["image"]["size"], meta["image"]["size"]] if tower == "image"
+                else [meta["text"]["context_length"]])
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    expect = f"input {name!r} {dtype} of shape (batch, {', '.join(map(str, per_item))})"
+    problems = []
+    if len(inputs) != 1 or inputs[0].name != name or inputs[0].type != dtype:
+        found = ", ".join(f"{i.name!r} {i.type}" for i in inputs)
+        problems.append(f"its input is {found}, harma.json describes {expect}")
+    elif list(inputs[0].shape[1:]) != per_item or (fixed_batch is not None and inputs[0].shape[0] != fixed_batch):
+        problems.append(f"its input has shape {tuple(inputs[0].shape)}, harma.json describes {expect}"
+                        + (f" with batch {fixed_batch}" if fixed_batch is not None else ""))
+    width = outputs[0].shape[-1] if outputs and outputs[0].shape else None
+    if not outputs or outputs[0].name != "embeddings" or (isinstance(width, int) and width != meta["embed_dim"]):
+        found = ", ".join(f"{o.name!r} {tuple(o.shape)}" for o in outputs)
+        problems.append(f"its output is {found}, harma.json says 'embeddings' of width {meta['embed_dim']}")
+    if problems:
+        raise ExportFileError(f"{path} does not match {path.parent / 'harma.json'}: {'; '.join(problems)}. The "
+                              "graph or harma.json was edited or comes from another export: re-export the model")
 
 
 def open_session(path: Path, options, providers: Sequence[str]):

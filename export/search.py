@@ -13,6 +13,7 @@ import html
 import io
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -54,7 +55,21 @@ def resolve_index_path(index: Optional[os.PathLike], folder: Path, encoder: OrtE
         path = default_index_path(folder, encoder, path)
     elif path.is_file() and path.suffix != ".npz":  # an unreadable index is rebuilt: never over a user's file
         raise OutputPathError(f"--index {path} is a file but not an index (.npz); give a .npz file or a folder")
+    elif path.is_file() and not _is_index(path):
+        raise OutputPathError(f"--index {path} is a .npz file but not a harma_fast search index (it would be "
+                              "overwritten); give another file name or a folder")
     return check_output_file(path, "--index")
+
+
+def _is_index(path: Path) -> bool:
+    """Whether ``path`` holds what GalleryIndex writes (a damaged index counts: it is ours to rebuild)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return {"embeddings.npy", "meta.npy"} <= set(archive.namelist())
+    except (zipfile.BadZipFile, EOFError):
+        return True  # not an archive at all: a truncated index of ours, or a file no one can read as .npz
+    except OSError:
+        return False
 
 
 def check_query(query: str) -> str:
@@ -70,12 +85,11 @@ def truncation_warning(encoder: OrtEncoder, query: str) -> Optional[str]:
     tokenizer = encoder.tokenizer
     if tokenizer is None:
         return None
-    tokens = tokenizer.encode(query)
-    room = tokenizer.context_length - 2  # start and end of text
-    if len(tokens) <= room:
+    length, room = tokenizer.length(query), tokenizer.context_length  # both count the special tokens
+    if length <= room:
         return None
-    return (f"the query is {len(tokens)} tokens long but the text encoder reads {room}; it was truncated, the "
-            f"last {len(tokens) - room} tokens are ignored (shorten the query to keep them)")
+    return (f"the query is {length} tokens long but the text encoder reads {room}; it was truncated, the "
+            f"last {length - room} tokens are ignored (shorten the query to keep them)")
 
 
 def scan(folder: Path) -> Dict[str, Tuple[int, int]]:
@@ -110,8 +124,8 @@ class GalleryIndex:
                     return {}, "the index was built with another export"
                 emb = data["embeddings"]
             return {n: (tuple(m), emb[i]) for i, (n, m) in enumerate(zip(meta["names"], meta["stats"], strict=True))}, None
-        except (OSError, ValueError, KeyError) as err:
-            return {}, f"the index file was unreadable ({err})"
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # truncated or corrupt
+            return {}, f"the index file was unreadable ({type(err).__name__}: {err})"
 
     def _sync(self) -> None:
         current = scan(self.folder)

@@ -86,6 +86,10 @@ class BPETokenizer:
             out.extend(self.ids[p] for p in self._merge(word))
         return out
 
+    def length(self, text: str) -> int:
+        """Tokens ``text`` takes, start and end of text included (more than context_length: truncated)."""
+        return len(self.encode(text)) + 2
+
     def __call__(self, texts: Union[str, Sequence[str]]) -> np.ndarray:
         texts = [texts] if isinstance(texts, str) else list(texts)
         result = np.zeros((len(texts), self.context_length), dtype=np.int64)

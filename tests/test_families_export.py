@@ -34,6 +34,9 @@ def test_hf_folder_exports_with_its_own_tokenizer_served_without_torch(tmp_path)
 
     queries = [CAPTIONS[0], " ".join(CAPTIONS)]  # the second is cut at the context length
     got = OrtEncoder(out).encode_texts(queries)
+    from harma_fast.export.search import truncation_warning  # `harma-fast search` with this export
+    assert truncation_warning(OrtEncoder(out), queries[0]) is None
+    assert "tokens long but the text encoder reads 10" in truncation_warning(OrtEncoder(out), queries[1])
     with torch.no_grad():
         want = model.encode_text(get_tokenizer(str(folder))(queries), normalize=True)
     assert_close(torch.from_numpy(got), want, atol=1e-4, name="text embeddings")

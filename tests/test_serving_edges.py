@@ -1,0 +1,189 @@
+"""Serving and search at the edges: empty batches, threads, huge or integer images, edited
+export metadata, foreign or damaged index files, refused exports (export/runtime.py, search.py)."""
+import json
+import shutil
+import threading
+
+import numpy as np
+import pytest
+
+from harma_fast.errors import OutputPathError
+from helpers import tiny_model
+
+pytest.importorskip("onnxruntime")
+from harma_fast.export import ExportFileError, GalleryIndex, OrtEncoder, export_onnx  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """{kind: export folder} of one tiny model: free batch axis, fixed batch of 3, int8."""
+    model, root = tiny_model(), tmp_path_factory.mktemp("exports")
+    plans = {"dynamic": {}, "static": {"batch_size": 3}, "int8": {"dtype": "int8"}}
+    for kind, options in plans.items():
+        export_onnx(model, root / kind, model_name="HarMA-Tiny", check=False, **options)
+    return {kind: root / kind for kind in plans}
+
+
+def copy_export(src, dst, **edits):
+    """A copy of an export with harma.json fields replaced (``image__size=...`` edits a nested field)."""
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "harma.json").read_text())
+    for key, value in edits.items():
+        *parents, leaf = key.split("__")
+        node = meta
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    (dst / "harma.json").write_text(json.dumps(meta))
+    return dst
+
+
+def write_image(path, size):
+    from PIL import Image
+
+    rng = np.random.default_rng(len(str(path)))
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static", "int8"])
+def test_empty_batches_give_no_rows(exports, kind):
+    # ONNX Runtime's int8 kernels divide by the row count: 0 rows killed the process (SIGFPE)
+    enc = OrtEncoder(exports[kind])
+    size, length, dim = enc.meta["image"]["size"], enc.meta["text"]["context_length"], enc.embed_dim
+    assert enc.encode_pixels(np.zeros((0, 3, size, size), np.float32)).shape == (0, dim)
+    assert enc.encode_tokens(np.zeros((0, length), np.int64)).shape == (0, dim)
+    assert enc.encode_texts([]).shape == (0, dim) and enc.encode_images([]).shape == (0, dim)
+
+
+def test_a_fixed_batch_encoder_can_be_shared_by_threads(exports):
+    # the bound input and output buffers are shared: without a lock, threads read each other's rows
+    enc = OrtEncoder(exports["static"])
+    size = enc.meta["image"]["size"]
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((5, 3, size, size)).astype(np.float32) for _ in range(6)]
+    want = [enc.encode_pixels(b) for b in batches]
+    shared = OrtEncoder(exports["static"])  # its session is created by the threads themselves
+    got, errors = {}, []
+
+    def work(i):
+        try:
+            for _ in range(5):
+                got[i] = shared.encode_pixels(batches[i])
+                assert np.array_equal(got[i], want[i]), f"thread {i} got another batch's embeddings"
+        except AssertionError as err:  # pragma: no cover - the failure is reported below
+            errors.append(str(err))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(batches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(got) == len(batches)
+
+
+def test_images_that_cannot_be_used_are_refused_clearly(exports, tmp_path, monkeypatch):
+    from PIL import Image
+
+    enc = OrtEncoder(exports["dynamic"])
+    size = enc.meta["image"]["size"]
+    raw = np.zeros((2, 3, size, size), np.uint8)  # 0..255 pixels, not normalised: garbage embeddings
+    with pytest.raises(ValueError, match="pixels must be normalised floats .* got uint8; pass raw images to "
+                                         "encode_images"):
+        enc.encode_pixels(raw)
+    # an image past PIL's decompression-bomb limit raised a DecompressionBombError traceback
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    folder = tmp_path / "gallery"
+    folder.mkdir()
+    write_image(folder / "small.png", 16)
+    huge = write_image(folder / "huge.png", 64)  # 4096 pixels: over twice the limit
+    with pytest.raises(ValueError, match="huge.png is too large to decode safely .*MAX_IMAGE_PIXELS"):
+        enc.encode_images([huge])
+    index = GalleryIndex(folder, enc, tmp_path / "index.npz")  # the search skips it and says so
+    assert index.names == ["small.png"] and "too large" in index.skipped["huge.png"]
+    assert "1 unreadable" in index.status
+
+
+@pytest.mark.parametrize("edits, match", [
+    ({"image__size": 48}, r"its input has shape .*harma.json describes input 'pixels'"),
+    ({"text__context_length": 12}, r"its input has shape .*harma.json describes input 'tokens'"),
+    ({"embed_dim": 7}, r"its output is 'embeddings' .*width 7"),
+    ({"towers": {"image": "text.onnx", "text": "image.onnx"}}, "its input is 'tokens'"),
+])
+def test_metadata_that_does_not_match_the_graphs_is_refused(exports, tmp_path, edits, match):
+    bad = OrtEncoder(copy_export(exports["dynamic"], tmp_path / "edited", **edits))
+    with pytest.raises(ExportFileError, match=match + ".*re-export the model"):
+        bad.encode_images([write_image(tmp_path / "a.png", 20)])
+        bad.encode_tokens(np.zeros((1, bad.meta["text"]["context_length"]), np.int64))
+
+
+def test_a_fixed_batch_that_does_not_match_is_refused(exports, tmp_path):
+    bad = OrtEncoder(copy_export(exports["static"], tmp_path / "edited", batch_size=4))
+    with pytest.raises(ExportFileError, match=r"with batch 4"):
+        bad.encode_texts(["a lake"])
+
+
+@pytest.mark.parametrize("edits, match", [
+    ({"embed_dim": "512"}, "'embed_dim' is '512', not a positive integer"),
+    ({"image__size": -3}, "'image.size' is -3"),
+    ({"image__std": [0.5, 0, 0.5]}, "'image.std' holds a zero"),
+    ({"image__mean": [0.5]}, r"'image.mean' is \[0.5\], not three numbers"),
+    ({"dtype": "int4"}, "'dtype' is 'int4'"),
+    ({"towers": ["image.onnx"]}, "'towers' must map"),
+])
+def test_ill_typed_metadata_is_refused_on_opening(exports, tmp_path, edits, match):
+    bad = copy_export(exports["dynamic"], tmp_path / "edited", **edits)
+    with pytest.raises(ExportFileError, match=match + ".*edited or damaged"):
+        OrtEncoder(bad)
+
+
+def test_an_index_path_never_overwrites_a_users_npz(exports, tmp_path):
+    folder = tmp_path / "gallery"
+    folder.mkdir()
+    write_image(folder / "a.png", 16)
+    mine = tmp_path / "mine.npz"
+    np.savez(mine, weights=np.arange(5))
+    before = mine.read_bytes()
+    with pytest.raises(OutputPathError, match="mine.npz is a .npz file but not a harma_fast search index"):
+        GalleryIndex(folder, OrtEncoder(exports["dynamic"]), mine)
+    assert mine.read_bytes() == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_index_is_rebuilt(exports, tmp_path, damage):
+    folder = tmp_path / "gallery"
+    folder.mkdir()
+    for i in range(3):
+        write_image(folder / f"{i}.png", 16 + i)
+    enc, path = OrtEncoder(exports["dynamic"]), tmp_path / "index.npz"
+    first = GalleryIndex(folder, enc, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00garbage" * 10)
+    again = GalleryIndex(folder, enc, path)
+    assert again.status.startswith("index rebuilt: 3 embedded") and "the index file was unreadable" in again.status
+    assert np.array_equal(again.embeddings, first.embeddings)
+    assert GalleryIndex(folder, enc, path).status == "index reused: 3 images unchanged"
+
+
+def test_an_export_refused_before_writing_leaves_no_folder(tmp_path, monkeypatch):
+    import harma_fast.export.onnx_export as ox
+
+    def refuse(model, name):
+        raise RuntimeError("refused while preparing the model")
+    monkeypatch.setattr(ox, "_tokenizer_spec", refuse)
+    with pytest.raises(RuntimeError, match="refused while preparing"):
+        export_onnx(tiny_model(), tmp_path / "new" / "onnx", model_name="HarMA-Tiny")
+    assert not (tmp_path / "new").exists()
+
+
+def test_which_models_are_served_with_clip_bpe_is_read_from_their_config(monkeypatch):
+    import open_clip
+
+    from harma_fast.export.onnx_export import _uses_clip_bpe
+
+    def no_hub(*args, **kwargs):  # building SigLIP's tokenizer downloads it from the hub
+        raise AssertionError("open_clip.get_tokenizer was called")
+    monkeypatch.setattr(open_clip, "get_tokenizer", no_hub)
+    assert _uses_clip_bpe("ViT-B-32") and _uses_clip_bpe("HarMA-Tiny") and _uses_clip_bpe(None)
+    for name in ("ViT-B-16-SigLIP", "ViT-B-16-SigLIP2", "hf-hub:someone/model"):
+        assert not _uses_clip_bpe(name), name
