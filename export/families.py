@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -63,9 +63,11 @@ class TokenizersTokenizer:
             out.append(ids)
         return out
 
-    def length(self, text: str) -> int:
-        """Tokens ``text`` takes, special tokens included (more than context_length: truncated)."""
-        return len(self.tokenizer.encode(text).ids)
+    def fit(self, text: str) -> Tuple[int, int]:
+        """(tokens of ``text``, tokens the encoder reads of a text): the special tokens take the rest."""
+        content = len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        specials = len(self.tokenizer.encode(text).ids) - content
+        return content, self.context_length - specials
 
     def __call__(self, texts: Union[str, Sequence[str]]) -> np.ndarray:
         texts = [texts] if isinstance(texts, str) else list(texts)

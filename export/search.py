@@ -85,7 +85,7 @@ def truncation_warning(encoder: OrtEncoder, query: str) -> Optional[str]:
     tokenizer = encoder.tokenizer
     if tokenizer is None:
         return None
-    length, room = tokenizer.length(query), tokenizer.context_length  # both count the special tokens
+    length, room = tokenizer.fit(query)
     if length <= room:
         return None
     return (f"the query is {length} tokens long but the text encoder reads {room}; it was truncated, the "

@@ -86,9 +86,9 @@ class BPETokenizer:
             out.extend(self.ids[p] for p in self._merge(word))
         return out
 
-    def length(self, text: str) -> int:
-        """Tokens ``text`` takes, start and end of text included (more than context_length: truncated)."""
-        return len(self.encode(text)) + 2
+    def fit(self, text: str) -> Tuple[int, int]:
+        """(tokens of ``text``, tokens the encoder reads of a text): start and end of text take two."""
+        return len(self.encode(text)), self.context_length - 2
 
     def __call__(self, texts: Union[str, Sequence[str]]) -> np.ndarray:
         texts = [texts] if isinstance(texts, str) else list(texts)
