@@ -165,10 +165,12 @@ def test_two_process_training_equals_one_process_on_the_same_global_batches(data
     moved = max((a["adapters"][k] - init[k]).abs().max().item() for k in init)
     diff = max((a["adapters"][k] - b["adapters"][k]).abs().max().item() for k in init)
     # The ranks sum their gradients in another order than one process does (1e-7 apart after one
-    # step); Adam's normalisation magnifies that for near-zero gradients. Equal means: the runs
-    # agree to far below what training moved the weights.
+    # step); Adam's normalisation magnifies that for near-zero gradients, by an amount that depends
+    # on the CPU's fp32 kernels (measured: 1/290 of the movement on one machine, 1/200 on another).
+    # Equal means: the runs agree to far below what training moved the weights; a real difference
+    # (each rank with its local negatives only: 1.9x the movement, measured) moves them far apart.
     assert moved > 1e-3
-    assert diff < 2e-5, f"two-process adapters differ by {diff:.2e} (training moved them by {moved:.2e})"
+    assert diff < 0.02 * moved, f"two-process adapters differ by {diff:.2e} (training moved them by {moved:.2e})"
     assert_same_tensors(a["loss"], b["loss"], exact=False, name="temperature")
 
 
