@@ -53,6 +53,7 @@ class TokenizersTokenizer:
             raise ImportError("this export's text tower uses a Hugging Face tokenizer: pip install tokenizers") from err
         self.tokenizer = Tokenizer.from_file(str(path))
         self.context_length, self.pad_id = context_length, pad_id
+        self._counter = None
 
     def ids(self, texts: Sequence[str]) -> List[List[int]]:
         out = []
@@ -65,8 +66,14 @@ class TokenizersTokenizer:
 
     def fit(self, text: str) -> Tuple[int, int]:
         """(tokens of ``text``, tokens the encoder reads of a text): the special tokens take the rest."""
-        content = len(self.tokenizer.encode(text, add_special_tokens=False).ids)
-        specials = len(self.tokenizer.encode(text).ids) - content
+        if self._counter is None:  # a copy without the truncation or padding a tokenizer.json may store
+            from tokenizers import Tokenizer
+
+            self._counter = Tokenizer.from_str(self.tokenizer.to_str())
+            self._counter.no_truncation()
+            self._counter.no_padding()
+        content = len(self._counter.encode(text, add_special_tokens=False).ids)
+        specials = len(self._counter.encode(text).ids) - content
         return content, self.context_length - specials
 
     def __call__(self, texts: Union[str, Sequence[str]]) -> np.ndarray:

@@ -86,7 +86,7 @@ def _uses_clip_bpe(name: Optional[str]) -> bool:
 
     if not name:
         return True  # a model built without a name: open_clip's default tokenizer is CLIP BPE
-    if ":" in name:
+    if open_clip.factory.parse_model_name(name)[0] is not None:
         return False  # hf-hub:/local-dir: names: their tokenizer is decided by files we do not read here
     config = open_clip.get_model_config(name)
     text_cfg = (config or {}).get("text_cfg", {})
@@ -242,7 +242,7 @@ def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("i
     # everything is written to a scratch folder and published only when it passed its checks;
     # int8 graphs are quantized from fp32 graphs in a folder inside it. The output folder is made
     # only now, after everything above that can refuse the model.
-    created = not out.exists()
+    made = [d for d in (out, *out.parents) if not d.exists()]  # the folders this export creates, deepest first
     out.mkdir(parents=True, exist_ok=True)
     stage = None
     try:
@@ -322,8 +322,9 @@ def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("i
     except BaseException:
         if stage is not None:
             shutil.rmtree(stage, ignore_errors=True)
-        if created and not any(out.iterdir()):
-            out.rmdir()  # a refused export leaves no trace, not even the folder it made
+        for folder in made:  # a refused export leaves no trace, not even the folders it made
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         raise
     shutil.rmtree(stage, ignore_errors=True)
     return meta

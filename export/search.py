@@ -67,7 +67,12 @@ def _is_index(path: Path) -> bool:
         with zipfile.ZipFile(path) as archive:
             return {"embeddings.npy", "meta.npy"} <= set(archive.namelist())
     except (zipfile.BadZipFile, EOFError):
-        return True  # not an archive at all: a truncated index of ours, or a file no one can read as .npz
+        try:
+            with open(path, "rb") as f:
+                head = f.read(2)
+        except OSError:
+            return False
+        return head in (b"", b"PK")  # an empty file or a cut-off zip: our index, damaged; else someone's file
     except OSError:
         return False
 
@@ -120,11 +125,14 @@ class GalleryIndex:
         try:
             with np.load(self.path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
+                if not isinstance(meta, dict):
+                    raise ValueError("its manifest is not an object")
                 if meta.get("export_id") != self.encoder.meta["export_id"]:
                     return {}, "the index was built with another export"
                 emb = data["embeddings"]
             return {n: (tuple(m), emb[i]) for i, (n, m) in enumerate(zip(meta["names"], meta["stats"], strict=True))}, None
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # truncated or corrupt
+        except (OSError, ValueError, KeyError, IndexError, TypeError, EOFError,
+                zipfile.BadZipFile) as err:  # truncated, corrupt, or a lone array (np.load gives no archive)
             return {}, f"the index file was unreadable ({type(err).__name__}: {err})"
 
     def _sync(self) -> None:

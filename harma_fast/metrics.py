@@ -68,7 +68,9 @@ def count_above_ref(queries: Tensor, gallery: Tensor, query_label: Tensor, galle
     same caption under two images, say) then ties with it exactly and does not count, where a
     score summed in another order would beat it or not by rounding.
     """
-    counts = torch.empty(queries.shape[0], dtype=torch.long, device=queries.device)
+    counts = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
+    if gallery.shape[0] == 0:
+        return counts  # nothing can score above anything
     g = gallery.float()
     for start in range(0, queries.shape[0], chunk):
         scores = queries[start:start + chunk].float() @ g.t()

@@ -75,7 +75,9 @@ def _count_above_kernel(q_ptr, g_ptr, label_ptr, owner_ptr, lo_ptr, hi_ptr, out_
 def own_ranges(query_label: Tensor, gallery_owner: Tensor):
     """(first, last + 1) gallery index of each query's own items; first = M when it has none."""
     m = gallery_owner.shape[0]
-    n_labels = int(max(query_label.max(), gallery_owner.max())) + 1
+    # labels may be any integers (negative, sparse): number them 0..n-1 first
+    ids, inverse = torch.unique(torch.cat([query_label, gallery_owner]), return_inverse=True)
+    query_label, gallery_owner, n_labels = inverse[:len(query_label)], inverse[len(query_label):], len(ids)
     index = torch.arange(m, device=gallery_owner.device)
     first = torch.full((n_labels,), m, dtype=torch.long, device=index.device)
     first = first.scatter_reduce(0, gallery_owner, index, reduce="amin")
@@ -95,10 +97,16 @@ def count_above(queries: Tensor, gallery: Tensor, query_label: Tensor, gallery_o
     if nq == 0 or ng == 0:
         return out
     label, owner = query_label.long().contiguous(), gallery_owner.long().contiguous()
+    gallery = gallery.to(dtype)
+    if owner.numel() > 1 and bool((owner[1:] < owner[:-1]).any()):
+        # the gallery grouped by owner (the counts do not depend on its order): a query's own items,
+        # e.g. an image's five captions, then lie in one or two tiles, not across the gallery
+        by_owner = torch.argsort(owner, stable=True)
+        gallery, owner = gallery[by_owner], owner[by_owner]
+    gallery = gallery.contiguous()
     first, end = own_ranges(label, owner)
     order = torch.argsort(first, stable=True)  # queries whose own items are near each other share a program
     queries, label, first, end = queries.to(dtype)[order].contiguous(), label[order], first[order], end[order]
-    gallery = gallery.to(dtype).contiguous()
     bq, bg, bk, warps = blocks
     tiles = triton.cdiv(nq, bq)
     pad = tiles * bq - nq

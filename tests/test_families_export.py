@@ -39,6 +39,18 @@ def test_hf_folder_exports_with_its_own_tokenizer_served_without_torch(tmp_path)
     assert truncation_warning(OrtEncoder(out), queries[0]) is None
     warning = truncation_warning(OrtEncoder(out), queries[1])  # 10 ids, two of them special
     assert re.search(r"the query is 2\d tokens long but the text encoder reads 8; it was truncated", warning)
+    # a tokenizer.json that stores truncation and padding counts the same (they used to hide the overflow)
+    from tokenizers import Tokenizer
+
+    from harma_fast.export.families import TokenizersTokenizer
+    stored = Tokenizer.from_file(str(out / "tokenizer.json"))
+    stored.enable_truncation(max_length=10)
+    stored.enable_padding(length=10)
+    stored.save(str(tmp_path / "stored.json"))
+    plain = OrtEncoder(out).tokenizer
+    saving = TokenizersTokenizer(tmp_path / "stored.json", plain.context_length, plain.pad_id)
+    for query in queries:
+        assert saving.fit(query) == plain.fit(query)
     with torch.no_grad():
         want = model.encode_text(get_tokenizer(str(folder))(queries), normalize=True)
     assert_close(torch.from_numpy(got), want, atol=1e-4, name="text embeddings")

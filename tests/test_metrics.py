@@ -93,6 +93,22 @@ def test_duplicates_of_the_ground_truth_are_ties(gen, backend):
 
 
 @pytest.mark.interpreter
+def test_triton_count_takes_any_labels_and_gallery_order(gen):
+    # count_above's labels need not be 0..N-1 (negative, sparse ids), the gallery need not be
+    # grouped by owner (shuffled captions), and an empty gallery counts nothing, as the reference
+    from harma_fast.kernels.retrieval_ranks import count_above
+    image, text, tti = gallery(gen, n_img=29, d=20, ties=True)
+    sparse = torch.randperm(1000, generator=gen)[:29] * 10 ** 9 - 5 * 10 ** 11  # negative and huge ids
+    labels, owners = sparse, sparse[tti]
+    for q, g, lab, own in ((image, text, labels, owners), (text, image, owners, labels)):
+        want = count_above_ref(q, g, lab, own)
+        assert torch.equal(count_above(q, g, lab, own, blocks=(16, 16, 16, 4)), want)
+    empty = torch.zeros(0, 20)
+    assert torch.equal(count_above(image, empty, labels, labels[:0]), torch.zeros(29, dtype=torch.long))
+    assert torch.equal(count_above_ref(image, empty, labels, labels[:0]), torch.zeros(29, dtype=torch.long))
+
+
+@pytest.mark.interpreter
 def test_triton_count_promotes_mixed_dtypes(gen):
     # bf16 queries against an fp32 gallery: the gallery must not be rounded to bf16
     from harma_fast.kernels.retrieval_ranks import count_above

@@ -147,9 +147,17 @@ def test_an_index_path_never_overwrites_a_users_npz(exports, tmp_path):
     with pytest.raises(OutputPathError, match="mine.npz is a .npz file but not a harma_fast search index"):
         GalleryIndex(folder, OrtEncoder(exports["dynamic"]), mine)
     assert mine.read_bytes() == before
+    for name, write in (("array.npz", lambda p: np.save(open(p, "wb"), np.arange(3))),  # a lone .npy array
+                        ("notes.npz", lambda p: p.write_text("my notes"))):
+        other = tmp_path / name
+        write(other)
+        kept = other.read_bytes()
+        with pytest.raises(OutputPathError, match="not a harma_fast search index"):
+            GalleryIndex(folder, OrtEncoder(exports["dynamic"]), other)
+        assert other.read_bytes() == kept
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+@pytest.mark.parametrize("damage", ["truncated", "empty", "a list manifest"])
 def test_a_damaged_index_is_rebuilt(exports, tmp_path, damage):
     folder = tmp_path / "gallery"
     folder.mkdir()
@@ -158,22 +166,28 @@ def test_a_damaged_index_is_rebuilt(exports, tmp_path, damage):
     enc, path = OrtEncoder(exports["dynamic"]), tmp_path / "index.npz"
     first = GalleryIndex(folder, enc, path)
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00garbage" * 10)
+    if damage == "a list manifest":
+        np.savez(path, embeddings=first.embeddings, meta=np.array(json.dumps(["not", "a", "dict"])))
+    else:
+        path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
     again = GalleryIndex(folder, enc, path)
     assert again.status.startswith("index rebuilt: 3 embedded") and "the index file was unreadable" in again.status
     assert np.array_equal(again.embeddings, first.embeddings)
     assert GalleryIndex(folder, enc, path).status == "index reused: 3 images unchanged"
 
 
-def test_an_export_refused_before_writing_leaves_no_folder(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["_tokenizer_spec", "_export_tower"])
+def test_a_refused_export_leaves_no_folder(tmp_path, monkeypatch, where):
+    # refused while preparing the model (before the folder is made) or while writing it: neither
+    # the folder nor the parents it made are left behind
     import harma_fast.export.onnx_export as ox
 
-    def refuse(model, name):
-        raise RuntimeError("refused while preparing the model")
-    monkeypatch.setattr(ox, "_tokenizer_spec", refuse)
-    with pytest.raises(RuntimeError, match="refused while preparing"):
-        export_onnx(tiny_model(), tmp_path / "new" / "onnx", model_name="HarMA-Tiny")
-    assert not (tmp_path / "new").exists()
+    def refuse(*args, **kwargs):
+        raise RuntimeError("refused")
+    monkeypatch.setattr(ox, where, refuse)
+    with pytest.raises(RuntimeError, match="refused"):
+        export_onnx(tiny_model(), tmp_path / "new" / "deeper" / "onnx", model_name="HarMA-Tiny")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_which_models_are_served_with_clip_bpe_is_read_from_their_config(monkeypatch):
@@ -185,5 +199,6 @@ def test_which_models_are_served_with_clip_bpe_is_read_from_their_config(monkeyp
         raise AssertionError("open_clip.get_tokenizer was called")
     monkeypatch.setattr(open_clip, "get_tokenizer", no_hub)
     assert _uses_clip_bpe("ViT-B-32") and _uses_clip_bpe("HarMA-Tiny") and _uses_clip_bpe(None)
+    assert _uses_clip_bpe("C:\\models\\my-clip")  # a local folder's path is not a hub name
     for name in ("ViT-B-16-SigLIP", "ViT-B-16-SigLIP2", "hf-hub:someone/model"):
         assert not _uses_clip_bpe(name), name
