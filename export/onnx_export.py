@@ -40,6 +40,7 @@ FORMAT = "harma_fast.onnx/1"
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 TOLERANCE = {"fp32": {"max_abs": 1e-4, "min_cosine": 0.99999}, "fp16": {"max_abs": 2e-2, "min_cosine": 0.999},
              "int8": {"max_abs": None, "min_cosine": quantize.MIN_COSINE}}
+LARGE_GRAPH_BYTES = 2 ** 31 - 2 ** 26  # protobuf's 2 GiB limit, less a margin: larger graphs keep weights apart
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float32}  # int8: quantized after export
 TOWER_FILES = {"image": "image.onnx", "text": "text.onnx"}
 
@@ -125,7 +126,7 @@ def _export_tower(module: nn.Module, example: torch.Tensor, path: Path, input_na
     fold_initializer_transposes(graph)
     with atomic_path(path) as tmp:
         # graphs past protobuf's 2 GiB limit (ViT-bigG) keep their weights in a file beside them
-        large = graph.ByteSize() > 2 ** 31 - 2 ** 26
+        large = graph.ByteSize() > LARGE_GRAPH_BYTES
         onnx.save_model(graph, str(tmp), save_as_external_data=large, location=f"{path.name}.data")
 
 

@@ -36,6 +36,7 @@ int8 cannot match PyTorch to 1e-4, so it is judged by what users care about:
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Dict
 
@@ -63,14 +64,22 @@ def quantize_tower(src: Path, dst: Path) -> None:
 
     quiet = logging.getLogger().level
     logging.getLogger().setLevel(max(quiet, logging.ERROR))  # it logs one line per skipped node
+    # a graph past protobuf's 2 GiB (its weights in <name>.data beside it) is quantized the same way:
+    # the intermediate graph, three quarters fp32, would not fit in one file either
+    large = (src.parent / f"{src.name}.data").is_file()
     try:
-        with atomic_path(dst) as tmp, tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quantize-") as scratch:
-            step = Path(scratch) / "attention.onnx"
+        with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quantize-") as scratch:
+            step, final = Path(scratch) / "attention.onnx", Path(scratch) / dst.name
             quantize_dynamic(str(src), str(step), weight_type=QuantType.QInt8, per_channel=False,
-                             op_types_to_quantize=["Attention"], reduce_range=True)
-            quantize_dynamic(str(step), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=["MatMul"], reduce_range=True,
+                             op_types_to_quantize=["Attention"], reduce_range=True, use_external_data_format=large)
+            quantize_dynamic(str(step), str(final), weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=["MatMul"], reduce_range=True, use_external_data_format=large,
                              extra_options={"MatMulConstBOnly": True})
+            # the graph and its weights file under their final names (the graph refers to the latter by name)
+            if large:
+                os.replace(Path(scratch) / f"{dst.name}.data", dst.parent / f"{dst.name}.data")
+            with atomic_path(dst) as tmp:
+                os.replace(final, tmp)
     finally:
         logging.getLogger().setLevel(quiet)
 

@@ -202,3 +202,18 @@ def test_which_models_are_served_with_clip_bpe_is_read_from_their_config(monkeyp
     assert _uses_clip_bpe("C:\\models\\my-clip")  # a local folder's path is not a hub name
     for name in ("ViT-B-16-SigLIP", "ViT-B-16-SigLIP2", "hf-hub:someone/model"):
         assert not _uses_clip_bpe(name), name
+
+
+def test_graphs_past_protobufs_2_gib_keep_their_weights_beside_them(tmp_path, monkeypatch):
+    # ViT-bigG's towers pass protobuf's 2 GiB: the graph keeps its weights in <name>.data, and its
+    # int8 quantization (whose intermediate graph is three quarters fp32) must do the same
+    import harma_fast.export.onnx_export as ox
+
+    monkeypatch.setattr(ox, "LARGE_GRAPH_BYTES", 0)  # every graph counts as large
+    for dtype in ("fp32", "int8"):
+        out = tmp_path / dtype
+        meta = export_onnx(tiny_model(), out, model_name="HarMA-Tiny", dtype=dtype)  # parity checked
+        assert all(row["ok"] for rows in meta["parity"].values() for row in rows)
+        graphs = {f.name for f in out.iterdir()} - {"harma.json", "bpe_simple_vocab_16e6.txt.gz"}
+        assert graphs == {"image.onnx", "image.onnx.data", "text.onnx", "text.onnx.data"}, dtype
+        assert OrtEncoder(out).encode_texts(["a lake"]).shape == (1, meta["embed_dim"])
