@@ -68,3 +68,17 @@ def pow2(n: int, lo: int = 16, hi: int = 1 << 30) -> int:
     """Next power of two of ``n``, clamped to [lo, hi] (tl.arange and tl.dot want powers of two >= 16)."""
     return max(lo, min(hi, triton.next_power_of_2(max(1, int(n)))))
 
+
+@triton.jit
+def score_tile(a_ptr, b_ptr, rows, cols, rmask, cmask, D, stride_a, stride_b,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """S = A[rows] · B[cols]ᵀ in fp32, a K-loop over D (the loss and the rank count score alike)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < D
+        a = tl.load(a_ptr + rows[:, None] * stride_a + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_ptr + cols[:, None] * stride_b + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+    return acc

@@ -21,27 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_inputs, dot_precision, on_device, pow2
+from ._common import check_inputs, dot_precision, on_device, pow2, score_tile
 
 Tensor = torch.Tensor
 
 BLOCKS = (128, 128, 64, 8)  # BLOCK_Q, BLOCK_G, BLOCK_K, num_warps
-
-
-@triton.jit
-def _score_tile(q_ptr, g_ptr, rows, rmask, g0, NG, D, stride_q, stride_g,
-                BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    cols = g0 + tl.arange(0, BLOCK_G)
-    cmask = cols < NG
-    acc = tl.zeros((BLOCK_Q, BLOCK_G), tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < D
-        q = tl.load(q_ptr + rows[:, None] * stride_q + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        g = tl.load(g_ptr + cols.to(tl.int64)[:, None] * stride_g + ks[None, :],
-                    mask=cmask[:, None] & kmask[None, :], other=0.0)
-        acc = tl.dot(q, tl.trans(g), acc, input_precision=DOT_PRECISION)
-    return acc, cols, cmask
 
 
 @triton.jit
@@ -56,16 +40,20 @@ def _count_above_kernel(q_ptr, g_ptr, label_ptr, owner_ptr, lo_ptr, hi_ptr, out_
     # pass 1: the ground truth's score, over the gallery tiles [lo, hi) that hold this block's own items
     gt = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
     for g0 in range(tl.load(lo_ptr + pid), tl.load(hi_ptr + pid), BLOCK_G):
-        acc, cols, cmask = _score_tile(q_ptr, g_ptr, rows, rmask, g0, NG, D, stride_q, stride_g,
-                                       BLOCK_Q, BLOCK_G, BLOCK_K, DOT_PRECISION)
+        cols = g0 + tl.arange(0, BLOCK_G).to(tl.int64)  # int64: M·D may pass 2**31
+        cmask = cols < NG
+        acc = score_tile(q_ptr, g_ptr, rows, cols, rmask, cmask, D, stride_q, stride_g,
+                         BLOCK_Q, BLOCK_G, BLOCK_K, DOT_PRECISION)
         owner = tl.load(owner_ptr + cols, mask=cmask, other=-2)
         own = (owner[None, :] == label[:, None]) & cmask[None, :]
         gt = tl.maximum(gt, tl.max(tl.where(own, acc, float("-inf")), axis=1))
     # pass 2: candidates of other owners strictly above it (the same tiles give the same scores)
     count = tl.zeros((BLOCK_Q,), tl.int32)
     for g0 in range(0, NG, BLOCK_G):
-        acc, cols, cmask = _score_tile(q_ptr, g_ptr, rows, rmask, g0, NG, D, stride_q, stride_g,
-                                       BLOCK_Q, BLOCK_G, BLOCK_K, DOT_PRECISION)
+        cols = g0 + tl.arange(0, BLOCK_G).to(tl.int64)  # int64: M·D may pass 2**31
+        cmask = cols < NG
+        acc = score_tile(q_ptr, g_ptr, rows, cols, rmask, cmask, D, stride_q, stride_g,
+                         BLOCK_Q, BLOCK_G, BLOCK_K, DOT_PRECISION)
         owner = tl.load(owner_ptr + cols, mask=cmask, other=-2)
         above = (acc > gt[:, None]) & (owner[None, :] != label[:, None]) & cmask[None, :]
         count += tl.sum(above.to(tl.int32), axis=1)

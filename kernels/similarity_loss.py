@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_inputs, dot_precision, on_device, pow2
+from ._common import check_inputs, dot_precision, on_device, pow2, score_tile
 
 Tensor = torch.Tensor
 
@@ -55,20 +55,6 @@ def _focal(c, GAMMA: tl.constexpr):
 
 
 @triton.jit
-def _score_tile(a_ptr, b_ptr, rows, cols, rmask, cmask, D, stride_a, stride_b,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < D
-        a = tl.load(a_ptr + rows[:, None] * stride_a + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(b_ptr + cols[:, None] * stride_b + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
-    return acc
-
-
-@triton.jit
 def _loss_rows_kernel(a_ptr, b_ptr, ids_ptr, diag_ptr, tau_ptr,
                       lse_ptr, pos_ptr, trip_ptr, dtrip_ptr, amax_ptr,
                       B, D, stride_a, stride_b, margin,
@@ -92,7 +78,7 @@ def _loss_rows_kernel(a_ptr, b_ptr, ids_ptr, diag_ptr, tau_ptr,
     for n0 in range(0, B, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         cmask = cols < B
-        s = _score_tile(a_ptr, b_ptr, rows, cols, rmask, cmask, D, stride_a, stride_b,
+        s = score_tile(a_ptr, b_ptr, rows, cols, rmask, cmask, D, stride_a, stride_b,
                         BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
         # online log-sum-exp of this row's logits
         logits = tl.where(cmask[None, :], s * inv_tau, float("-inf"))
@@ -161,7 +147,7 @@ def _loss_grad_kernel(a_ptr, b_ptr, ids_ptr, cnt_ptr, diag_ptr, tau_ptr, w_ptr,
     for n0 in range(0, B, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         cmask = cols < B
-        s = _score_tile(a_ptr, b_ptr, rows, cols, rmask, cmask, D, stride_a, stride_b,
+        s = score_tile(a_ptr, b_ptr, rows, cols, rmask, cmask, D, stride_a, stride_b,
                         BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
         valid = rmask[:, None] & cmask[None, :]
         lse_b = tl.load(lse_b_ptr + cols, mask=cmask, other=0.0)
