@@ -14,9 +14,10 @@ PyTorch's (max abs, min cosine). The machine may be shared, so every figure is t
 rounds in which the providers run interleaved, and ratios are taken within one run.
 
 Full size (``HARMA_BENCH_FULL=1`` or a GPU): ViT-B-32 with random non-zero adapters. CI size:
-HarMA-Tiny, batches 1 and 4, one round. Also a script, printing a table:
+HarMA-Tiny, batches 1 and 4, one round. Also a script, printing a table (and, with ``--png``,
+drawing the suite report's chart of the same rows: each provider's speed-up over torch eager):
 
-    HARMA_BENCH_FULL=1 python -m benchmarks.bench_onnx [--graphs DIR] [--rounds 3]
+    HARMA_BENCH_FULL=1 python -m benchmarks.bench_onnx [--graphs DIR] [--rounds 3] [--png onnx.png]
 """
 from __future__ import annotations
 
@@ -205,7 +206,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
+    parser.add_argument("--png", type=Path, help="also draw the speed-ups over torch eager here")
     args = parser.parse_args(argv)
+    if args.png is not None and args.png.suffix.lower() != ".png":
+        parser.error(f"--png {args.png}: give a file name ending in .png")
     patched, stock = build_models()
     root = args.graphs or Path(tempfile.mkdtemp(prefix="bench_onnx-"))
     t0 = time.perf_counter()
@@ -222,6 +226,12 @@ def main(argv=None) -> int:
           f"onnxruntime {onnxruntime.__version__}, median of {args.rounds} "
           f"interleaved rounds, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(table(rows))
+    if args.png is not None:
+        from benchmarks.report import chart
+
+        device = f"ONNX serving, {MODEL}: {cpu_description()}"
+        chart([dict(r, op="onnx", device=device) for r in rows], args.png)
+        print(f"chart: {args.png}")
     return 0
 
 

@@ -84,24 +84,37 @@ def markdown(data: Dict, rows: List[Dict]) -> str:
 
 
 def chart(rows: List[Dict], path: Path) -> None:
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullFormatter
 
     picked = [r for r in speedups(rows) if r["speedup"] is not None and r["provider"] not in BASELINES]
     if not picked:
         return
     labels = [f"{r.get('op', '')}: {r['provider']}\n" + ", ".join(f"{v}" for k, v in _case(r) if k != "op")
               for r in picked]
+    values = [r["speedup"] for r in picked]
     fig, ax = plt.subplots(figsize=(9, max(3, 0.38 * len(picked))))
-    ax.barh(range(len(picked)), [r["speedup"] for r in picked], color="#3b7dd8")
+    # slower than the baseline stands out: a fused path below 1x is a regression to look at
+    ax.barh(range(len(picked)), values, color=["#3b7dd8" if v >= 1 else "#d8643b" for v in values])
     ax.axvline(1.0, color="black", lw=0.8)
     ax.set_xscale("log")
+    low, high = min(values + [1.0]) / 1.15, max(values + [1.0]) * 1.3  # room for the labels
+    ax.set_xlim(low, high)
+    ticks = [t for t in (0.1, 0.2, 0.5, 1, 1.5, 2, 3, 5, 10, 20, 50, 100, 200, 500) if low <= t <= high]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.set_xticklabels([f"{t:g}x" for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:.2f}x", va="center", fontsize=6)
     ax.set_yticks(range(len(picked)), labels, fontsize=6)
     ax.invert_yaxis()
     ax.set_xlabel("speed-up over the baseline of the same run (x)")
-    ax.set_title(picked[0].get("device", ""))
+    ax.set_title("\n".join(textwrap.wrap(str(picked[0].get("device", "")), 90)), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -300,6 +300,19 @@ def test_benchmark_report_compares_onnx_variants_with_torch_eager(tmp_path):
     assert (tmp_path / "chart.png").stat().st_size > 0
 
 
+
+def test_bench_onnx_script_prints_its_table_and_draws_the_chart(tmp_path, capsys):
+    from benchmarks import bench_onnx
+    png = tmp_path / "onnx.png"
+    assert bench_onnx.main(["--graphs", str(tmp_path / "graphs"), "--rounds", "1", "--batches", "2",
+                            "--providers", "torch-cpu", "ort-fused", "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "| ort-fused | image | 2 |" in out and "| ort-fused | text | 2 |" in out
+    assert png.stat().st_size > 0 and f"chart: {png}" in out
+    with pytest.raises(SystemExit) as exit_info:
+        bench_onnx.main(["--png", str(tmp_path / "onnx.svg")])
+    assert exit_info.value.code == 2 and "ending in .png" in capsys.readouterr().err
+
 # -- fixed-batch graphs (CUDA graphs) ----------------------------------------------------------
 def test_fixed_batch_graphs_pad_the_last_batch_and_leave_the_input_alone(tmp_path, capsys):
     model = patched_tiny()
