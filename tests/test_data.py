@@ -149,3 +149,36 @@ def test_eval_command_has_no_progress_flag():
     base = ["eval", "--test-file", "t.json", "--image-root", "i"]
     assert build_parser().parse_args(base + ["--no-progress"]).progress is False
     assert build_parser().parse_args(base).progress is True
+
+
+def test_an_image_id_names_one_image_and_an_image_has_one_id(synth, tmp_path, capsys):
+    # review D6: the loss takes records of equal id for captions of one image; a shared id trained silently
+    from harma_fast.cli import main
+
+    records = [
+        {"image": "00000.tif", "caption": "a lake", "image_id": 0},
+        {"image": "00000.tif", "caption": "a lake among trees", "image_id": 0},
+        {"image": "00001.tif", "caption": "a road", "image_id": 0},          # another image under id 0
+        {"image": "00002.tif", "caption": "a field", "image_id": 2},
+        {"image": "00002.tif", "caption": "a green field", "image_id": "2"},  # one image under two ids
+        {"image": "00003.tif", "caption": "a roof", "image_id": [3]},        # no usable id: used to crash counting
+    ]
+    bad = write(tmp_path / "train.json", records)
+    expected = ["record 2, field 'image_id': 0 is already the id of image '00000.tif' (record 0; this record's "
+                "image is '00001.tif')",
+                "record 4, field 'image_id': '2', but record 3 gives image '00002.tif' the id 2: the captions of one "
+                "image share one id",
+                "record 5, field 'image_id': no usable image id"]
+    with pytest.raises(AnnotationError) as info:
+        load_train_records(bad, synth["image_root"])
+    assert "3 problem(s)" in str(info.value) and all(e in str(info.value) for e in expected)
+    root = ["--image-root", str(synth["image_root"])]
+    assert main(["data", "check", str(bad), *root]) == 1
+    out = capsys.readouterr().out
+    assert all(e in out for e in expected)
+    assert main(["train", "--train-file", str(bad), *root, "--model", "HarMA-Tiny",
+                 "--output-dir", str(tmp_path / "run")]) == 2
+    assert expected[0] in capsys.readouterr().err
+    # several captions of one image under one id, as the released RSITMD/RSICD training files hold them: fine
+    good = load_train_records(write(tmp_path / "good.json", records[:2] + records[3:4]), synth["image_root"])
+    assert good.image_ids == [0, 0, 1]

@@ -198,3 +198,41 @@ def test_training_and_evaluation_run_from_a_karpathy_file(synth, tmp_path, capsy
     assert main(["eval", "--test-file", str(synth["train"]), "--image-root", str(synth["image_root"]),
                  "--model", "HarMA-Tiny"]) == 2
     assert "this is a training file" in capsys.readouterr().err
+
+
+def test_a_split_that_is_a_list_or_an_object_is_a_problem_of_its_record(synth, tmp_path, capsys):
+    # review D4: such a split crashed (unhashable) data check, train and eval
+    data = json.loads(synth["karpathy"].read_text())
+    data["images"][0]["split"], data["images"][1]["split"] = ["test"], {"a": 1}
+    bad = write(tmp_path / "dataset_bad.json", data)
+    with pytest.raises(AnnotationError) as info:
+        load_splits(bad, bad, bad, synth["image_root"])
+    assert "record images[0], field 'split': ['test'] is not one of train, val, test (or restval)" in str(info.value)
+    assert "record images[1], field 'split': {'a': 1} is not one of train, val, test" in str(info.value)
+    assert main(["data", "check", str(bad), "--image-root", str(synth["image_root"])]) == 1
+    assert "record images[0], field 'split': ['test'] is not one of" in capsys.readouterr().out
+    nwpu = json.loads(synth["nwpu"]["annotations"].read_text())
+    label, records = next(iter(nwpu.items()))
+    records[0]["split"] = [records[0]["split"]]
+    with pytest.raises(AnnotationError, match=rf"record {label}\[0\], field 'split': \['\w+'\] is not one of"):
+        load_eval_records(write(tmp_path / "dataset_nwpu.json", nwpu), synth["nwpu"]["image_root"])
+
+
+def test_data_check_reports_a_file_without_one_usable_record(synth, tmp_path, capsys):
+    # review D5: data check crashed (KeyError) on such a file instead of saying what is wrong with it
+    misspelled = json.loads(synth["karpathy"].read_text())
+    for image in misspelled["images"]:
+        image["split"] = "testing"
+    no_raw = json.loads(synth["nwpu"]["annotations"].read_text())
+    for records in no_raw.values():
+        for record in records:
+            del record["raw"]
+    label = next(iter(no_raw))
+    for data, root, expected in ((misspelled, synth["image_root"], "record images[0], field 'split': 'testing' is "
+                                  "not one of train, val, test"),
+                                 ({"images": []}, synth["image_root"], "the file holds no records"),
+                                 (no_raw, synth["nwpu"]["image_root"], f"record {label}[0], field 'raw': missing")):
+        path = write(tmp_path / "dataset.json", data)
+        assert main(["data", "check", str(path), "--image-root", str(root)]) == 1
+        out, err = capsys.readouterr()
+        assert "problem(s) in annotation file" in out and expected in out and "internal error" not in err, expected

@@ -3,9 +3,10 @@
 A file may be in any of the three layouts of :mod:`harma_fast.data.layouts` (HarMA,
 Karpathy, NWPU-Captions), recognised from its content. A training file (or split) becomes one
 record per caption, an evaluation file (or split) one record per image. Every problem — a file
-that is missing or not JSON, a record without a caption or image id, an evaluation file with
-repeated images or single-string captions (a training file given for evaluation), a missing or
-unreadable image — is collected, for every file of a run at once (:func:`load_splits`), and
+that is missing or not JSON, a record without a caption or image id, an image id given to two
+images (or two ids to one image) in a training file, an evaluation file with repeated images or
+single-string captions (a training file given for evaluation), a missing or unreadable image —
+is collected, for every file of a run at once (:func:`load_splits`), and
 reported in one :class:`AnnotationError` naming the file, the record and the field, before any
 training starts.
 """
@@ -15,7 +16,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Hashable, List, Optional, Sequence, Tuple, Union
 
 from tqdm.auto import tqdm
 
@@ -94,7 +95,15 @@ class Survey:
 # --------------------------------------------------------------------------------------------
 # choosing a file's records for a role
 # --------------------------------------------------------------------------------------------
-def _select(parsed: ParsedFile, role: str, split: Optional[str]) -> Tuple[List[Entry], List[Problem]]:
+def _relative(image: Path, root: Path) -> Path:
+    return image.relative_to(root) if image.is_relative_to(root) else image
+
+
+def _usable_id(key) -> bool:
+    return isinstance(key, (int, str)) and not isinstance(key, bool)
+
+
+def _select(parsed: ParsedFile, role: str, split: Optional[str], root: Path) -> Tuple[List[Entry], List[Problem]]:
     """The entries of ``parsed`` a role reads, and what makes them unfit for it."""
     path, problems = parsed.path, []
     if parsed.layout is None:
@@ -110,13 +119,25 @@ def _select(parsed: ParsedFile, role: str, split: Optional[str]) -> Tuple[List[E
                 "repeat an image: this is a training file (one record per caption); an evaluation file holds one "
                 "record per image with the list of its captions"))]
         if role == "train":
+            # the loss takes records of equal id for captions of one image: ids and images pair one to one
+            by_id: Dict[Hashable, Entry] = {}
+            by_image: Dict[Path, Entry] = {}
             for e in entries:
                 if not e.single:
                     problems.append(Problem(path, e.record, "caption", "is a list: a training file holds one record "
                                             "per caption (is this an evaluation file?)", e.order))
-                elif e.key is None or isinstance(e.key, (bool, float, list, dict)):
+                elif not _usable_id(e.key):
                     problems.append(Problem(path, e.record, "image_id", "no usable image id (an integer or string "
                                             "naming the image; captions of one image share it)", e.order))
+                elif (first := by_id.setdefault(e.key, e)).image != e.image:
+                    problems.append(Problem(path, e.record, "image_id", f"{e.key!r} is already the id of image "
+                                            f"'{_relative(first.image, root)}' (record {first.record}; this record's "
+                                            f"image is '{_relative(e.image, root)}'): each image has its own id",
+                                            e.order))
+                elif (first := by_image.setdefault(e.image, e)).key != e.key:
+                    problems.append(Problem(path, e.record, "image_id", f"{e.key!r}, but record {first.record} gives "
+                                            f"image '{_relative(e.image, root)}' the id {first.key!r}: the captions "
+                                            "of one image share one id", e.order))
         else:  # Karpathy/NWPU files are checked for repeated images whatever the role (_duplicates)
             seen: Dict[Path, Entry] = {}
             for e in entries:
@@ -154,7 +175,8 @@ def _duplicates(parsed: ParsedFile) -> List[Problem]:
 
 def _records(role: str, entries: List[Entry]) -> Records:
     if role == "train":
-        flat = [(e.image, c, e.key) for e in entries for c in e.captions]
+        # a record without a usable id (reported) counts under its image, for data check's summary
+        flat = [(e.image, c, e.key if _usable_id(e.key) else e.image) for e in entries for c in e.captions]
         dense = {k: i for i, k in enumerate(dict.fromkeys(k for _, _, k in flat))}
         return TrainRecords([i for i, _, _ in flat], [c for _, c, _ in flat], [dense[k] for _, _, k in flat])
     images, captions, text_to_image = [], [], []
@@ -209,7 +231,7 @@ def survey(requests: Sequence[Tuple[str, PathLike, Optional[str]]], image_root: 
         if path not in files:
             files[path] = read_annotations(path, root, max_words)
             problems += files[path].problems + _duplicates(files[path])
-        entries, unfit = _select(files[path], role, split)
+        entries, unfit = _select(files[path], role, split, root)
         request = (role, path, None if files[path].layout == "harma" else split)
         if request not in seen_requests:  # the same file given twice is reported once
             problems += unfit
@@ -227,9 +249,8 @@ def survey(requests: Sequence[Tuple[str, PathLike, Optional[str]]], image_root: 
         result.bad_images = _check_images(list(uses), progress=progress)
         result.images_checked = len(uses)
         for image, why in result.bad_images.items():
-            rel = image.relative_to(root) if image.is_relative_to(root) else image
             problems += [Problem(path, record, "image" if files[path].layout == "harma" else "filename",
-                                 f"image '{rel}' {why} (under {root})", e.order)
+                                 f"image '{_relative(image, root)}' {why} (under {root})", e.order)
                          for (path, record), e in uses[image].items()]
     order = {p: i for i, p in enumerate(dict.fromkeys([root, *files]))}
     problems.sort(key=lambda p: (order.get(p.file, len(order)), p.order))

@@ -78,6 +78,7 @@ def check_report(path: str, image_root: str, max_words: int = 30, check_images: 
         requests = [(role, path, None)]
         names = ["training file" if role == "train" else "evaluation file"]
     else:
+        splits = splits or ["train"]  # no usable record: the file is read all the same, to report why
         requests = [("train" if s == "train" else "eval", path, s) for s in splits]
         names = list(splits)
     parsed = survey(requests, image_root, max_words, check_images)

@@ -139,7 +139,8 @@ def _image_id(rec: dict, key: str, out: ParsedFile, locator, order: int, require
 
 def _split(rec: dict, out: ParsedFile, locator, order: int) -> Optional[str]:
     value = rec.get("split")
-    value = SPLIT_ALIASES.get(value, value)
+    if isinstance(value, str):  # a list or object is not a split (and cannot be looked up)
+        value = SPLIT_ALIASES.get(value, value)
     if value not in SPLITS:
         out.problems.append(Problem(out.path, locator, "split", f"{value!r} is not one of "
                                     f"{', '.join(SPLITS)} (or restval)", order))
