@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -43,21 +44,27 @@ def train_config(args: argparse.Namespace):
 
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     # every preset value is type- and range-checked here, so an error names the file and the key
-    settings = (settings_from_yaml(TrainConfig, TRAIN_RULES, load_preset(args.preset), f"preset {args.preset}",
-                                   YAML_ALIASES) if args.preset else {})
+    preset = (settings_from_yaml(TrainConfig, TRAIN_RULES, load_preset(args.preset), f"preset {args.preset}",
+                                 YAML_ALIASES) if args.preset else {})
+    for key in ("resume", "overwrite"):
+        if key in preset:  # what to do with an existing run is decided per command, never by a shared file
+            raise ConfigError(f"preset {args.preset}: {key!r} is not a preset setting; pass --{key} on the command "
+                              "line")
+    flags = {}
     if getattr(args, "data", None):  # one file with every split; explicit --*-file flags still win
         from .data.command import data_files
 
-        settings.update(data_files(args.data))
+        flags.update(data_files(args.data))
     for key in known:
         value = getattr(args, key, None)
         if value is not None:
-            settings[key] = value
-    if getattr(args, "resume", None):  # the run's own config.json; flags given override it
+            flags[key] = value
+    if getattr(args, "resume", None):
+        # the run's own config.json, which already holds what its preset set; only flags given override it
         from .trainconfig import resumed_config
 
-        return resumed_config(args.resume, settings)
-    config = TrainConfig(**settings)
+        return resumed_config(args.resume, flags, preset)
+    config = TrainConfig(**{**preset, **flags})
     missing = [k for k in ("train_file", "image_root") if not getattr(config, k)]
     if missing:
         raise ConfigError(f"set {', '.join('--' + m.replace('_', '-') for m in missing)} (or use a --preset)")
@@ -127,7 +134,8 @@ def _add_eval(sub) -> None:
     src.add_argument("--adapters", help="adapter file (.safetensors) from training")
     src.add_argument("--checkpoint", help="training checkpoint (last.pt)")
     src.add_argument("--released", help="checkpoint of the released HarMA code (backbone + adapters)")
-    p.add_argument("--harma", default="paper", choices=HARMA_LAYOUTS, help="adapter layout of --checkpoint")
+    p.add_argument("--harma", choices=HARMA_LAYOUTS,
+                   help="adapter layout of --checkpoint (default: the one the checkpoint records)")
     p.add_argument("--ignore-backbone-mismatch", action="store_true",
                    help="use adapters on a backbone other than the one they were trained on")
     p.add_argument("--output", help="also write the metrics to this JSON file")
@@ -187,11 +195,12 @@ def run_eval(args: argparse.Namespace) -> Dict:
     from .models import get_tokenizer
     from .data.annotations import load_eval_records
     from .data.transforms import eval_transform, model_image_spec
-    from .evaluate import evaluate, format_metrics
+    from .evaluate import check_backend_runs, evaluate, format_metrics
     from .trainconfig import TrainConfig
-    from .trainstate import load_training_state
+    from .trainstate import load_training_state, read_training_state
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_backend_runs(args.backend, device)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     records = load_eval_records(args.test_file, args.image_root, split=args.split, progress=args.progress)
     model = create_model(args.model, args.pretrained)
@@ -202,7 +211,11 @@ def run_eval(args: argparse.Namespace) -> Dict:
     elif args.checkpoint:
         from .losses import HarMALoss
 
-        patch(model, TrainConfig(harma=args.harma).harma_config())
+        from .config import HarMAConfig
+
+        layout = (TrainConfig(harma=args.harma).harma_config() if args.harma else
+                  HarMAConfig.from_json(read_training_state(args.checkpoint)["harma_config"]))
+        patch(model, layout)
         load_training_state(args.checkpoint, model, args.model, HarMALoss(), restore_rng=False,
                             check_backbone=not args.ignore_backbone_mismatch)
     model.to(device)
@@ -264,6 +277,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
     args = build_parser().parse_args(argv)
     name = f"harma-fast {args.command}"
+    show = warnings.showwarning
+    # our warnings are messages to the user, in the same voice as the errors (not file:line: UserWarning)
+    warnings.showwarning = lambda message, category, *_, **__: print(f"{name}: warning: {message}", file=sys.stderr)
     try:
         return _run(args)
     except KeyboardInterrupt:
@@ -279,6 +295,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             traceback.print_exc()
         print(f"{name}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = show
 
 
 if __name__ == "__main__":

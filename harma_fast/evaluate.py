@@ -18,8 +18,22 @@ Tensor = torch.Tensor
 
 
 def _autocast(device: torch.device, precision: str):
-    enabled = precision == "bf16" and device.type == "cuda"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    # bf16 where it was asked for, the CPU included (as training does); "auto" chose fp32 on the CPU
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def check_backend_runs(backend: str, device: torch.device) -> None:
+    """Refuse up front a backend that cannot run on ``device``, not after encoding a whole set."""
+    from .backend import triton_available, triton_interpreting
+
+    if backend != "triton":
+        return
+    if not triton_available():
+        raise ConfigError("--backend triton needs the triton package (pip install triton); use --backend auto "
+                          "(Triton where it runs, PyTorch elsewhere) or reference")
+    if device.type != "cuda" and not triton_interpreting():
+        raise ConfigError(f"--backend triton runs on a CUDA GPU and this runs on {device.type}: use --backend "
+                          "auto (Triton where it runs, PyTorch elsewhere) or reference")
 
 
 @torch.no_grad()

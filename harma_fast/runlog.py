@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from .errors import OutputPathError
 from .io import PathLike, atomic_path
 
 # Everything a run writes into its directory; --overwrite removes these and nothing else.
@@ -80,9 +81,25 @@ class RunLog:
     def records(self) -> List[Dict]:
         if not self.metrics_path.exists():
             return []
-        lines = self.metrics_path.read_text(encoding="utf-8").split("\n")
+        try:
+            lines = self.metrics_path.read_text(encoding="utf-8").split("\n")
+        except UnicodeDecodeError as err:
+            raise self._damaged(f"is not UTF-8 text ({err.reason} at byte {err.start})") from err
         # a kill during a write can leave a partial last line (no newline): it is not a record
-        return [json.loads(line) for line in lines[:-1] if line.strip()]
+        records = []
+        for number, line in enumerate(lines[:-1], 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise self._damaged(f"line {number} is not a JSON record ({err.msg})") from err
+                if not isinstance(records[-1], dict):
+                    raise self._damaged(f"line {number} is not a JSON object")
+        return records
+
+    def _damaged(self, what: str) -> OutputPathError:
+        return OutputPathError(f"{self.metrics_path} {what}: it was edited or damaged. Restore it, or move it "
+                               "away to go on with a new log (the checkpoint does not need it)")
 
     def keep_first(self, count: int) -> None:
         """On resume: keep the ``count`` records the checkpoint covers, drop what came after it."""

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -42,7 +44,7 @@ from .data.annotations import load_splits
 from .data.datasets import EpochBatches, TrainCollate, TrainDataset
 from .data.transforms import eval_transform, model_image_spec, train_transform
 from .errors import ConfigError, OutputPathError
-from .evaluate import evaluate, format_metrics
+from .evaluate import check_backend_runs, evaluate, format_metrics
 from .fast import enable_fast_path
 from .losses import HarMALoss
 from .models import create_model, get_tokenizer
@@ -77,8 +79,13 @@ def _distributed() -> Tuple[int, int, int]:
 def _device(config: TrainConfig, local_rank: int) -> torch.device:
     if config.device != "auto":
         device = torch.device(config.device)
-        if device.type == "cuda":  # Triton launches on the current device, not on the tensors'
-            torch.cuda.set_device(device)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ConfigError(f"device {config.device!r}: this machine has no CUDA GPU that torch can use; "
+                                  "use --device auto (or cpu)")
+            if device.index is None:  # "cuda": each torchrun process its own GPU, as under auto
+                device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)  # Triton launches on the current device, not on the tensors'
         return device
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -133,15 +140,54 @@ def _features(out) -> Tuple[torch.Tensor, torch.Tensor]:
     return out[0], out[1]
 
 
+def _missing_parents(folder: Path) -> List[Path]:
+    """``folder`` and those of its ancestors that do not exist yet, deepest first."""
+    made = []
+    while not folder.exists() and folder != folder.parent:
+        made.append(folder)
+        folder = folder.parent
+    return made
+
+
+def _not_a_killed_start(out: Path) -> List[str]:
+    """What in ``out`` a run killed before its first checkpoint cannot have written (and a restart
+    there would delete): trained adapters, a finished run's result, a config.json that is not ours."""
+    kept = [name for name in ("best.safetensors", "final.safetensors", "result.json") if (out / name).exists()]
+    config = out / "config.json"
+    if config.exists():
+        try:
+            saved = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            saved = None
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        if not (isinstance(saved, dict) and {"train_file", "model"} <= saved.keys() <= fields):
+            kept.append("a config.json that is not a harma-fast run's")
+    return kept
+
+
 # --------------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, config: TrainConfig):
+        made = _missing_parents(Path(config.output_dir))
+        try:
+            self._setup(config)
+        except BaseException:
+            # a refused command leaves the disk as it was: no empty run folder behind it (rank 0 made it)
+            for folder in made if getattr(self, "main", False) else []:
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty (another process's files), or already gone
+                    break
+            raise
+
+    def _setup(self, config: TrainConfig) -> None:
         self.config = config
         self.rank, self.world, local_rank = _distributed()
         self.main = self.rank == 0
         self.device = _device(config, local_rank)
+        check_backend_runs(config.backend, self.device)
         self.precision = _precision(config, self.device)
         self.out = Path(config.output_dir)
         if config.resume and config.overwrite:
@@ -152,6 +198,11 @@ class Trainer:
             if (self.out / "last.pt").exists() and not (config.resume or config.overwrite):
                 raise RunExistsError(f"{self.out} already holds a run (last.pt); pass --resume {self.out} to continue "
                                      "it, --overwrite to start over, or another --output-dir")
+            kept = [] if (config.resume or config.overwrite) else _not_a_killed_start(self.out)
+            if kept:
+                raise RunExistsError(f"{self.out} holds {', '.join(kept)}, which a new run would remove, and no "
+                                     "last.pt to resume from; pass --overwrite to replace them, or another "
+                                     "--output-dir")
         self.log = RunLog(self.out, enabled=self.main)
         self.bar_wanted = self.main and bar_wanted(config.progress)
         # where the frozen backbone comes from, recorded with the adapters so a mismatch can say what to pass
@@ -215,6 +266,7 @@ class Trainer:
                 self.log.keep_first(self.position.records)  # exactly what the checkpoint covers
             else:
                 self.log.truncate_after(self.position.step)
+            self._bring_best_along()
             return
         stale = self.log.run_files()
         if stale:
@@ -222,6 +274,18 @@ class Trainer:
             why = "--overwrite" if self.config.overwrite else "no checkpoint to resume from"
             self._say(f"starting over in {self.out} ({why}): removing {', '.join(p.name for p in stale)}")
             self.log.remove(stale)
+
+    def _bring_best_along(self) -> None:
+        """Resumed into another --output-dir: the adapters validation chose so far come along, so the
+        new folder's best.safetensors (and the test scored with it) is the run's best, not a later one."""
+        source = self.resume_from.parent / "best.safetensors"
+        target = self.out / "best.safetensors"
+        if self.position.best_step < 0 or not source.is_file() or target.exists() and target.samefile(source):
+            return
+        from .io import atomic_path
+
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
 
     def _continues_finished_run(self) -> bool:
         """A finished run trains on only when its length settings changed and leave steps to take."""
@@ -251,8 +315,7 @@ class Trainer:
             if bad.item():
                 raise TrainingDiverged(
                     f"the loss became {total.item()} at step {step} (epoch {self.position.epoch}); nothing was "
-                    f"updated. Last good checkpoint: {self.out / 'last.pt'} (step {self._checkpoint_step()}). "
-                    "Lower --lr or check the data.")
+                    f"updated. {self._last_good()}. Lower --lr or check the data.")
             return
         self._first_bad = torch.where(bad & (self._first_bad < 0), step, self._first_bad)
 
@@ -261,8 +324,7 @@ class Trainer:
         if first >= 0:
             raise TrainingDiverged(
                 f"the loss became non-finite at step {first} (found at step {self.position.step}, before any "
-                f"checkpoint was written). Last good checkpoint: {self.out / 'last.pt'} (step "
-                f"{self._checkpoint_step()}). Lower --lr or check the data.")
+                f"checkpoint was written). {self._last_good()}. Lower --lr or check the data.")
 
     def save(self) -> None:
         self._check_diverged()
@@ -368,8 +430,12 @@ class Trainer:
                         break
                 if stop:
                     break
+            validating = self.val_records is not None and (
+                (pos.epoch + 1) % config.eval_every == 0 or pos.epoch + 1 == config.epochs)
+            if validating and not (config.save_every and pos.step % config.save_every == 0):
+                self.save()  # the epoch's training on disk first: a validation takes minutes, and can fail
             pos.epoch, pos.batch = pos.epoch + 1, 0
-            if pos.epoch % config.eval_every == 0 or pos.epoch == config.epochs:
+            if validating:
                 self._validate()
             self.save()
         bar.close()
@@ -384,6 +450,7 @@ class Trainer:
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.config.clip_grad_norm)
         self.optimizer.step()
+        self._lr = self.scheduler.get_last_lr()[0]  # this step's; after scheduler.step() it is the next one's
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         pos.step += 1
@@ -394,14 +461,15 @@ class Trainer:
             return True
         return bool(config.max_minutes and (time.monotonic() - started) / 60 >= config.max_minutes)
 
-    def _checkpoint_step(self) -> str:
+    def _last_good(self) -> str:
+        """Where a diverged run can be resumed from, for its error message."""
         path = self.out / "last.pt"
         if not path.exists():
-            return "none written yet"
+            return "No checkpoint was written before it (nothing to resume from)"
         try:
-            return str(read_training_state(path)["position"]["step"])
+            return f"Last good checkpoint: {path} (step {read_training_state(path)['position']['step']})"
         except Exception as err:  # noqa: BLE001 - this only decorates another error's message
-            return f"unreadable: {err}"
+            return f"The checkpoint {path} is unreadable ({err})"
 
     def _log_train(self, out, window, bar, total: int) -> None:
         self._check_diverged()
@@ -411,7 +479,7 @@ class Trainer:
         pos = self.position
         record = {"kind": "train", "step": pos.step, "epoch": pos.epoch,
                   "loss": out.total.item(), "contrastive": out.contrastive.item(), "triplet": out.triplet.item(),
-                  "lr": self.scheduler.get_last_lr()[0], "temperature": self.loss.temperature.item(),
+                  "lr": self._lr, "temperature": self.loss.temperature.item(),
                   "pairs_per_s": rate}
         self.log.log(record)
         if self.bar_wanted:
@@ -426,10 +494,13 @@ class Trainer:
         result = {"step": pos.step, "best_val_r_mean": pos.best_r_mean, "best_step": pos.best_step,
                   "output_dir": str(self.out)}
         if self.main and self.test_records is not None:
+            chosen = (self.out / "best.safetensors").exists()
             result["test"] = self._test()
+            result["test_adapters"] = "best.safetensors" if chosen else "final.safetensors"
             self.log.log({"kind": "eval", "split": "test", "step": pos.step, "best_step": pos.best_step,
-                          **result["test"]})
-            self._say(format_metrics(result["test"], "test (adapters chosen on validation)"))
+                          "adapters": result["test_adapters"], **result["test"]})
+            self._say(format_metrics(result["test"], f"test (adapters chosen on validation, step {pos.best_step})"
+                                     if chosen else "test (the last step's adapters: no validation chose others)"))
         if self.main:
             save_adapters(self.model, self.out / "final.safetensors", backbone=self.backbone_source)
         best = self.out / "best.safetensors"

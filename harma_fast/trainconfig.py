@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -124,9 +125,16 @@ def resume_checkpoint(resume: str) -> Optional[Path]:
     return path
 
 
-def resumed_config(resume: str, overrides: Optional[Dict] = None) -> TrainConfig:
+# what decides which captions each step sees: changed on resume, the run would not continue but
+# silently start to differ (a saved position of 3 batches of 8 read as 3 batches of 16)
+EXACT_SETTINGS = ("batch_size", "grad_accum", "seed")
+
+
+def resumed_config(resume: str, overrides: Optional[Dict] = None, preset: Optional[Dict] = None) -> TrainConfig:
     """The settings of the run ``resume`` (its config.json, else its checkpoint's), ``overrides`` applied.
 
+    ``preset`` (the values of a ``--preset`` given with ``--resume``) does not apply: the run's own
+    settings already hold what its preset set; a value that differs is named, not used.
     The resumed run writes the result back to config.json, so what a run last ran with is on record.
     """
     path = Path(resume)
@@ -139,17 +147,40 @@ def resumed_config(resume: str, overrides: Optional[Dict] = None) -> TrainConfig
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"--resume: {source} is not valid JSON ({err}); fix it or resume from the "
                               "checkpoint's own settings by removing it") from err
+        if not isinstance(saved, dict):
+            raise ConfigError(f"--resume: {source} holds a JSON {type(saved).__name__}, not a run's settings; fix "
+                              "it or resume from the checkpoint's own settings by removing it")
+    elif checkpoint is None:
+        raise ConfigError(f"--resume {resume}: the run has neither a checkpoint nor a config.json")
     else:
         source, saved = checkpoint, dict(read_training_state(checkpoint)["config"])
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(saved) - known)
     if unknown:
         raise ConfigError(f"--resume: {source} has settings this harma_fast does not know: {unknown}")
-    saved.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    changed = [f"{k} {saved[k]!r} -> {overrides[k]!r}" for k in EXACT_SETTINGS
+               if k in overrides and k in saved and overrides[k] != saved[k]]
+    if changed and checkpoint is not None:
+        raise ConfigError(f"--resume continues the run exactly, which {', '.join(changed)} would not (they decide "
+                          "which captions each step sees); drop those flags, or start a new run in another "
+                          "--output-dir")
+    ignored = sorted(k for k, v in (preset or {}).items()
+                     if k in saved and k not in overrides and _differs(v, saved[k]))
+    if ignored:
+        warnings.warn(f"--resume keeps the run's own settings ({source}); the preset's {', '.join(ignored)} "
+                      "differ from them and are not used (pass a flag to change a setting)", stacklevel=2)
+    saved.update(overrides)
     if saved.get("betas") is not None:
         saved["betas"] = tuple(saved["betas"])
     saved["resume"] = str(resume)
-    saved["overwrite"] = bool((overrides or {}).get("overwrite"))
-    if not (overrides or {}).get("output_dir"):
+    saved["overwrite"] = bool(overrides.get("overwrite"))
+    if not overrides.get("output_dir"):
         saved["output_dir"] = str(run_dir)
     return TrainConfig(**saved)
+
+
+def _differs(preset_value, saved_value) -> bool:
+    # config.json stores tuples as lists
+    as_list = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+    return as_list(preset_value) != as_list(saved_value)

@@ -160,3 +160,50 @@ def test_resume_and_overwrite_together_are_refused(data, straight):
 
     with pytest.raises(ConfigError, match="give one of them"):
         Trainer(config(data, straight, resume=str(straight), overwrite=True))
+
+
+def test_a_kill_during_validation_keeps_the_epochs_training(data, straight, tmp_path, monkeypatch):
+    # without save_every the epoch-end checkpoint was written only after validation: a kill (or a
+    # failure) during a validation that takes minutes threw the epoch's training away
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        def killed(self, records):
+            raise Killed("during the validation after step 2")
+        m.setattr(Trainer, "evaluate", killed)
+        with pytest.raises(Killed):
+            train(config(data, out, save_every=None))
+    assert torch_load(out / "last.pt")["position"]["step"] == 2
+    train(config(data, out, save_every=None, resume=str(out / "last.pt")))
+    assert records(out) == records(straight)
+
+
+def torch_load(path):
+    import torch
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_resume_with_the_preset_again_keeps_the_runs_own_settings(data, tmp_path, capsys):
+    out, preset = tmp_path / "run", tmp_path / "p.yaml"
+    preset.write_text(f"batch_size: 8\noutput_dir: {tmp_path / 'preset_default'}\nmodel: HarMA-Tiny\n"
+                      f"train_file: {data['train']}\nimage_root: {data['image_root']}\nnum_workers: 0\n"
+                      "backend: reference\nlog_every: 1\n")
+    assert main(["train", "--preset", str(preset), "--output-dir", str(out), "--batch-size", "16",
+                 "--max-steps", "1", "--no-progress"]) == 0
+    capsys.readouterr()
+    # the same command again with --resume: the preset's batch_size 8 and output_dir must not apply
+    assert main(["train", "--preset", str(preset), "--resume", str(out), "--max-steps", "2", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "the preset's batch_size, output_dir differ from them and are not used" in err
+    assert json.loads((out / "config.json").read_text())["batch_size"] == 16
+    assert [r["step"] for r in records(out) if r["kind"] == "train"] == [1, 2]
+    assert not (tmp_path / "preset_default").exists()
+    # a flag that would change which captions each step sees is refused, not silently applied
+    assert main(["train", "--resume", str(out), "--batch-size", "8", "--max-steps", "3"]) == 2
+    assert "batch_size 16 -> 8" in capsys.readouterr().err
+
+
+def test_a_preset_cannot_resume_or_overwrite(data, tmp_path, capsys):
+    preset = tmp_path / "p.yaml"
+    preset.write_text(f"resume: {tmp_path / 'run'}\nmodel: HarMA-Tiny\n")
+    assert main(["train", "--preset", str(preset)]) == 2
+    assert "'resume' is not a preset setting; pass --resume" in capsys.readouterr().err

@@ -1,0 +1,186 @@
+"""What a training command may do to its --output-dir, and what it reports when the directory or
+the run's own files are not what it expects: earlier results are never deleted without
+--overwrite, a refused command leaves no folder behind, a damaged log or config is a clear error,
+the test split is labelled with the adapters it was scored with, and the log shows each step's lr."""
+import json
+import shutil
+
+import pytest
+
+from harma_fast.cli import main
+from harma_fast.data.synthetic import generate
+from harma_fast.errors import ConfigError, OutputPathError
+from harma_fast.train import RunExistsError, TrainConfig, linear_warmup_schedule, train
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    # 8 images x 5 captions: 2 steps per epoch at batch 16
+    return generate(tmp_path_factory.mktemp("data"), n_train=8, n_val=8, n_test=8, image_size=48, seed=1)
+
+
+def config(data, out, **kw):
+    base = dict(train_file=str(data["train"]), val_file=str(data["val"]), test_file=str(data["test"]),
+                image_root=str(data["image_root"]), model="HarMA-Tiny", output_dir=str(out), epochs=2,
+                batch_size=16, lr=2e-3, num_workers=0, log_every=1, progress=False, seed=5, backend="reference")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def finished(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train(config(data, out))
+    return out
+
+
+def records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("kept", ["best.safetensors", "final.safetensors", "result.json"])
+def test_a_finished_runs_adapters_are_not_deleted_without_overwrite(data, finished, tmp_path, kept):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    (out / "last.pt").unlink()  # removed to save space: the adapters are what the user keeps
+    for name in {"best.safetensors", "final.safetensors", "result.json"} - {kept}:
+        (out / name).unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(RunExistsError, match=f"holds {kept}.*pass --overwrite"):
+        train(config(data, out, max_steps=1))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_config_json_that_is_not_a_runs_is_not_deleted(data, tmp_path):
+    out = tmp_path / "hf_model"
+    out.mkdir()
+    (out / "config.json").write_text('{"architectures": ["CLIPModel"]}')
+    with pytest.raises(RunExistsError, match="config.json that is not a harma-fast run's"):
+        train(config(data, out, max_steps=1, val_file=None, test_file=None))
+    assert json.loads((out / "config.json").read_text()) == {"architectures": ["CLIPModel"]}
+
+
+def test_a_run_killed_before_its_first_checkpoint_still_starts_over(data, finished, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("config.json", "metrics.jsonl"):  # what such a run leaves: its settings and first records
+        shutil.copy(finished / name, out / name)
+    train(config(data, out, max_steps=1, val_file=None, test_file=None))
+    assert [r["step"] for r in records(out)] == [1]
+
+
+def test_a_refused_command_leaves_no_folder_behind(data, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]")
+    out = tmp_path / "new" / "run"
+    with pytest.raises(Exception):
+        train(config(data, out, train_file=str(bad)))
+    assert not (tmp_path / "new").exists()
+    assert main(["train", "--model", "HarMA-Tiny", "--train-file", str(bad), "--image-root",
+                 str(data["image_root"]), "--output-dir", str(out)]) == 2
+    assert not (tmp_path / "new").exists()
+
+
+def test_resumed_into_another_folder_the_test_uses_the_runs_best_adapters(data, finished, tmp_path):
+    source = tmp_path / "a"
+    shutil.copytree(finished, source)
+    best_step = json.loads((finished / "result.json").read_text())["best_step"]
+    # lr 0 from here on cannot beat the best validation so far: no new best.safetensors is written
+    result = train(config(data, tmp_path / "b", epochs=3, resume=str(source / "last.pt")))
+    assert (tmp_path / "b" / "best.safetensors").read_bytes() == (source / "best.safetensors").read_bytes() or (
+        result["best_step"] > best_step)
+    assert result["test_adapters"] == "best.safetensors"
+    test = [r for r in records(tmp_path / "b") if r.get("split") == "test"][-1]
+    assert test["adapters"] == "best.safetensors"
+
+
+def test_the_test_is_labelled_with_the_adapters_it_used(data, finished, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    (out / "best.safetensors").unlink()
+    result = train(config(data, out, epochs=3, val_file=None, resume=str(out / "last.pt")))
+    assert result["test_adapters"] == "final.safetensors"
+    err = capsys.readouterr().err
+    assert "test (the last step's adapters" in err and "chosen on validation" not in err
+
+
+@pytest.mark.parametrize("content", ["[]", "null", "3"])
+def test_a_config_json_that_is_not_an_object_is_a_clear_resume_error(finished, tmp_path, content, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    (out / "config.json").write_text(content)
+    assert main(["train", "--resume", str(out)]) == 2  # the CLI takes a resumed run's settings from it
+    err = capsys.readouterr().err
+    assert "not a run's settings" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("damage", [b'{"kind": "train", "step": 1}\nGARBAGE\n', b"\xff\xfe\n"])
+def test_a_damaged_metrics_log_is_a_clear_resume_error(data, finished, tmp_path, damage, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    (out / "metrics.jsonl").write_bytes(damage)
+    assert main(["train", "--resume", str(out), "--epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "metrics.jsonl" in err and "edited or damaged" in err and "Traceback" not in err
+
+
+def test_the_log_shows_the_lr_each_step_ran_at(data, tmp_path):
+    out = tmp_path / "run"
+    train(config(data, out, epochs=2, warmup=0.5, val_file=None, test_file=None))
+    logged = [r["lr"] for r in records(out) if r["kind"] == "train"]
+    # the schedule itself, stepped as training steps it: the lr of step k before its scheduler.step()
+    import torch
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2e-3)
+    schedule = linear_warmup_schedule(opt, 4, 2)
+    used = []
+    for _ in range(4):
+        used.append(schedule.get_last_lr()[0])
+        opt.step()
+        schedule.step()
+    assert logged == pytest.approx(used) and logged[0] > 0 and logged[-1] > 0
+
+
+def test_triton_where_it_cannot_run_is_refused_before_any_work(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = tmp_path / "run"
+    assert main(["train", "--model", "HarMA-Tiny", "--train-file", str(data["train"]), "--image-root",
+                 str(data["image_root"]), "--output-dir", str(out), "--backend", "triton", "--no-progress"]) == 2
+    assert "--backend triton runs on a CUDA GPU" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["eval", "--model", "HarMA-Tiny", "--test-file", str(data["test"]), "--image-root",
+                 str(data["image_root"]), "--backend", "triton", "--no-progress"]) == 2
+    assert "--backend triton runs on a CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_cuda_device_without_a_gpu_is_a_clear_error(data, tmp_path, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        train(config(data, tmp_path / "run", device="cuda"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_reads_the_checkpoints_own_adapter_layout(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(config(data, out, harma="none", max_steps=1, val_file=None, test_file=None))
+    assert main(["eval", "--model", "HarMA-Tiny", "--test-file", str(data["test"]), "--image-root",
+                 str(data["image_root"]), "--checkpoint", str(out / "last.pt"), "--pretrained",
+                 str(out / "backbone.pt"), "--no-progress"]) == 0
+    assert main(["eval", "--model", "HarMA-Tiny", "--test-file", str(data["test"]), "--image-root",
+                 str(data["image_root"]), "--checkpoint", str(out / "last.pt"), "--pretrained",
+                 str(out / "backbone.pt"), "--harma", "paper", "--no-progress"]) == 2
+    assert "another layout" in capsys.readouterr().err
+
+
+def test_diverging_before_the_first_checkpoint_names_no_missing_file(data, tmp_path, monkeypatch):
+    import harma_fast.losses
+    from harma_fast.train import TrainingDiverged
+    original = harma_fast.losses.HarMALoss.forward
+
+    def poisoned(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        return type(out)(out.total * float("nan"), out.contrastive, out.triplet)
+    monkeypatch.setattr(harma_fast.losses.HarMALoss, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match="No checkpoint was written before it") as info:
+        train(config(data, tmp_path / "run", val_file=None, test_file=None))
+    assert "last.pt" not in str(info.value)
