@@ -240,6 +240,20 @@ def test_eval_writes_its_output(data, tmp_path, capsys):
     assert set(json.loads(out.read_text())) >= {"r_mean", "txt_r1", "img_r1"}
 
 
+
+@pytest.mark.parametrize("precision, bf16", [("bf16", True), ("fp32", False), ("auto", False)])
+def test_eval_precision_is_honoured_on_the_cpu(data, capsys, monkeypatch, precision, bf16):
+    import open_clip
+    seen = []
+    encode = open_clip.CLIP.encode_image
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return encode(self, *args, **kwargs)
+    monkeypatch.setattr(open_clip.CLIP, "encode_image", spy)
+    assert main(eval_argv(data, "--precision", precision)) == 0
+    assert seen and set(seen) == {bf16}  # bf16 was silently fp32 on the CPU
+
 def test_export_out_below_a_file(tmp_path, capsys, no_model):
     (tmp_path / "f").write_text("")
     assert main(["export", "--model", "HarMA-Tiny", "--out", str(tmp_path / "f" / "onnx")]) == 2
