@@ -3,7 +3,8 @@
 ``"reference"`` is plain PyTorch (the spec, and what ONNX export traces); ``"triton"`` is the
 fused kernels of ``harma_fast.kernels``; ``"auto"`` picks Triton for CUDA tensors when Triton
 is importable and the reference everywhere else. Triton on CPU only works under the Triton
-interpreter (``TRITON_INTERPRET=1``), which the test-suite uses.
+interpreter (``TRITON_INTERPRET=1``), which the test-suite uses; its bfloat16 is made faithful
+to the GPU's before the first kernel runs (``harma_fast.kernels._interpreter``).
 """
 from __future__ import annotations
 
@@ -42,11 +43,29 @@ def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
         return False
     on_cuda = all(t.is_cuda for t in tensors if t is not None)
     if backend == "auto":
-        return on_cuda and triton_available()
-    if not triton_available():
+        use = on_cuda and triton_available()
+    elif not triton_available():
         raise RuntimeError("backend='triton' needs the triton package (pip install triton); "
                            "use backend='reference' or 'auto' on this machine")
-    if not on_cuda and not triton_interpreting():
+    elif not on_cuda and not triton_interpreting():
         raise RuntimeError("backend='triton' runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1, "
                            "for tests); got CPU tensors: use backend='auto' or 'reference'")
-    return True
+    else:
+        use = True
+    if use and not _interpreter_ready and triton_interpreting():
+        _prepare_interpreter()
+    return use
+
+
+_interpreter_ready = False
+
+
+@torch.compiler.disable  # patches Triton's interpreter once, outside any graph being traced
+def _prepare_interpreter() -> None:
+    """The interpreter's own bf16 truncates casts and multiplies raw bits in ``tl.dot`` (garbage
+    next to the GPU's): patched once, before a kernel runs through it (idempotent)."""
+    global _interpreter_ready
+    from .kernels._interpreter import make_bf16_faithful
+
+    make_bf16_faithful()
+    _interpreter_ready = True

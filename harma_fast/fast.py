@@ -10,9 +10,11 @@ to ``fast_block_forward``:
 
 - The backbone is frozen, so its linears need no weight gradients: ``FrozenMLP`` saves the
   MLP input (M×d) instead of the GELU input (M×4d, the largest activation of a block) and
-  recomputes ``c_fc`` in backward — one GEMM of work for 3·M·d of memory per block.
-- Attention reads q, k, v straight from the packed in-projection into fused SDPA; the text
-  tower's causal float mask becomes ``is_causal`` (checked once, here, against the model's).
+  recomputes ``c_fc`` in backward — one GEMM of work for 3·M·d of memory per block. An MLP
+  whose weights were unfrozen after ``enable_fast_path`` runs its own forward (:func:`mlp_frozen`).
+- Attention reads q, k, v straight from the packed in-projection into fused SDPA. The mask a
+  block is called with is applied as the reference applies it; the model's own causal mask
+  (checked once, here) becomes ``is_causal``.
 - Under autocast the residual stream is kept in bf16 (open_clip's stays fp32), halving what
   the LayerNorms save. The bf16 copies of the frozen weights are made once and kept
   (:func:`frozen_cast`): autocast caches casts of trainable leaves only, so it would copy
@@ -27,7 +29,7 @@ reference forward; the function computed is the same either way (tested against 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +94,16 @@ def _frozen_linears(fc1: nn.Linear, fc2: nn.Linear, act, y: Tensor) -> Tensor:
         return FrozenMLP.apply(y.to(dtype), w1, b1, w2, b2, act)
 
 
+def mlp_frozen(mlp: nn.Module) -> bool:
+    """Whether no weight of ``mlp`` trains, so that ``FrozenMLP`` (no weight gradients) may run it.
+
+    ``enable_fast_path`` routes frozen blocks only, but weights may be unfrozen afterwards (to
+    fine-tune the last blocks, say): such an MLP runs its own forward instead, which trains them.
+    Checked per call, as it is a few flag reads (on which a compiled graph guards).
+    """
+    return not any(p.requires_grad for p in mlp.parameters())
+
+
 def _frozen_mlp(mlp: nn.Module, y: Tensor) -> Tensor:
     return _frozen_linears(mlp.c_fc, mlp.c_proj, mlp.gelu, y)
 
@@ -101,12 +113,37 @@ def frozen_mlp_forward(mlp: nn.Module, y: Tensor) -> Tensor:
     return _frozen_linears(mlp.fc1, mlp.fc2, mlp_activation(mlp), y)
 
 
-def _attention(attn: nn.Module, y: Tensor, causal: bool) -> Tensor:
+def _sdpa_mask(block: nn.Module, attn_mask: Optional[Tensor], n: int, length: int,
+               dtype: torch.dtype) -> Tuple[bool, Optional[Tensor]]:
+    """``(is_causal, attn_mask)`` for SDPA: the mask the block was called with, read as its
+    reference forward reads it (so any mask gives the same function on both paths)."""
+    if attn_mask is None:
+        return False, None
+    holder = block._harma_causal_mask
+    # the model's own causal mask, checked by value in enable_fast_path: fused causal attention.
+    # Identity, not a value check, per call: no host sync, and a compiled graph guards on it;
+    # any other mask (CoCa's per-batch class/padding mask, a caller's own) is applied as given.
+    if holder is not None and attn_mask is getattr(holder[0], holder[1], None) and \
+            attn_mask.shape == (length, length):
+        return True, None
+    if attn_mask.dtype == torch.bool and block._harma_kind == "sdpa":
+        # open_clip's Attention reads True as masked out; nn.MultiheadAttention gets the block's
+        # plain .to(dtype) (True adds 1), as open_clip's own block does
+        attn_mask = torch.zeros_like(attn_mask, dtype=dtype).masked_fill_(attn_mask, float("-inf"))
+    attn_mask = attn_mask.to(dtype)
+    if attn_mask.ndim == 3:  # (N·heads, L, L), as both attention modules take it
+        attn_mask = attn_mask.reshape(n, block.attn.num_heads, length, length)
+    return False, attn_mask
+
+
+def _attention(block: nn.Module, y: Tensor, attn_mask: Optional[Tensor]) -> Tensor:
+    attn = block.attn
     n, length, d = y.shape
     heads = attn.num_heads
     qkv = F.linear(y, frozen_cast(attn.in_proj_weight, y.dtype), frozen_cast(attn.in_proj_bias, y.dtype))
     q, k, v = qkv.view(n, length, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    causal, mask = _sdpa_mask(block, attn_mask, n, length, y.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     return F.linear(out.transpose(1, 2).reshape(n, length, d), frozen_cast(attn.out_proj.weight, y.dtype),
                     frozen_cast(attn.out_proj.bias, y.dtype))
 
@@ -119,11 +156,12 @@ def _layer_norm(ln: nn.Module, x: Tensor) -> Tensor:
                             ln.eps)
 
 
-def fast_block_forward(block: nn.Module, x: Tensor) -> Tensor:
+def fast_block_forward(block: nn.Module, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))  # bf16 residual stream
-    x = x + block.ls_1(_attention(block.attn, _layer_norm(block.ln_1, x), block._harma_causal))
-    return block._harma_residual(x, _frozen_mlp(block.mlp, _layer_norm(block.ln_2, x)))
+    x = x + block.ls_1(_attention(block, _layer_norm(block.ln_1, x), attn_mask))
+    y = _layer_norm(block.ln_2, x)
+    return block._harma_residual(x, _frozen_mlp(block.mlp, y) if mlp_frozen(block.mlp) else block.mlp(y))
 
 
 def _fast_capable(block: nn.Module) -> bool:
@@ -159,18 +197,19 @@ def enable_fast_path(model: nn.Module, enabled: bool = True) -> int:
     if not is_patched(model):
         raise RuntimeError("the fast path is for patched models; call harma_fast.patch(model) first")
     towers = find_towers(model)
-    text_mask = getattr(model, "attn_mask", getattr(getattr(model, "text", None), "attn_mask", None))
     count = 0
     for name, tower in towers.items():
-        causal = False
+        causal_mask = None
         if name == "text" and tower.prefix.endswith("resblocks"):  # open_clip: the model holds the mask
-            causal = _mask_is_causal(text_mask, text_mask.shape[0] if text_mask is not None else 0)
-            if text_mask is not None and not causal:
-                continue  # an unusual mask: keep the reference forward, which applies it
+            holder = model if hasattr(model, "attn_mask") else getattr(model, "text", None)
+            mask = getattr(holder, "attn_mask", None)
+            if mask is not None and _mask_is_causal(mask, mask.shape[0]):
+                # a reference to where the mask lives, not the tensor: .to(device) replaces the tensor
+                causal_mask = (holder, "attn_mask")
         for block in tower.blocks:
             if isinstance(block, HarMABlockMixin):
                 use = enabled and _fast_capable(block)
-                block._harma_fast, block._harma_causal = use, causal
+                block._harma_fast, block._harma_causal_mask = use, causal_mask if use else None
                 count += use
             elif isinstance(getattr(block, "mlp", None), HarMAMLPMixin):
                 use = enabled and mlp_activation(block.mlp) is not None and _frozen(block)

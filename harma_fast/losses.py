@@ -14,15 +14,20 @@ without ever materialising it.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .backend import check_backend, use_triton
 from .distributed import gather_batch
+from .errors import ConfigError
 
 Tensor = torch.Tensor
+
+# where τ is clamped in the forward (as ALBEF-style code clamps its ``temp``); a learned τ must
+# start strictly inside, as a clamped τ (at a bound too) gets no gradient
+TEMPERATURE_RANGE = (0.001, 0.5)
 
 
 class LossOutput(NamedTuple):
@@ -61,6 +66,17 @@ def harma_loss_ref(image: Tensor, text: Tensor, temperature: Tensor, image_ids: 
     return LossOutput(contrastive + triplet, contrastive, triplet)
 
 
+def _as_ids(image_ids, device: torch.device) -> Optional[Tensor]:
+    """``image_ids`` as a tensor on ``device``: lists and arrays too, as ``retrieval_metrics`` takes them."""
+    if image_ids is None or isinstance(image_ids, Tensor):
+        return image_ids
+    try:
+        return torch.as_tensor(image_ids, device=device)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"image_ids must be a tensor, list or array of image ids (one per pair), got "
+                        f"{type(image_ids).__name__}: {e}") from None
+
+
 def _check_features(image: Tensor, text: Tensor, image_ids: Optional[Tensor], check_finite: bool) -> None:
     if image.ndim != 2 or text.ndim != 2 or image.shape != text.shape:
         raise ValueError(f"HarMALoss expects image and text features of the same shape (B, D); got "
@@ -88,7 +104,8 @@ class HarMALoss(nn.Module):
         max_violation: hardest negative per anchor instead of the sum over negatives.
         backend: ``"auto"`` (Triton on CUDA), ``"triton"`` or ``"reference"``.
         temperature_range: ``τ`` is clamped into this range in the forward (as ALBEF-style
-            code clamps its ``temp``), which keeps the logits bounded.
+            code clamps its ``temp``), which keeps the logits bounded; ``temperature`` must lie
+            inside it (strictly, when learned: τ gets no gradient at a bound).
         gather_distributed: under ``torch.distributed``, compute the loss over the batch
             gathered from every rank (DESIGN §2); each rank's gradient is then the gradient of
             the loss on the concatenated batch with respect to its own rows.
@@ -96,17 +113,31 @@ class HarMALoss(nn.Module):
             training loops that check the loss themselves turn it off).
 
     Call as ``loss(image_features, text_features, image_ids=None)`` with L2-normalised
-    features; returns ``LossOutput(total, contrastive, triplet)``.
+    features and ``image_ids`` a tensor, list or array of one id per pair; returns
+    ``LossOutput(total, contrastive, triplet)``.
     """
 
     def __init__(self, margin: float = 0.2, gamma: float = 2.0, temperature: float = 0.07,
                  learn_temperature: bool = True, max_violation: bool = False, backend: str = "auto",
-                 temperature_range: Tuple[float, float] = (0.001, 0.5), gather_distributed: bool = True,
+                 temperature_range: Tuple[float, float] = TEMPERATURE_RANGE, gather_distributed: bool = True,
                  check_finite: bool = True):
         super().__init__()
         if gamma < 0 or margin < 0 or temperature <= 0:
-            raise ValueError(f"HarMALoss needs margin >= 0, gamma >= 0, temperature > 0; got "
-                             f"margin={margin}, gamma={gamma}, temperature={temperature}")
+            raise ConfigError(f"HarMALoss needs margin >= 0, gamma >= 0, temperature > 0; got "
+                              f"margin={margin}, gamma={gamma}, temperature={temperature}")
+        low, high = temperature_range
+        if not 0 < low <= high:
+            raise ConfigError(f"HarMALoss: temperature_range must be (low, high) with 0 < low <= high, got "
+                              f"{tuple(temperature_range)}")
+        # the forward clamps τ into the range, and a clamped τ (at a bound too) gets no gradient:
+        # a learned τ must start strictly inside, or it would compute with the bound and never move
+        if not (low < temperature < high if learn_temperature else low <= temperature <= high):
+            span = f"({low}, {high})" if learn_temperature else f"[{low}, {high}]"
+            raise ConfigError(f"HarMALoss: temperature {temperature} is outside {span}, its temperature_range"
+                              f"{' (bounds excluded for a learned τ)' if learn_temperature else ''}: the forward "
+                              f"clamps τ into that range, so it would compute with {min(max(temperature, low), high)}"
+                              f"{' and never learn' if learn_temperature else ''}; pass a temperature in {span} "
+                              "or widen temperature_range")
         self.margin, self.gamma, self.max_violation = float(margin), float(gamma), bool(max_violation)
         self.backend = check_backend(backend)
         self.temperature_range = tuple(temperature_range)
@@ -114,7 +145,8 @@ class HarMALoss(nn.Module):
         self.temperature = nn.Parameter(torch.tensor(float(temperature)), requires_grad=learn_temperature)
 
     def forward(self, image_features: Tensor, text_features: Tensor,
-                image_ids: Optional[Tensor] = None) -> LossOutput:
+                image_ids: Union[Tensor, Sequence[int], None] = None) -> LossOutput:
+        image_ids = _as_ids(image_ids, image_features.device)
         _check_features(image_features, text_features, image_ids, self.check_finite)
         if self.gather_distributed:
             image_features, text_features, image_ids = gather_batch(image_features, text_features, image_ids)

@@ -9,7 +9,8 @@ argsort with the ground truth placed first among equal scores gives the same ran
   i.e. when fewer than K captions of other images score above its best-scoring caption.
 
 ``mR`` is the mean of the six recalls. Scores are dot products of the given features (pass
-L2-normalised features for cosine similarity), computed in float32 at least.
+L2-normalised features for cosine similarity), computed in float32 at least (float64 features
+in float64).
 """
 from __future__ import annotations
 
@@ -71,9 +72,10 @@ def count_above_ref(queries: Tensor, gallery: Tensor, query_label: Tensor, galle
     counts = torch.zeros(queries.shape[0], dtype=torch.long, device=queries.device)
     if gallery.shape[0] == 0:
         return counts  # nothing can score above anything
-    g = gallery.float()
+    dtype = torch.promote_types(torch.promote_types(queries.dtype, gallery.dtype), torch.float32)
+    g = gallery.to(dtype)
     for start in range(0, queries.shape[0], chunk):
-        scores = queries[start:start + chunk].float() @ g.t()
+        scores = queries[start:start + chunk].to(dtype) @ g.t()
         own = gallery_owner[None, :] == query_label[start:start + chunk, None]
         truth = scores.masked_fill(~own, float("-inf")).amax(1, keepdim=True)
         counts[start:start + chunk] = ((scores > truth) & ~own).sum(1)
@@ -84,7 +86,10 @@ def retrieval_ranks(image: Tensor, text: Tensor, text_to_image: Tensor, backend:
     """``(image→text rank per image, text→image rank per caption)``, 0 = ground truth first."""
     text_to_image = _check(image, text, text_to_image)
     image_index = torch.arange(image.shape[0], device=image.device)
-    if use_triton(backend, image, text):
+    # the Triton count scores in fp32 (tl.dot has no fp64): float64 features are counted by the
+    # reference, in float64, rather than rounded
+    wide = torch.float64 in (image.dtype, text.dtype)
+    if use_triton(backend, image, text) and not wide:
         from .kernels.retrieval_ranks import count_above
     else:
         count_above = count_above_ref

@@ -61,13 +61,13 @@ class HarMABlockMixin:
     _harma_kind: str
     _harma_seq_first: bool
     _harma_fast: bool = False
-    _harma_causal: bool = False
+    _harma_causal_mask = None  # (module, attribute) of the model's causal mask: harma_fast.fast
 
     def forward(self, q_x, k_x=None, v_x=None, attn_mask=None):
         if k_x is not None or v_x is not None:
             raise NotImplementedError("a HarMA-patched block does self-attention only (k_x/v_x given)")
         if self._harma_fast:  # harma_fast.fast.enable_fast_path: same function, frozen-backbone plumbing
-            return _fast_forward()(self, q_x)
+            return _fast().fast_block_forward(self, q_x, attn_mask)
         y = self.ln_1(q_x)
         if self._harma_kind == "mha":
             mask = attn_mask.to(y.dtype) if attn_mask is not None else None
@@ -90,10 +90,10 @@ class HarMABlockMixin:
         return x + ls_2(self.harma(h, seq_first=self._harma_seq_first))
 
 
-def _fast_forward():
-    from .fast import fast_block_forward  # imported on use: fast.py builds on this module
+def _fast():
+    from . import fast  # imported on use: fast.py builds on this module
 
-    return fast_block_forward
+    return fast
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,17 +110,12 @@ class HarMAMLPMixin:
     _harma_fast: bool = False
 
     def forward(self, y, *args, **kwargs):
-        if self._harma_fast:  # harma_fast.fast.enable_fast_path: a frozen MLP that saves its input only
-            h = _fast_mlp()(self, y)
+        # harma_fast.fast.enable_fast_path: a frozen MLP that saves its input only (while it is frozen)
+        if self._harma_fast and _fast().mlp_frozen(self):
+            h = _fast().frozen_mlp_forward(self, y)
         else:
             h = super().forward(y, *args, **kwargs)
         return self._harma_adapter[0](h)
-
-
-def _fast_mlp():
-    from .fast import frozen_mlp_forward
-
-    return frozen_mlp_forward
 
 
 _PATCHED_CLASSES: Dict[Tuple[type, type], type] = {}
@@ -325,7 +320,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         del module.harma
         del module._harma_kind, module._harma_seq_first
         module.__dict__.pop("_harma_fast", None)
-        module.__dict__.pop("_harma_causal", None)
+        module.__dict__.pop("_harma_causal_mask", None)
         if isinstance(module, HarMABlockMixin):
             module.__class__ = module._harma_original_class
         if isinstance(module.mlp, HarMAMLPMixin):

@@ -1,5 +1,8 @@
 """Make the Triton interpreter's bfloat16 faithful to the GPU, for tests and CPU benchmarks.
 
+``harma_fast.backend.use_triton`` applies it before the first kernel runs under
+``TRITON_INTERPRET=1``, so the public API is right there without calling it.
+
 The interpreter (numpy) keeps bf16 values as raw uint16: its fp32→bf16 cast truncates where
 the GPU rounds to nearest even, and ``tl.dot`` multiplies the raw bits. This patch rounds
 like the hardware (through torch) and feeds dots the exact fp32 values of bf16 operands —
@@ -14,6 +17,7 @@ import torch
 
 
 def make_bf16_faithful() -> None:
+    """Patch the interpreter's bf16 cast and dot (process-wide; idempotent)."""
     import triton.language as tl
     from triton.runtime import interpreter as interp
 

@@ -8,6 +8,7 @@ import harma_fast
 from harma_fast.checkpoints import adapter_state_dict
 from harma_fast.fast import enable_fast_path
 from harma_fast.losses import harma_loss_ref
+from family_models import SMALL
 from helpers import assert_close, randomize_adapters, sample_inputs, tiny_model
 
 
@@ -27,8 +28,8 @@ def models():
     ref = randomize_adapters(harma_fast.patch(tiny_model(seed=1), backend="reference"), seed=6)
     fast = copy.deepcopy(ref)
     assert enable_fast_path(fast) == 4  # 2 image + 2 text blocks
-    assert all(b._harma_causal for b in fast.transformer.resblocks)
-    assert not any(b._harma_causal for b in fast.visual.transformer.resblocks)
+    assert all(b._harma_causal_mask == (fast, "attn_mask") for b in fast.transformer.resblocks)
+    assert not any(b._harma_causal_mask for b in fast.visual.transformer.resblocks)
     return ref, fast
 
 
@@ -177,3 +178,150 @@ def test_compiled_fast_path_under_bf16_autocast_stays_within_the_recompile_limit
     for i, name in enumerate(("image features", "text features")):  # open_clip's CLIP returns a tuple here
         assert_close(got[i].float(), want[i].float(), atol=2e-2, name=name)
     torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------------------------
+# attention masks: the fast block applies the mask it is called with, as the reference does
+# --------------------------------------------------------------------------------------------
+def tiny_coca(seed=0):
+    """open_clip's CoCa in small: its text tower passes each block a per-batch (N·heads, L, L)
+    mask (causal, plus the class token's and the padding's)."""
+    import open_clip
+    torch.manual_seed(seed)
+    text = open_clip.CLIPTextCfg(context_length=12, vocab_size=64, width=32, heads=2, layers=2, embed_cls=True,
+                                 pad_id=0, output_tokens=True)
+    vision = open_clip.CLIPVisionCfg(image_size=32, layers=2, width=48, patch_size=16, head_width=24,
+                                     output_tokens=True)
+    multimodal = open_clip.coca_model.MultimodalCfg(context_length=12, vocab_size=64, width=32, heads=2, layers=1)
+    model = open_clip.CoCa(embed_dim=16, multimodal_cfg=multimodal, text_cfg=text, vision_cfg=vision).eval()
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    tokens = torch.zeros(3, 12, dtype=torch.long)
+    for i in range(3):  # end of text at varying positions, padding (id 0) after it
+        tokens[i, :3 + 3 * i] = torch.arange(1, 4 + 3 * i)
+    return model, images, tokens
+
+
+def encode_and_backward(model, images, tokens):
+    img, txt = model.encode_image(images), model.encode_text(tokens)
+    (img.square().sum() + (txt * torch.linspace(-1, 1, txt.shape[-1])).sum()).backward()
+    return img.detach(), txt.detach(), {k: p.grad.clone() for k, p in adapter_state_dict(model).items()}
+
+
+def test_coca_text_tower_on_the_fast_path_applies_its_per_batch_mask():
+    model, images, tokens = tiny_coca()
+    ref = randomize_adapters(harma_fast.patch(model, SMALL, backend="reference"), seed=3)
+    fast = copy.deepcopy(ref)
+    assert enable_fast_path(fast) == 4  # 2 image + 2 text blocks
+    want, got = encode_and_backward(ref, images, tokens), encode_and_backward(fast, images, tokens)
+    assert_close(got[0], want[0], atol=1e-5, rtol=1e-5, name="image")
+    assert_close(got[1], want[1], atol=1e-5, rtol=1e-5, name="text")
+    for k in want[2]:
+        assert_close(got[2][k], want[2][k], atol=1e-6, rtol=1e-4, name=k)
+
+
+def masked_model(kind):
+    """A tiny CLIP whose text block has ``kind`` attention: ``"mha"`` (nn.MultiheadAttention) or
+    ``"sdpa"`` (open_clip's Attention, in its custom block; its identity norms, which keep it off
+    the fast path, are taken out: the same function)."""
+    import open_clip
+    torch.manual_seed(0)
+    text = open_clip.CLIPTextCfg(context_length=8, vocab_size=64, width=32, heads=2, layers=1,
+                                 block_type="custom" if kind == "sdpa" else None)
+    model = open_clip.CLIP(embed_dim=16, text_cfg=text,
+                           vision_cfg=open_clip.CLIPVisionCfg(image_size=16, patch_size=8, width=32, layers=1,
+                                                                   head_width=16))
+    block = model.transformer.resblocks[0]
+    if kind == "sdpa":
+        del block.ln_attn, block.mlp.ln
+    ref = randomize_adapters(harma_fast.patch(model, SMALL, backend="reference"), seed=4)
+    assert ref.transformer.resblocks[0]._harma_kind == kind
+    fast = copy.deepcopy(ref)
+    enable_fast_path(fast)
+    assert fast.transformer.resblocks[0]._harma_fast
+    return ref, fast
+
+
+def block_masks(model, n=3, heads=2, length=8):
+    g = torch.Generator().manual_seed(5)
+    causal = model.attn_mask
+    keep = torch.ones(n, length, dtype=torch.bool)
+    keep[1, 5:], keep[2, 2:] = False, False  # padding keys (every query keeps at least the first)
+    padding = torch.zeros(n, length, length).masked_fill(~keep[:, None, :], float("-inf"))
+    return {
+        "the model's causal mask": causal,
+        "a copy of it": causal.clone(),
+        "float (L, L)": torch.randn(length, length, generator=g) + causal,
+        "float (N·heads, L, L)": (causal + padding).repeat_interleave(heads, 0),
+        "bool (L, L)": torch.ones(length, length, dtype=torch.bool).triu(1),
+        "bool (N·heads, L, L)": (~keep[:, None, :]).expand(n, length, length).repeat_interleave(heads, 0),
+    }
+
+
+@pytest.mark.parametrize("kind", ["mha", "sdpa"])
+def test_fast_block_applies_any_mask_as_the_reference_block_does(kind):
+    ref, fast = masked_model(kind)
+    x = torch.randn(3, 8, 32, generator=torch.Generator().manual_seed(6))
+    masks = {model: block_masks(model) for model in (ref, fast)}  # the same values; each model's own causal mask
+    for name in masks[ref]:
+        results = []
+        for model in (ref, fast):
+            model.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_()
+            block = model.transformer.resblocks[0]
+            out = block(xi, attn_mask=masks[model][name])
+            (out * torch.linspace(-1, 1, 32)).sum().backward()
+            results.append((out.detach(), xi.grad, dict(block.harma.named_parameters())))
+        (want, want_dx, want_p), (got, got_dx, got_p) = results
+        assert_close(got, want, atol=1e-5, rtol=1e-5, name=f"{name}: output")
+        assert_close(got_dx, want_dx, atol=1e-5, rtol=1e-4, name=f"{name}: input gradient")
+        for k, p in want_p.items():
+            assert_close(got_p[k].grad, p.grad, atol=1e-6, rtol=1e-4, name=f"{name}: {k}")
+
+
+def test_the_models_own_causal_mask_runs_as_fused_causal_attention(models):
+    from harma_fast.fast import _sdpa_mask
+    _, fast = models
+    block, mask = fast.transformer.resblocks[0], fast.attn_mask
+    assert _sdpa_mask(block, mask, 3, mask.shape[0], torch.float32) == (True, None)
+    moved = copy.deepcopy(fast).to(torch.float64)  # a new mask tensor: still the model's own
+    assert _sdpa_mask(moved.transformer.resblocks[0], moved.attn_mask, 3, mask.shape[0], torch.float64)[0]
+    # the same values in another tensor (or a caller's own mask) are applied as given
+    causal, applied = _sdpa_mask(block, mask.clone(), 3, mask.shape[0], torch.float32)
+    assert not causal and torch.equal(applied, mask)
+
+
+# --------------------------------------------------------------------------------------------
+# backbone weights unfrozen after enable_fast_path train as on the reference path
+# --------------------------------------------------------------------------------------------
+def trainable_grads(model, images, tokens):
+    img, txt = model.encode_image(images), model.encode_text(tokens)
+    (img.square().sum() + (txt * torch.linspace(-1, 1, txt.shape[-1])).sum()).backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_backbone_unfrozen_after_enable_fast_path_gets_its_gradients(models):
+    ref, fast = models
+    for model in (ref, fast):
+        model.transformer.resblocks[-1].requires_grad_(True)  # fine-tune the last text block too
+        model.visual.transformer.resblocks[0].mlp.requires_grad_(True)
+    images, tokens = sample_inputs(ref, batch=3)
+    want, got = trainable_grads(ref, images, tokens), trainable_grads(fast, images, tokens)
+    assert "transformer.resblocks.1.mlp.c_fc.weight" in want
+    for k, g in want.items():
+        assert got[k] is not None, f"{k}: no gradient on the fast path"
+        assert_close(got[k], g, atol=1e-5, rtol=1e-4, name=k)
+
+
+def test_hf_mlp_unfrozen_after_enable_fast_path_gets_its_gradients():
+    from family_models import family_inputs, hf_clip
+    ref = randomize_adapters(harma_fast.patch(hf_clip()[0], SMALL, backend="reference"), seed=2)
+    fast = copy.deepcopy(ref)
+    assert enable_fast_path(fast) > 0
+    for model in (ref, fast):
+        model.text_model.encoder.layers[-1].mlp.requires_grad_(True)
+    images, tokens = family_inputs(ref)
+    want, got = trainable_grads(ref, images, tokens), trainable_grads(fast, images, tokens)
+    assert "text_model.encoder.layers.2.mlp.fc1.weight" in want
+    for k, g in want.items():
+        assert got[k] is not None, f"{k}: no gradient on the fast path"
+        assert_close(got[k], g, atol=1e-5, rtol=1e-4, name=k)

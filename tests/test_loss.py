@@ -160,6 +160,50 @@ def test_loss_input_errors(gen):
         harma_fast.HarMALoss(temperature=0)
 
 
+def test_starting_temperature_outside_its_range_is_refused(gen):
+    from harma_fast.errors import ConfigError
+    from harma_fast.losses import TEMPERATURE_RANGE
+    assert TEMPERATURE_RANGE == (0.001, 0.5)
+    # the forward clamps τ into temperature_range: started outside, it would compute with the
+    # bound and get no gradient, while loss.temperature still read the value given
+    with pytest.raises(ConfigError, match=r"temperature 1.0 is outside \(0.001, 0.5\), its temperature_range.*"
+                                          r"compute with 0.5 and never learn"):
+        harma_fast.HarMALoss(temperature=1.0)
+    with pytest.raises(ConfigError, match=r"temperature 0.5 is outside \(0.001, 0.5\)"):  # no gradient at a bound
+        harma_fast.HarMALoss(temperature=0.5)
+    with pytest.raises(ConfigError, match=r"temperature 0.0001 is outside \[0.01, 2.0\], its temperature_range: "
+                                          r".*compute with 0.01; pass"):
+        harma_fast.HarMALoss(temperature=1e-4, temperature_range=(0.01, 2.0), learn_temperature=False)
+    with pytest.raises(ConfigError, match=r"0 < low <= high, got \(0.5, 0.1\)"):
+        harma_fast.HarMALoss(temperature=0.2, temperature_range=(0.5, 0.1))
+    # inside, it is used as given and learns
+    i, t = features(6, 16, gen)
+    for tau, tau_range in ((0.49, TEMPERATURE_RANGE), (0.002, TEMPERATURE_RANGE), (1.0, (0.01, 2.0))):
+        loss = harma_fast.HarMALoss(temperature=tau, temperature_range=tau_range, backend="reference")
+        out = loss(i, t)
+        want = harma_loss_ref(i.double(), t.double(), torch.tensor(tau, dtype=torch.float64))
+        assert_close(out.total, want.total, atol=1e-5, rtol=1e-5, name=f"loss at tau {tau}")
+        out.total.backward()
+        assert loss.temperature.grad.abs() > 0, f"tau {tau}: no gradient"
+    fixed = harma_fast.HarMALoss(temperature=0.5, learn_temperature=False)  # a fixed τ may sit on a bound
+    assert fixed.temperature.item() == 0.5
+
+
+def test_image_ids_may_be_a_list_or_array(gen):
+    import numpy as np
+    loss = harma_fast.HarMALoss(backend="reference")
+    i, t = features(4, 8, gen)
+    want = loss(i, t, torch.tensor([0, 0, 1, 1]))
+    for ids in ([0, 0, 1, 1], (0, 0, 1, 1), np.array([0, 0, 1, 1])):
+        got = loss(i, t, ids)
+        for a, b in zip(got, want, strict=True):
+            assert_close(a, b, atol=0, name=type(ids).__name__)
+    with pytest.raises(ValueError, match=r"image_ids must have shape \(4,\)"):
+        loss(i, t, [0, 1, 2])
+    with pytest.raises(TypeError, match="image_ids must be a tensor, list or array of image ids .* got list"):
+        loss(i, t, ["a", "b", "c", "d"])
+
+
 @pytest.mark.interpreter
 def test_compiled_loss_has_no_graph_break(gen):
     import torch._dynamo

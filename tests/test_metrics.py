@@ -119,6 +119,25 @@ def test_triton_count_promotes_mixed_dtypes(gen):
     assert torch.equal(got, count_above_ref(queries, text, labels, tti))
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_float64_features_are_scored_in_float64(gen, backend):
+    # image 1 beats caption 0's own image 0 by 7e-10, which float32 rounds to a tie (a hit)
+    image = torch.tensor([[1.0, 0.0], [1.0, 1e-9]], dtype=torch.float64)
+    text = torch.stack([torch.tensor([1.0, 1.0], dtype=torch.float64) / 2 ** 0.5, image[1]])
+    s = text @ image.t()
+    assert s[0, 1] > s[0, 0] and s[0, 1].float() == s[0, 0].float()
+    m = harma_fast.retrieval_metrics(image, text, [0, 1], backend=backend)
+    assert m["img_r1"] == 50.0
+    # many such near-ties: the ranks of the float64 scores
+    base = torch.randn(1, 8, generator=gen, dtype=torch.float64)
+    image = base + 1e-9 * torch.randn(17, 8, generator=gen, dtype=torch.float64)
+    tti = torch.arange(17).repeat(2)
+    text = base + 1e-9 * torch.randn(34, 8, generator=gen, dtype=torch.float64)
+    got_i2t, got_t2i = retrieval_ranks(image, text, tti, backend=backend)
+    want_i2t, want_t2i = argsort_ranks(image, text, tti.tolist())
+    assert torch.equal(got_i2t, want_i2t) and torch.equal(got_t2i, want_t2i)
+
+
 def test_metrics_errors(gen):
     image, text, tti = gallery(gen, n_img=5)
     with pytest.raises(ValueError, match="one image index per caption"):

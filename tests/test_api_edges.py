@@ -1,0 +1,37 @@
+"""The public API where only tests used to tread: backend="triton" on CPU under the interpreter."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+# A fresh process: this one's conftest has made the interpreter's bf16 faithful already.
+BF16_LOSS = """
+import torch, harma_fast
+from harma_fast.losses import harma_loss_ref
+from triton.runtime.interpreter import InterpreterBuilder
+assert not getattr(InterpreterBuilder, "_harma_bf16_faithful", False)
+g = torch.Generator().manual_seed(0)
+img = torch.nn.functional.normalize(torch.randn(24, 32, generator=g, dtype=torch.float64), dim=1)
+txt = torch.nn.functional.normalize(torch.randn(24, 32, generator=g, dtype=torch.float64), dim=1)
+ids = torch.arange(24) // 2
+exact = harma_loss_ref(img, txt, torch.tensor(0.07, dtype=torch.float64), ids).total.item()
+torch_bf16 = harma_loss_ref(img.bfloat16(), txt.bfloat16(), torch.tensor(0.07), ids).total.item()
+loss = harma_fast.HarMALoss(backend="triton", gather_distributed=False)
+got = loss(img.bfloat16(), txt.bfloat16(), ids).total.item()
+print(exact, torch_bf16, got)
+"""
+
+
+@pytest.mark.interpreter
+def test_triton_backend_under_the_interpreter_is_right_in_bf16_without_test_setup():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-c", BF16_LOSS], env=env, capture_output=True, text=True,
+                         cwd=Path(__file__).parents[1], timeout=300)
+    assert run.returncode == 0, run.stderr
+    exact, torch_bf16, got = map(float, run.stdout.split())
+    # within twice torch's own bf16 error (the raw interpreter was off by 1e13)
+    assert abs(got - exact) <= 2 * abs(torch_bf16 - exact) + 1e-3, (exact, torch_bf16, got)
