@@ -14,6 +14,7 @@ import torch
 from .backend import BACKENDS
 from .config import HarMAConfig, Rule, above, at_least, check_settings, in_range, one_of
 from .errors import ConfigError
+from .losses import TEMPERATURE_RANGE
 from .trainstate import read_training_state
 
 
@@ -94,7 +95,10 @@ TRAIN_RULES = {
     "lr": above(0), "weight_decay": at_least(0), "eps": above(0),
     "betas": Rule(lambda b: all(0 <= x < 1 for x in b), "two numbers in [0, 1)"),
     "warmup": in_range(0, 1), "clip_grad_norm": above(0),
-    "temperature": above(0), "margin": at_least(0), "gamma": at_least(0), "max_words": at_least(1),
+    "temperature": Rule(lambda t: TEMPERATURE_RANGE[0] < t < TEMPERATURE_RANGE[1],
+                        f"strictly between {TEMPERATURE_RANGE[0]} and {TEMPERATURE_RANGE[1]}: the loss clamps the "
+                        "learned temperature into that range, and a clamped one never moves"),
+    "margin": at_least(0), "gamma": at_least(0), "max_words": at_least(1),
     "precision": one_of("auto", "bf16", "fp32"), "backend": one_of(*BACKENDS), "fast": one_of("auto", "on", "off"),
     "device": Rule(lambda d: d == "auto" or _is_device(d), "auto or a torch device (cpu, cuda, cuda:1, ...)"),
     "num_workers": at_least(0), "eval_every": at_least(1), "eval_batch_size": at_least(1), "log_every": at_least(1),
