@@ -25,8 +25,7 @@ from .errors import ConfigError
 
 Tensor = torch.Tensor
 
-# where τ is clamped in the forward (as ALBEF-style code clamps its ``temp``); a learned τ must
-# start strictly inside, as a clamped τ (at a bound too) gets no gradient
+# the range τ is kept in (as ALBEF-style code, HarMA's included, clamps its ``temp``)
 TEMPERATURE_RANGE = (0.001, 0.5)
 
 
@@ -105,7 +104,7 @@ class HarMALoss(nn.Module):
         backend: ``"auto"`` (Triton on CUDA), ``"triton"`` or ``"reference"``.
         temperature_range: ``τ`` is clamped into this range in the forward (as ALBEF-style
             code clamps its ``temp``), which keeps the logits bounded; ``temperature`` must lie
-            inside it (strictly, when learned: τ gets no gradient at a bound).
+            inside it. Training loops call :meth:`clamp_temperature_` after each optimizer step.
         gather_distributed: under ``torch.distributed``, compute the loss over the batch
             gathered from every rank (DESIGN §2); each rank's gradient is then the gradient of
             the loss on the concatenated batch with respect to its own rows.
@@ -129,15 +128,12 @@ class HarMALoss(nn.Module):
         if not 0 < low <= high:
             raise ConfigError(f"HarMALoss: temperature_range must be (low, high) with 0 < low <= high, got "
                               f"{tuple(temperature_range)}")
-        # the forward clamps τ into the range, and a clamped τ (at a bound too) gets no gradient:
-        # a learned τ must start strictly inside, or it would compute with the bound and never move
-        if not (low < temperature < high if learn_temperature else low <= temperature <= high):
-            span = f"({low}, {high})" if learn_temperature else f"[{low}, {high}]"
-            raise ConfigError(f"HarMALoss: temperature {temperature} is outside {span}, its temperature_range"
-                              f"{' (bounds excluded for a learned τ)' if learn_temperature else ''}: the forward "
-                              f"clamps τ into that range, so it would compute with {min(max(temperature, low), high)}"
-                              f"{' and never learn' if learn_temperature else ''}; pass a temperature in {span} "
-                              "or widen temperature_range")
+        # the forward computes with τ clamped into the range: started outside, it would silently
+        # compute with a bound while loss.temperature reads the value given
+        if not low <= temperature <= high:
+            raise ConfigError(f"HarMALoss: temperature {temperature} is outside [{low}, {high}], its "
+                              f"temperature_range: the loss would compute with {min(max(temperature, low), high)}; "
+                              f"pass a temperature in [{low}, {high}] or widen temperature_range")
         self.margin, self.gamma, self.max_violation = float(margin), float(gamma), bool(max_violation)
         self.backend = check_backend(backend)
         self.temperature_range = tuple(temperature_range)
@@ -150,13 +146,22 @@ class HarMALoss(nn.Module):
         _check_features(image_features, text_features, image_ids, self.check_finite)
         if self.gather_distributed:
             image_features, text_features, image_ids = gather_batch(image_features, text_features, image_ids)
-        tau = self.temperature.clamp(*self.temperature_range)
+        # clamped in value, not in gradient (torch's clamp passes none at or past a bound, where τ
+        # would then stay for good): the gradient ALBEF-style code gets by clamping the parameter
+        # in place before using it, which clamp_temperature_ does after each optimizer step
+        t = self.temperature
+        tau = t + (t.clamp(*self.temperature_range) - t).detach()
         if use_triton(self.backend, image_features, text_features):
             from .kernels.similarity_loss import harma_loss as fused
             return LossOutput(*fused(image_features, text_features, tau, image_ids, self.margin, self.gamma,
                                      self.max_violation))
         return harma_loss_ref(image_features, text_features, tau, image_ids, self.margin, self.gamma,
                               self.max_violation)
+
+    @torch.no_grad()
+    def clamp_temperature_(self) -> None:
+        """Bring a learned τ an optimizer step moved past ``temperature_range`` back to its bound."""
+        self.temperature.clamp_(*self.temperature_range)
 
     def extra_repr(self) -> str:
         return (f"margin={self.margin}, gamma={self.gamma}, max_violation={self.max_violation}, "

@@ -450,6 +450,7 @@ class Trainer:
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.config.clip_grad_norm)
         self.optimizer.step()
+        self.loss.clamp_temperature_()
         self._lr = self.scheduler.get_last_lr()[0]  # this step's; after scheduler.step() it is the next one's
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

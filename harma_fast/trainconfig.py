@@ -95,9 +95,8 @@ TRAIN_RULES = {
     "lr": above(0), "weight_decay": at_least(0), "eps": above(0),
     "betas": Rule(lambda b: all(0 <= x < 1 for x in b), "two numbers in [0, 1)"),
     "warmup": in_range(0, 1), "clip_grad_norm": above(0),
-    "temperature": Rule(lambda t: TEMPERATURE_RANGE[0] < t < TEMPERATURE_RANGE[1],
-                        f"strictly between {TEMPERATURE_RANGE[0]} and {TEMPERATURE_RANGE[1]}: the loss clamps the "
-                        "learned temperature into that range, and a clamped one never moves"),
+    "temperature": Rule(lambda t: TEMPERATURE_RANGE[0] <= t <= TEMPERATURE_RANGE[1],
+                        f"in [{TEMPERATURE_RANGE[0]}, {TEMPERATURE_RANGE[1]}], the range the loss keeps it in"),
     "margin": at_least(0), "gamma": at_least(0), "max_words": at_least(1),
     "precision": one_of("auto", "bf16", "fp32"), "backend": one_of(*BACKENDS), "fast": one_of("auto", "on", "off"),
     "device": Rule(lambda d: d == "auto" or _is_device(d), "auto or a torch device (cpu, cuda, cuda:1, ...)"),

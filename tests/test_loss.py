@@ -165,28 +165,42 @@ def test_starting_temperature_outside_its_range_is_refused(gen):
     from harma_fast.losses import TEMPERATURE_RANGE
     assert TEMPERATURE_RANGE == (0.001, 0.5)
     # the forward clamps τ into temperature_range: started outside, it would compute with the
-    # bound and get no gradient, while loss.temperature still read the value given
-    with pytest.raises(ConfigError, match=r"temperature 1.0 is outside \(0.001, 0.5\), its temperature_range.*"
-                                          r"compute with 0.5 and never learn"):
+    # bound while loss.temperature still read the value given
+    with pytest.raises(ConfigError, match=r"temperature 1.0 is outside \[0.001, 0.5\], its temperature_range.*"
+                                          r"compute with 0.5; pass"):
         harma_fast.HarMALoss(temperature=1.0)
-    with pytest.raises(ConfigError, match=r"temperature 0.5 is outside \(0.001, 0.5\)"):  # no gradient at a bound
-        harma_fast.HarMALoss(temperature=0.5)
-    with pytest.raises(ConfigError, match=r"temperature 0.0001 is outside \[0.01, 2.0\], its temperature_range: "
-                                          r".*compute with 0.01; pass"):
+    with pytest.raises(ConfigError, match=r"temperature 0.0001 is outside \[0.01, 2.0\]"):
         harma_fast.HarMALoss(temperature=1e-4, temperature_range=(0.01, 2.0), learn_temperature=False)
     with pytest.raises(ConfigError, match=r"0 < low <= high, got \(0.5, 0.1\)"):
         harma_fast.HarMALoss(temperature=0.2, temperature_range=(0.5, 0.1))
-    # inside, it is used as given and learns
+    # inside, on a bound included, it is used as given and learns
     i, t = features(6, 16, gen)
-    for tau, tau_range in ((0.49, TEMPERATURE_RANGE), (0.002, TEMPERATURE_RANGE), (1.0, (0.01, 2.0))):
+    for tau, tau_range in ((0.5, TEMPERATURE_RANGE), (0.001, TEMPERATURE_RANGE), (1.0, (0.01, 2.0))):
         loss = harma_fast.HarMALoss(temperature=tau, temperature_range=tau_range, backend="reference")
         out = loss(i, t)
         want = harma_loss_ref(i.double(), t.double(), torch.tensor(tau, dtype=torch.float64))
         assert_close(out.total, want.total, atol=1e-5, rtol=1e-5, name=f"loss at tau {tau}")
         out.total.backward()
         assert loss.temperature.grad.abs() > 0, f"tau {tau}: no gradient"
-    fixed = harma_fast.HarMALoss(temperature=0.5, learn_temperature=False)  # a fixed τ may sit on a bound
-    assert fixed.temperature.item() == 0.5
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_temperature_pushed_past_its_range_computes_with_the_bound_and_comes_back(gen, backend):
+    # torch's clamp passes no gradient at or past a bound: τ stepped onto 0.5 stayed there for good
+    i, t = features(6, 16, gen)
+    loss = harma_fast.HarMALoss(temperature=0.4, backend=backend)
+    with torch.no_grad():
+        loss.temperature.fill_(0.7)  # where an optimizer step took it
+    out = loss(i, t)
+    want = harma_loss_ref(i.double(), t.double(), torch.tensor(0.5, dtype=torch.float64))
+    assert_close(out.total, want.total, atol=1e-4, rtol=1e-4, name="loss at the bound")
+    out.total.backward()
+    tau = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    harma_loss_ref(i.double(), t.double(), tau).total.backward()
+    assert_close(loss.temperature.grad, tau.grad, atol=1e-4, rtol=1e-3, name="gradient at the bound")
+    loss.clamp_temperature_()
+    assert loss.temperature.item() == 0.5
 
 
 def test_image_ids_may_be_a_list_or_array(gen):
