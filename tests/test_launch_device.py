@@ -65,7 +65,12 @@ def test_trainer_makes_an_explicit_gpu_current(monkeypatch):
     from harma_fast import train
     calls = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(torch.device(d)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert train._device(types.SimpleNamespace(device="cuda:1"), local_rank=0) == torch.device("cuda:1")
+    assert calls == [torch.device("cuda:1")]
+    calls.clear()
+    # "cuda" without an index: each torchrun process its own GPU, as under auto (set_device("cuda") raised)
+    assert train._device(types.SimpleNamespace(device="cuda"), local_rank=1) == torch.device("cuda:1")
     assert calls == [torch.device("cuda:1")]
     calls.clear()
     assert train._device(types.SimpleNamespace(device="cpu"), local_rank=0) == torch.device("cpu")
