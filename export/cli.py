@@ -98,6 +98,7 @@ def run_search(args: argparse.Namespace) -> int:
     from .search import GalleryIndex, truncation_warning, write_html
 
     encoder = OrtEncoder(args.onnx)
+    encoder.require_text()  # before the whole folder is embedded and indexed
     warning = truncation_warning(encoder, query)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)

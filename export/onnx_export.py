@@ -220,6 +220,11 @@ def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("i
 
     say = progress or (lambda message: None)
     towers = check_export_options(towers, dtype, opset, batch_size, fused, check_file, image_root)
+    check_records = None
+    if check_file:  # its records and images read now, not after minutes of export and quantization
+        from ..data.annotations import load_eval_records
+
+        check_records = load_eval_records(check_file, image_root, progress=False)
     out = Path(out_dir)
     model_name = model_name or getattr(model, "harma_model_name", None)
     float_dtype = "fp32" if dtype == "int8" else dtype
@@ -310,7 +315,8 @@ def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("i
                 meta["parity"] = check_parity(model, stage)
                 _refuse_on_failure(meta["parity"], out, "int8")
             if check_file is not None:
-                meta["retrieval_check"] = quantize.retrieval_check(graphs, stage, check_file, image_root, say)
+                meta["retrieval_check"] = quantize.retrieval_check(graphs, stage, check_file, image_root, say,
+                                                                    records=check_records)
                 if not meta["retrieval_check"]["ok"]:
                     raise ExportParityError(
                         f"int8 export to {out} changes retrieval on {check_file}: "

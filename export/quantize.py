@@ -85,8 +85,9 @@ def quantize_tower(src: Path, dst: Path) -> None:
 
 
 def retrieval_check(reference_dir: Path, int8_dir: Path, check_file, image_root,
-                    progress=None) -> Dict:
-    """R@1/5/10 both ways and mR of the fp32 graphs and of the int8 graphs on one evaluation file.
+                    progress=None, records=None) -> Dict:
+    """R@1/5/10 both ways and mR of the fp32 graphs and of the int8 graphs on one evaluation file
+    (``records``: the file already read, as ``load_eval_records`` returns it).
 
     Returns ``{"fp32": metrics, "int8": metrics, "ok": bool, "failures": [...]}``.
     """
@@ -96,7 +97,7 @@ def retrieval_check(reference_dir: Path, int8_dir: Path, check_file, image_root,
     from ..metrics import retrieval_metrics
     from .runtime import OrtEncoder
 
-    records = load_eval_records(check_file, image_root)
+    records = records if records is not None else load_eval_records(check_file, image_root)
     out: Dict = {"check_file": str(check_file), "images": len(records.images), "captions": len(records.captions)}
     for label, directory in (("fp32", reference_dir), ("int8", int8_dir)):
         if progress:

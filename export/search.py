@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import ConfigError, OutputPathError
 from ..io import require_dir
-from .runtime import OrtEncoder
+from .runtime import OrtEncoder, clean_query
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
 
@@ -53,8 +53,8 @@ def resolve_index_path(index: Optional[os.PathLike], folder: Path, encoder: OrtE
     path = Path(index)
     if path.is_dir() or (not path.exists() and (str(index).endswith(("/", os.sep)) or not path.suffix)):
         path = default_index_path(folder, encoder, path)
-    elif path.is_file() and path.suffix != ".npz":  # an unreadable index is rebuilt: never over a user's file
-        raise OutputPathError(f"--index {path} is a file but not an index (.npz); give a .npz file or a folder")
+    elif path.suffix != ".npz":  # refused before it is written too: a file search then refused to read back
+        raise OutputPathError(f"--index {path} is not a .npz file name; give a .npz file or a folder")
     elif path.is_file() and not _is_index(path):
         raise OutputPathError(f"--index {path} is a .npz file but not a harma_fast search index (it would be "
                               "overwritten); give another file name or a folder")
@@ -90,7 +90,7 @@ def truncation_warning(encoder: OrtEncoder, query: str) -> Optional[str]:
     tokenizer = encoder.tokenizer
     if tokenizer is None:
         return None
-    length, room = tokenizer.fit(query)
+    length, room = tokenizer.fit(clean_query(query))  # what encode_texts tokenizes
     if length <= room:
         return None
     return (f"the query is {length} tokens long but the text encoder reads {room}; it was truncated, the "
@@ -200,13 +200,12 @@ class GalleryIndex:
 
 
 def _thumbnail(path: Path, size: int = 256) -> str:
-    from PIL import Image
+    from ..io import open_rgb
 
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        img.thumbnail((size, size))
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=85)
+    img = open_rgb(path)  # as it was embedded
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 

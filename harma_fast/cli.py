@@ -152,7 +152,8 @@ def _add_demo(sub) -> None:
                       "trains the adapters of a random-initialised HarMA-Tiny on the CPU, and prints the test "
                       "retrieval table before and after training.")
     p.add_argument("--output-dir", help="where data and run go (default: a new temporary folder)")
-    p.add_argument("--steps", type=positive_int, help="training steps (default: 368, about 2 minutes on 2 CPU cores)")
+    p.add_argument("--steps", type=positive_int, help="training steps (default: 368, about 2 minutes on 2 CPU cores; "
+                   "the learning-rate schedule spans whole epochs of 46 steps)")
     p.add_argument("--minutes", type=positive_float, default=10.0, help="stop early after this many minutes (a safety net)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the data and the run")
     p.add_argument("--no-progress", dest="progress", action="store_false",
@@ -285,6 +286,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output went away (`| head`): not an input error
+        try:  # nothing more goes to the closed pipe, not even the flush at exit (Python's signal docs)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # stdout is not a file (captured in tests)
+            pass
+        return 141  # 128 + SIGPIPE, as a shell tool killed by it reports
     except Exception as err:  # noqa: BLE001 - the one place every failure is reported
         if not is_expected(err):
             traceback.print_exc()

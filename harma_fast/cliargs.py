@@ -25,6 +25,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         text = action.help or ""
         if action.default is None or action.default is False or "default" in text:
             return text
+        if isinstance(action, argparse._StoreFalseAction):  # a --no-X switch: "(default: True)" reads as on
+            return text
         return super()._get_help_string(action)
 
 

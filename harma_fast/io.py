@@ -1,4 +1,5 @@
-"""Small file helpers shared by checkpoints, training runs, exports and the CLI."""
+"""Small file helpers shared by checkpoints, training runs, exports and the CLI, and the one image
+reader (:func:`open_rgb`: a file as 8-bit RGB, or an :class:`ImageReadError` saying why not)."""
 from __future__ import annotations
 
 import contextlib
@@ -7,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Union
 
-from .errors import InputPathError, OutputPathError
+from .errors import HarmaError, InputPathError, OutputPathError
 
 PathLike = Union[str, os.PathLike]
 
@@ -106,3 +107,98 @@ def _check_writable_ancestor(path: Path, what: str) -> None:
             if not os.access(parent, os.W_OK | os.X_OK):
                 raise OutputPathError(f"{what} {path} cannot be written: folder {parent} is not writable")
             return
+
+
+# --------------------------------------------------------------------------------------------
+# images
+# --------------------------------------------------------------------------------------------
+class ImageReadError(HarmaError, ValueError):
+    """An image that cannot be used as 8-bit RGB. ``why`` is the reason alone ("is a 16-bit ...",
+    "not found"), for reports that name the image their own way (``data check``'s records)."""
+
+    def __init__(self, message: str, why: str = ""):
+        # torch's DataLoader re-raises a worker's exception as ``type(err)(its formatted traceback)``:
+        # keep our one-line message (the traceback's last line), not the traceback
+        if message.startswith("Caught ") and "\nOriginal Traceback" in message:
+            where = message.split("\n", 1)[0].split(" in ", 1)[-1].rstrip(".")
+            message = f"{message.rstrip().rsplit(f'{type(self).__name__}: ', 1)[-1]} (read in {where})"
+        super().__init__(message)
+        self.why = why or message
+
+
+def _mode_problem(mode: str) -> str:
+    """'' if PIL's ``convert("RGB")`` keeps the pixels of an image of this mode, else why not.
+
+    The 8-bit modes (1, L, LA, P, PA, RGB, RGBA, CMYK, YCbCr, ...) convert faithfully; the modes of
+    wider samples (I;16*, I, F) are clipped to 0..255 instead of scaled: 12-bit sensor data comes
+    out nearly white, reflectance in 0..1 black. Which scaling is right depends on the sensor, so
+    such images are refused, never guessed at.
+    """
+    if mode in ("I", "F") or mode.startswith("I;"):
+        kind = {"I": "32-bit integer", "F": "32-bit floating-point"}.get(mode, "16-bit")
+        return (f"is a {kind} single-band image (PIL mode {mode}); harma_fast reads 8-bit images: convert it "
+                "to 8-bit RGB first, with the scaling your sensor needs")
+    return ""
+
+
+def _too_large(err: Exception) -> str:
+    """Why an image that PIL refused as a decompression bomb cannot be read, with its size."""
+    import re
+
+    from PIL import Image
+
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    size = tb.tb_frame.f_locals.get("size") if tb is not None else None  # PIL's check gets (width, height)
+    if isinstance(size, tuple) and len(size) == 2 and all(isinstance(n, int) for n in size):
+        shown = f"is {size[0]}x{size[1]} px"
+    else:
+        pixels = re.search(r"\((\d+) pixels\)", str(err))
+        shown = f"has {int(pixels.group(1)):,} pixels" if pixels else "is too large to decode safely"
+    limit = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+    return (f"{shown}, past PIL's decompression-bomb limit" + (f" of {limit:,} pixels" if limit else "")
+            + " (twice PIL.Image.MAX_IMAGE_PIXELS), too large to decode safely: cut the scene into tiles or "
+            "downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file")
+
+
+def _converted(image, name: str):
+    try:
+        return image.convert("RGB")
+    except ValueError as err:  # a mode PIL cannot convert (La, ...)
+        why = f"cannot be converted to RGB ({err})"
+        raise ImageReadError(f"{name} {why}", why) from err
+
+
+def to_rgb(image, name: str = "the PIL image given"):
+    """An open PIL image as 8-bit RGB, or an :class:`ImageReadError` (a ValueError) saying why not."""
+    why = _mode_problem(image.mode)
+    if why:
+        raise ImageReadError(f"{name} {why}", why)
+    return _converted(image, name)
+
+
+def open_rgb(path: PathLike):
+    """The image file at ``path`` decoded as 8-bit RGB, or an :class:`ImageReadError` saying why not:
+    missing, not decodable, past PIL's decompression-bomb limit, or not 8-bit (see ``_mode_problem``).
+
+    The one place harma_fast opens images: training, evaluation, ``data check`` and serving.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"image {path} not found", "not found")
+    try:
+        with Image.open(path) as img:
+            why = _mode_problem(img.mode)  # known from the header: refused before decoding
+            if not why:
+                img.load()
+                return _converted(img, f"image {path}")
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as err:  # not an OSError
+        why = _too_large(err)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        why = f"cannot be read: it cannot be decoded as an image ({err})"
+    raise ImageReadError(f"image {path} {why}", why)

@@ -155,6 +155,9 @@ def create_model(name: str, pretrained: Optional[PathLike] = None, device="cpu",
         looks_like_path = candidate.suffix or os.sep in str(pretrained) or candidate.exists()
         if candidate.is_file():
             path = candidate
+        elif candidate.is_dir():
+            raise InputPathError(f"pretrained checkpoint {candidate} is a folder, not a weights file (a Hugging Face "
+                                 "model folder goes to --model, with no --pretrained)")
         elif looks_like_path:
             raise InputPathError(f"pretrained checkpoint {candidate} does not exist")
         else:

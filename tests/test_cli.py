@@ -6,6 +6,8 @@ import math
 import re
 
 import pytest
+import sys
+
 import torch
 
 import harma_fast
@@ -289,7 +291,8 @@ def test_every_help_page_has_a_description_and_shows_defaults(capsys):
         assert sub.description, f"{name} --help has no description"
         page = sub.format_help()
         for action in sub._actions:
-            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and \
+                    not isinstance(action, argparse._StoreFalseAction):  # a --no-X switch: "default: True" misleads
                 assert action.help, f"{name} {action.option_strings[0]} has no help"
                 assert "default" in sub._get_formatter()._get_help_string(action), \
                     f"{name} {action.option_strings[0]} does not show its default {action.default!r}"
@@ -321,6 +324,9 @@ class FakeEncoder:
 
     def encode_pixels(self, pixels):
         return pixels / (pixels ** 2).sum(1, keepdims=True) ** 0.5
+
+    def require_text(self):
+        pass
 
     def encode_texts(self, texts):
         import numpy as np
@@ -411,7 +417,7 @@ def test_evaluate_refuses_a_batch_size_below_one(data):
 def test_search_never_overwrites_a_file_that_is_not_an_index(gallery, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("keep me")
     assert main(search_argv(gallery, "a lake", "--index", str(tmp_path / "notes.txt"))) == 2
-    assert "is a file but not an index" in capsys.readouterr().err
+    assert "is not a .npz file name" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "keep me"
 
 
@@ -422,3 +428,26 @@ def test_export_input_files_are_checked_before_work(tmp_path, capsys, no_model):
         assert flag in capsys.readouterr().err
     argv = ["export", "--model", "HarMA-Tiny", "--image-root", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]
     assert main(argv) == 2 and "--image-root" in capsys.readouterr().err
+
+
+def test_no_switches_do_not_say_default_true(capsys):
+    for argv in (["demo", "--help"], ["eval", "--help"], ["data", "check", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert "(default: True)" not in capsys.readouterr().out
+
+
+def test_a_pretrained_folder_is_named_as_a_folder(tmp_path):
+    from harma_fast.errors import InputPathError
+    with pytest.raises(InputPathError, match="is a folder, not a weights file.*goes to --model"):
+        harma_fast.create_model("HarMA-Tiny", pretrained=str(tmp_path))
+
+
+def test_a_closed_output_pipe_is_not_an_input_error(data):
+    import subprocess
+    # `harma-fast eval ... | head -0`: the reader is gone before the table is printed
+    proc = subprocess.run(f"{sys.executable} -m harma_fast.cli eval --test-file {data['test']} --image-root "
+                          f"{data['image_root']} --model HarMA-Tiny --no-progress | true; exit ${{PIPESTATUS[0]}}",
+                          shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=300)
+    assert proc.returncode in (0, 141), proc.stderr  # 0 if the table fitted the pipe's buffer first
+    assert "error" not in proc.stderr and "Traceback" not in proc.stderr

@@ -97,11 +97,37 @@ def test_images_that_cannot_be_used_are_refused_clearly(exports, tmp_path, monke
     folder.mkdir()
     write_image(folder / "small.png", 16)
     huge = write_image(folder / "huge.png", 64)  # 4096 pixels: over twice the limit
-    with pytest.raises(ValueError, match="huge.png is too large to decode safely .*MAX_IMAGE_PIXELS"):
+    with pytest.raises(ValueError, match="huge.png is 64x64 px, past PIL's decompression-bomb limit of 2,000 "
+                                         "pixels .*too large to decode safely: .*MAX_IMAGE_PIXELS"):
         enc.encode_images([huge])
     index = GalleryIndex(folder, enc, tmp_path / "index.npz")  # the search skips it and says so
     assert index.names == ["small.png"] and "too large" in index.skipped["huge.png"]
     assert "1 unreadable" in index.status
+
+
+def test_16_bit_and_float_images_are_refused_not_clipped(exports, tmp_path):
+    # convert("RGB") clipped them: 12-bit data in a 16-bit file was embedded nearly white, floats 0..1 black
+    from PIL import Image
+
+    enc = OrtEncoder(exports["dynamic"])
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "gallery"
+    folder.mkdir()
+    write_image(folder / "rgb.png", 16)
+    Image.fromarray(rng.integers(0, 4000, (16, 16)).astype(np.uint16)).save(folder / "u16.tif")
+    Image.fromarray(rng.random((16, 16), dtype=np.float32)).save(folder / "f32.tif")
+    advice = "harma_fast reads 8-bit images: convert it to 8-bit RGB first, with the scaling your sensor needs"
+    with Image.open(folder / "u16.tif") as img:
+        with pytest.raises(ValueError, match=r"the PIL image given is a 16-bit single-band image \(PIL mode I;16\); "
+                                             + advice):
+            enc.encode_images([img])
+    with pytest.raises(ValueError, match=r"f32.tif is a 32-bit floating-point single-band image \(PIL mode F\)"):
+        enc.encode_images([folder / "f32.tif"])
+    with Image.open(folder / "rgb.png") as img:  # 8-bit images as before
+        assert np.array_equal(enc.preprocess(img.convert("L")), enc.preprocess(img.convert("L").convert("RGB")))
+    index = GalleryIndex(folder, enc, tmp_path / "index.npz")  # the search skips them and says why
+    assert index.names == ["rgb.png"] and "2 unreadable" in index.status
+    assert "PIL mode I;16" in index.skipped["u16.tif"] and "PIL mode F" in index.skipped["f32.tif"]
 
 
 @pytest.mark.parametrize("edits, match", [

@@ -5,7 +5,8 @@ Karpathy, NWPU-Captions), recognised from its content. A training file (or split
 record per caption, an evaluation file (or split) one record per image. Every problem — a file
 that is missing or not JSON, a record without a caption or image id, an image id given to two
 images (or two ids to one image) in a training file, an evaluation file with repeated images or
-single-string captions (a training file given for evaluation), a missing or unreadable image —
+single-string captions (a training file given for evaluation), a missing or unreadable image (corrupt,
+past PIL's decompression-bomb limit, or not 8-bit: 16-bit and float images are refused, not clipped) —
 is collected, for every file of a run at once (:func:`load_splits`), and
 reported in one :class:`AnnotationError` naming the file, the record and the field, before any
 training starts.
@@ -21,7 +22,7 @@ from typing import Dict, Hashable, List, Optional, Sequence, Tuple, Union
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, HarmaError
-from ..io import PathLike
+from ..io import ImageReadError, PathLike, open_rgb
 from ..progress import bar_wanted
 from .layouts import SPLITS, Entry, ParsedFile, Problem, clean_caption, read_annotations
 
@@ -191,16 +192,11 @@ def _records(role: str, entries: List[Entry]) -> Records:
 # images
 # --------------------------------------------------------------------------------------------
 def _check_image(path: Path) -> str:
-    """'' if the image decodes, else why not."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        return "not found"
+    """'' if the image can be read as training and evaluation read it (8-bit RGB), else why not."""
     try:
-        with Image.open(path) as img:
-            img.load()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        return f"cannot be decoded ({err})"
+        open_rgb(path)
+    except ImageReadError as err:
+        return err.why
     return ""
 
 

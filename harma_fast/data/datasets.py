@@ -16,12 +16,14 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import ConfigError
+from ..io import open_rgb
 from .annotations import EvalRecords, TrainRecords
 
 
 def load_rgb(path) -> Image.Image:
-    with Image.open(path) as img:
-        return img.convert("RGB")
+    """The image as 8-bit RGB, or an ImageReadError naming it and why not (also when the up-front
+    image check was skipped: a missing, corrupt, too large or 16-bit/float image)."""
+    return open_rgb(path)
 
 
 class TrainDataset(Dataset):
