@@ -149,6 +149,17 @@ def _missing_parents(folder: Path) -> List[Path]:
     return made
 
 
+def _with_absolute_paths(settings: Dict) -> Dict:
+    """The settings as config.json records them: paths made absolute, so that ``--resume`` from
+    another working directory finds the run's data (paths as typed are relative to where it began)."""
+    settings = dict(settings)
+    for key in ("train_file", "val_file", "test_file", "image_root", "output_dir", "pretrained"):
+        value = settings.get(key)
+        if value and (key != "pretrained" or Path(value).exists()):  # pretrained may be an open_clip tag
+            settings[key] = str(Path(value).absolute())
+    return settings
+
+
 def _not_a_killed_start(out: Path) -> List[str]:
     """What in ``out`` a run killed before its first checkpoint cannot have written (and a restart
     there would delete): trained adapters, a finished run's result, a config.json that is not ours."""
@@ -252,7 +263,7 @@ class Trainer:
         self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         if self.main and not self.done:
             self._prepare_directory()
-            self.log.write_json("config.json", dataclasses.asdict(config))
+            self.log.write_json("config.json", _with_absolute_paths(dataclasses.asdict(config)))
             if config.pretrained is None:
                 self._save_backbone()
 

@@ -195,3 +195,18 @@ def test_a_starting_temperature_the_loss_would_clamp_is_refused(data, tmp_path, 
     assert "in [0.001, 0.5], the range the loss keeps it in" in capsys.readouterr().err and not out.exists()
     with pytest.raises(ConfigError, match="the range the loss keeps it in"):
         config(data, out, temperature=float(temperature))
+
+
+def test_a_run_resumes_from_another_working_directory(data, tmp_path, monkeypatch):
+    # config.json held the paths as typed, relative to where the run began: --resume elsewhere failed
+    monkeypatch.chdir(data["image_root"].parent)
+    rel = lambda p: str(p.relative_to(data["image_root"].parent))  # noqa: E731
+    out = tmp_path / "run"
+    assert main(["train", "--model", "HarMA-Tiny", "--train-file", rel(data["train"]), "--image-root",
+                 rel(data["image_root"]), "--output-dir", str(out), "--batch-size", "16", "--max-steps", "1",
+                 "--epochs", "2", "--num-workers", "0", "--backend", "reference", "--no-progress"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train_file"] == str(data["train"]) and saved["image_root"] == str(data["image_root"])
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--resume", str(out), "--max-steps", "2"]) == 0
+    assert json.loads((out / "result.json").read_text())["step"] == 2
