@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Callable, Iterator, List, Sequence
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import ConfigError
@@ -20,10 +19,9 @@ from ..io import open_rgb
 from .annotations import EvalRecords, TrainRecords
 
 
-def load_rgb(path) -> Image.Image:
-    """The image as 8-bit RGB, or an ImageReadError naming it and why not (also when the up-front
-    image check was skipped: a missing, corrupt, too large or 16-bit/float image)."""
-    return open_rgb(path)
+# the one image reader (harma_fast.io): 8-bit RGB, or an ImageReadError naming the image and why not,
+# also when the up-front image check was skipped
+load_rgb = open_rgb
 
 
 class TrainDataset(Dataset):
