@@ -120,14 +120,26 @@ def _add_train(sub) -> None:
                    help="plain log lines instead of a progress bar (also: TQDM_DISABLE=1, or stderr not a terminal)")
 
 
+def _eval_split(test_file: str, split: Optional[str]) -> str:
+    """The split ``eval`` reads: a HarMA-layout file is one split, so a ``--split`` given for one
+    would be ignored silently (a user asking for "val" would read test numbers as validation's)."""
+    from .data.annotations import splits_in
+
+    if split is not None and splits_in(test_file) is None:
+        raise ConfigError(f"--split {split}: {test_file} is in the HarMA layout, one split per file, so it is "
+                          "evaluated whole; drop --split, or pass the file of the split you want")
+    return split or "test"
+
+
 def _add_eval(sub) -> None:
     p = add_subparser(sub, "eval", "retrieval metrics of a model on an evaluation file",
                       "Evaluate image-text retrieval (R@1/5/10 both ways and mR, in percent) of a backbone, "
                       "optionally with trained adapters, on an evaluation file with one record per image.")
     p.add_argument("--test-file", required=True, help="evaluation annotations (one record per image)")
     p.add_argument("--image-root", required=True, help="folder the annotations' image paths are relative to")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"),
-                   help="split of a Karpathy/NWPU file to evaluate")
+    p.add_argument("--split", choices=("train", "val", "test"),
+                   help="split of a Karpathy/NWPU file to evaluate (default: test); a HarMA-layout file is "
+                        "one split already")
     p.add_argument("--model", default="ViT-B-32", help="open_clip architecture")
     p.add_argument("--pretrained", help="backbone weights: local file or cached tag (default: random weights)")
     src = p.add_mutually_exclusive_group()
@@ -203,7 +215,8 @@ def run_eval(args: argparse.Namespace) -> Dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     check_backend_runs(args.backend, device)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    records = load_eval_records(args.test_file, args.image_root, split=args.split, progress=args.progress)
+    split = _eval_split(args.test_file, args.split)
+    records = load_eval_records(args.test_file, args.image_root, split=split, progress=args.progress)
     model = create_model(args.model, args.pretrained)
     if args.adapters:
         load_adapters(model, args.adapters, check_backbone=not args.ignore_backbone_mismatch)

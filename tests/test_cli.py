@@ -13,6 +13,7 @@ import torch
 import harma_fast
 from harma_fast import cli
 from harma_fast.cli import build_parser, main, train_config
+from harma_fast.data.annotations import load_eval_records
 from harma_fast.data.synthetic import generate
 from harma_fast.errors import ConfigError, HarmaError, OutputPathError
 from harma_fast.train import TrainConfig
@@ -241,6 +242,26 @@ def test_eval_writes_its_output(data, tmp_path, capsys):
     assert main(eval_argv(data, "--output", str(out), "--batch-size", "4")) == 0
     assert set(json.loads(out.read_text())) >= {"r_mean", "txt_r1", "img_r1"}
 
+
+
+def test_eval_split_is_refused_on_a_one_split_file(data, capsys, no_model):
+    # a HarMA-layout file is one split: "--split val" was ignored, test numbers read as validation's
+    assert main(eval_argv(data, "--split", "val")) == 2
+    err = capsys.readouterr().err
+    assert "--split val" in err and "HarMA layout" in err and "drop --split" in err
+
+
+def test_eval_split_picks_the_split_of_a_karpathy_file(data, tmp_path, monkeypatch):
+    from harma_fast.data.synthetic_layouts import write_karpathy
+    k = write_karpathy(data, tmp_path / "dataset.json")
+    seen = []
+    monkeypatch.setattr("harma_fast.evaluate.evaluate", lambda model, records, *a, **kw: seen.append(records) or {})
+    monkeypatch.setattr("harma_fast.evaluate.format_metrics", lambda *a: "")
+    for split in (None, "val"):
+        argv = ["eval", "--test-file", str(k), "--image-root", str(data["image_root"]), "--model", "HarMA-Tiny"]
+        assert main(argv + (["--split", split] if split else [])) == 0
+    test, val = (load_eval_records(data[s], data["image_root"]) for s in ("test", "val"))
+    assert seen == [test, val]
 
 
 @pytest.mark.parametrize("precision, bf16", [("bf16", True), ("fp32", False), ("auto", False)])
