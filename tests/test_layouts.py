@@ -236,3 +236,23 @@ def test_data_check_reports_a_file_without_one_usable_record(synth, tmp_path, ca
         assert main(["data", "check", str(path), "--image-root", str(root)]) == 1
         out, err = capsys.readouterr()
         assert "problem(s) in annotation file" in out and expected in out and "internal error" not in err, expected
+
+
+def test_karpathy_sub_folders_may_hold_files_of_the_same_name(synth, tmp_path):
+    # COCO-style `filepath` folders, no imgid: the id was the bare file name, so two folders' "0.png"
+    # were refused as one image described twice
+    import shutil
+    data = json.loads(synth["karpathy"].read_text())
+    root = tmp_path / "images"
+    for i, image in enumerate(data["images"]):
+        del image["imgid"]
+        folder = f"part{i % 2}"
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy(synth["image_root"] / image["filename"], root / folder / f"{i // 2}.png")
+        image["filepath"], image["filename"] = folder, f"{i // 2}.png"
+    path = write(tmp_path / "dataset_coco_style.json", data)
+    splits = load_splits(path, path, path, root)
+    reference = load_splits(synth["karpathy"], synth["karpathy"], synth["karpathy"], synth["image_root"])
+    for name in ("train", "val", "test"):
+        assert getattr(splits, name).captions == getattr(reference, name).captions, name
+    assert len(set(splits.train.image_ids)) == len(set(reference.train.image_ids))

@@ -206,8 +206,9 @@ def _parse_karpathy(data: dict, root: Path, max_words: int, out: ParsedFile) -> 
                                         "string, or empty after clean-up)", i))
         if name is None or split is None or bad:
             continue
-        image = root / folder / name if isinstance(folder, str) and folder else root / name
-        out.entries.append(Entry(loc, i, image, captions, name if key is None else key, split))
+        relative = f"{folder}/{name}" if isinstance(folder, str) and folder else name
+        # without an imgid the image is its path: two sub-folders may hold files of the same name
+        out.entries.append(Entry(loc, i, root / relative, captions, relative if key is None else key, split))
 
 
 def _parse_nwpu(data: dict, root: Path, max_words: int, out: ParsedFile) -> None:
