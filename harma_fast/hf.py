@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .mixins import mixed_class
 
 _PROCESSOR_FILE = "preprocessor_config.json"
 
@@ -77,9 +78,6 @@ def _pooled(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-_API_CLASSES: Dict[type, type] = {}
-
-
 def with_clip_api(model: nn.Module, preprocess: Optional[Dict] = None) -> nn.Module:
     """Give a ``transformers`` dual-encoder the encode API, in place; returns it."""
     if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
@@ -87,9 +85,7 @@ def with_clip_api(model: nn.Module, preprocess: Optional[Dict] = None) -> nn.Mod
                           "it has no get_image_features / get_text_features")
     cls = type(model)
     if not isinstance(model, HFClipAPI):
-        if cls not in _API_CLASSES:
-            _API_CLASSES[cls] = type(cls.__name__, (HFClipAPI, cls), {"_harma_original_class": cls})
-        model.__class__ = _API_CLASSES[cls]
+        model.__class__ = mixed_class(cls, HFClipAPI)
     model.harma_preprocess = dict(preprocess or {})
     return model
 

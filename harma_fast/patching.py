@@ -22,6 +22,7 @@ from .backend import check_backend
 from .config import HarMAConfig
 from .families import (IMAGE_STACKS, SUPPORTED, TEXT_STACKS, Family, UnsupportedModelError,
                        block_family, block_width, find_stack, why_no_tower)
+from .mixins import mixed_class
 from .modules import HarMAAdapter, SharedSubAdapter
 
 
@@ -118,13 +119,8 @@ class HarMAMLPMixin:
         return self._harma_adapter[0](h)
 
 
-_PATCHED_CLASSES: Dict[Tuple[type, type], type] = {}
-
-
 def _patched_class(cls: type, mixin: type = HarMABlockMixin) -> type:
-    if (cls, mixin) not in _PATCHED_CLASSES:
-        _PATCHED_CLASSES[cls, mixin] = type(f"HarMA{cls.__name__}", (mixin, cls), {"_harma_original_class": cls})
-    return _PATCHED_CLASSES[cls, mixin]
+    return mixed_class(cls, mixin, prefix="HarMA")
 
 
 # --------------------------------------------------------------------------------------------
