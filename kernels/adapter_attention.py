@@ -45,7 +45,7 @@ def _sequence_tiles(qkv_ptr, L, C, stride_b, stride_l, stride_ob, stride_ol,
     """This program's (sample, head): the q, k, v tiles of its whole sequence and where its output goes."""
     n = tl.program_id(0).to(tl.int64)  # int64: N·L·3C may pass 2**31
     h = tl.program_id(1)
-    ls = tl.arange(0, BLOCK_L)
+    ls = tl.arange(0, BLOCK_L).to(tl.int64)  # int64: a token stride is N·3C for sequence-first tensors
     ds = tl.arange(0, BLOCK_HD)
     lmask = ls < L
     mask = lmask[:, None] & (ds < HD)[None, :]
@@ -168,7 +168,7 @@ def _attn_bwd_op(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, heads: int
 
 @_attn_bwd_op.register_fake
 def _(dout, qkv, out, lse, heads, seq_first):
-    return torch.empty_like(qkv)
+    return qkv.new_empty(qkv.shape)  # contiguous, as attention_backward allocates it (empty_like keeps a permutation)
 
 
 def _setup(ctx, inputs, output):

@@ -135,7 +135,8 @@ def _down_gelu_bwd_op(dz: Tensor, p: Tensor, h2: Tensor, weight: Tensor) -> Tupl
 
 @_down_gelu_bwd_op.register_fake
 def _(dz, p, h2, weight):
-    return torch.empty_like(h2), torch.empty_like(weight), weight.new_empty(weight.shape[0], dtype=torch.float32)
+    # contiguous, as down_gelu_backward's products are (empty_like keeps a transposed input's strides)
+    return h2.new_empty(h2.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0], dtype=torch.float32)
 
 
 def _setup(ctx, inputs, output):

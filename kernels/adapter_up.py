@@ -203,7 +203,8 @@ def mix_up_backward(g_gamma: Tensor, z: Tensor, a: Tensor, weight: Tensor, bias:
     g_in = g_gamma.to(z.dtype)
     g_in = g_in if g_in.stride(1) == 1 else g_in.contiguous()
     w = weight.to(z.dtype).contiguous()
-    dz, da, m = (torch.empty(m_rows, k, device=z.device, dtype=z.dtype) for _ in range(3))
+    dz, m = (torch.empty(m_rows, k, device=z.device, dtype=z.dtype) for _ in range(2))
+    da = torch.empty(m_rows, k, device=z.device, dtype=a.dtype)  # each gradient in its input's dtype
     # one row of partials per program (2 gate terms, then n column sums), sized for the smallest
     # BLOCK_M of any config; rows of programs that do not exist stay zero
     programs = triton.cdiv(m_rows, _BWD_MIN_BLOCK_M)
@@ -247,8 +248,8 @@ def _mix_up_bwd_op(g_gamma: Tensor, z: Tensor, a: Tensor, weight: Tensor, bias: 
 
 @_mix_up_bwd_op.register_fake
 def _(g_gamma, z, a, weight, bias, gate_mix, gate_out):
-    return (torch.empty_like(z), torch.empty_like(a), torch.empty_like(weight), torch.empty_like(bias),
-            torch.empty_like(gate_mix), torch.empty_like(gate_mix))
+    return (z.new_empty(z.shape), a.new_empty(z.shape), weight.new_empty(weight.shape),
+            bias.new_empty(bias.shape), gate_mix.new_empty(gate_mix.shape), gate_mix.new_empty(gate_mix.shape))
 
 
 def _setup(ctx, inputs, output):

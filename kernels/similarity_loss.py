@@ -290,7 +290,8 @@ def _loss_bwd_op(grad_losses: Tensor, image: Tensor, text: Tensor, tau: Tensor, 
 
 @_loss_bwd_op.register_fake
 def _(grad_losses, image, text, tau, ids, stats, amax, margin, gamma, max_violation, block_m, block_n, block_k):
-    return torch.empty_like(image), torch.empty_like(text), torch.empty_like(tau)
+    # contiguous, as loss_backward's gradients are (empty_like would keep a transposed input's strides)
+    return image.new_empty(image.shape), text.new_empty(text.shape), tau.new_empty(tau.shape)
 
 
 def _setup(ctx, inputs, output):

@@ -1,0 +1,63 @@
+"""The kernels' torch.library ops agree with their fake (meta) implementations.
+
+``torch.compile`` plans memory from the fakes: a fake whose dtype or strides differ from what the
+op returns fails Inductor's output asserts, or worse, on the GPU. ``torch.library.opcheck`` runs
+each op (through the Triton interpreter here) and its fake on the same inputs and compares
+shapes, dtypes and strides — on the layouts training sends and on transposed and mixed-dtype ones.
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from harma_fast.backend import triton_interpreting  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not triton_interpreting() and not torch.cuda.is_available(),
+                                reason="needs the Triton interpreter or a GPU")
+CHECKS = ("test_schema", "test_faketensor")
+
+
+def ops():
+    from harma_fast.kernels import adapter_attention, adapter_down, adapter_up, similarity_loss  # noqa: F401
+    return torch.ops.harma_fast
+
+
+def rand(*shape, dtype=torch.float32, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("seq_first", [False, True])
+def test_attention_ops(seq_first):
+    qkv = rand(3, 20, 96)
+    qkv = qkv.transpose(0, 1).contiguous().transpose(0, 1) if seq_first else qkv  # a permuted, dense layout
+    out, lse = ops().attention_core(qkv, 2, seq_first)
+    torch.library.opcheck(ops().attention_core, (qkv, 2, seq_first), test_utils=CHECKS)
+    torch.library.opcheck(ops().attention_core_bwd, (rand(*out.shape, seed=1), qkv, out, lse, 2, seq_first),
+                          test_utils=CHECKS)
+
+
+def test_down_gelu_ops():
+    h = rand(40, 24)
+    w = rand(24, 16, seed=1).t()  # a transposed parameter
+    z, p = ops().down_gelu(h, w, rand(16, seed=2))
+    torch.library.opcheck(ops().down_gelu, (h, w, rand(16, seed=2)), test_utils=CHECKS)
+    torch.library.opcheck(ops().down_gelu_bwd, (rand(40, 16, seed=3), p, h, w), test_utils=CHECKS)
+
+
+@pytest.mark.parametrize("a_dtype", [torch.float32, torch.bfloat16])
+def test_mix_up_ops(a_dtype):
+    z, a = rand(30, 16), rand(30, 16, dtype=a_dtype, seed=1)
+    w, b, g = rand(24, 16, seed=2), rand(24, seed=3), torch.tensor(0.3)
+    h, x = rand(30, 24, dtype=torch.bfloat16, seed=4), rand(30, 24, seed=5)  # fp32 residual, bf16 MLP output
+    torch.library.opcheck(ops().mix_up_residual, (z, a, w, b, g, h, g, x, None), test_utils=CHECKS)
+    torch.library.opcheck(ops().mix_up_residual_bwd, (rand(30, 24, seed=6), z, a, w, b, g, g), test_utils=CHECKS)
+
+
+def test_loss_ops():
+    image = torch.nn.functional.normalize(rand(12, 32), dim=1)
+    text = torch.nn.functional.normalize(rand(32, 12, seed=1), dim=0).t()  # a transposed view
+    tau, ids = torch.tensor(0.07), torch.arange(12) // 2
+    args = (image, text, tau, ids, 0.2, 2.0, False, 16, 16, 16)
+    _, stats, amax = ops().harma_loss_fwd(*args)
+    torch.library.opcheck(ops().harma_loss_fwd, args, test_utils=CHECKS)
+    torch.library.opcheck(ops().harma_loss_bwd, (torch.ones(2), image, text, tau, ids, stats, amax, 0.2, 2.0, False,
+                                                16, 16, 16), test_utils=CHECKS)
