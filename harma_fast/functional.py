@@ -68,8 +68,13 @@ def mix_up_residual_ref(z: Tensor, a: Tensor, weight: Tensor, bias: Tensor, gate
 # --------------------------------------------------------------------------------------------
 # dispatching API (reference or Triton)
 # --------------------------------------------------------------------------------------------
+# The fused adapter kernels hold a whole bottleneck row (r values) per tile: up to 128, the paper's
+# r; wider ones spill registers and overflow shared memory (sm_90 compile check) and run the reference.
+MAX_FUSED_BOTTLENECK = 128
+
+
 def down_gelu(h: Tensor, weight: Tensor, bias: Tensor, backend: str = "auto") -> Tensor:
-    if use_triton(backend, h, weight):
+    if weight.shape[0] <= MAX_FUSED_BOTTLENECK and use_triton(backend, h, weight):
         from .kernels.adapter_down import down_gelu as fused
         return fused(h, weight, bias)
     return down_gelu_ref(h, weight, bias)
@@ -95,7 +100,7 @@ def mix_up_residual(z: Tensor, a: Tensor, weight: Tensor, bias: Tensor, gate_mix
                     gamma: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
     # A trainable LayerScale would need dγ, which the kernel does not produce (backbones are frozen).
     trainable_gamma = gamma is not None and gamma.requires_grad and torch.is_grad_enabled()
-    if not trainable_gamma and use_triton(backend, z, a, h):
+    if not trainable_gamma and z.shape[-1] <= MAX_FUSED_BOTTLENECK and use_triton(backend, z, a, h):
         from .kernels.adapter_up import mix_up_residual as fused
         return fused(z, a, weight, bias, gate_mix, h, gate_out, x, gamma)
     return mix_up_residual_ref(z, a, weight, bias, gate_mix, h, gate_out, x, gamma)

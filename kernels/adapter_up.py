@@ -29,7 +29,7 @@ import triton.language as tl
 from ._common import check_inputs, dot_precision, interpreting, on_device, pow2
 
 Tensor = torch.Tensor
-MAX_R = 256
+MAX_R = 128  # harma_fast.functional sends wider bottlenecks to the reference
 
 
 def _fwd_configs():
@@ -175,6 +175,8 @@ def mix_up_forward(z: Tensor, a: Tensor, weight: Tensor, bias: Tensor, gate_mix:
     if weight.shape[1] != k or a.shape != z.shape or h.shape != (m_rows, n) or (x is not None and x.shape != h.shape):
         raise ValueError(f"mix_up_residual: z, a ({m_rows}, {k}), W ({n}, {k}), h and x ({m_rows}, {n}) expected; got "
                          f"z {tuple(z.shape)}, a {tuple(a.shape)}, W {tuple(weight.shape)}, h {tuple(h.shape)}")
+    if k > MAX_R:
+        raise ValueError(f"mix_up_residual: bottleneck {k} > {MAX_R} is not supported by the fused kernel")
     w = weight.to(z.dtype).contiguous()  # a no-op from the wrapper, which casts once
     bias = bias.contiguous()  # bias and γ are read with unit stride
     gamma = gamma.contiguous() if gamma is not None else None

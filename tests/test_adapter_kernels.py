@@ -106,8 +106,13 @@ def test_attention_sdpa_path_equals_reference(gen):
                  atol=1e-12)
 
 
-@pytest.mark.parametrize("config", [harma_fast.HarMAConfig.paper(), harma_fast.HarMAConfig.released()])
-@pytest.mark.parametrize("seq_first", [False, True])
+@pytest.mark.parametrize("config, seq_first", [
+    *[(config, seq_first) for config in (harma_fast.HarMAConfig.paper(), harma_fast.HarMAConfig.released())
+      for seq_first in (False, True)],
+    # past the fused kernels' bottleneck: down/up run the reference (a ValueError from the kernel
+    # before), the attention its kernel
+    (harma_fast.HarMAConfig(bottleneck=384, heads=24, share="none"), False)],
+    ids=["paper", "paper-seq-first", "released", "released-seq-first", "wide"])
 def test_whole_tiny_model_triton_equals_reference(config, seq_first):
     base = tiny_model(seq_first=seq_first)
     ref = randomize_adapters(harma_fast.patch(copy.deepcopy(base), config, backend="reference"), seed=3)
@@ -123,6 +128,18 @@ def test_whole_tiny_model_triton_equals_reference(config, seq_first):
     for key, g in outs[0][2].items():
         assert g is not None and outs[1][2][key] is not None, key
         assert_close(outs[1][2][key], g, atol=1e-5, rtol=1e-4, name=key)
+
+
+def test_bottlenecks_past_the_kernels_run_the_reference(gen, monkeypatch):
+    assert down.MAX_R == up.MAX_R == HF.MAX_FUSED_BOTTLENECK == 128
+    h, w, b = torch.randn(2, 5, 32, generator=gen), torch.randn(192, 32, generator=gen), torch.randn(192, generator=gen)
+    monkeypatch.setattr(down, "down_gelu", lambda *a: (_ for _ in ()).throw(AssertionError("kernel past MAX_R")))
+    monkeypatch.setattr(up, "mix_up_residual", lambda *a: (_ for _ in ()).throw(AssertionError("kernel past MAX_R")))
+    z = HF.down_gelu(h, w, b, backend="triton")
+    assert_close(z, HF.down_gelu_ref(h, w, b), atol=0)
+    gate = torch.tensor(0.3)
+    out = HF.mix_up_residual(z, z, w.t(), b[:32], gate, h, gate, h, backend="triton")
+    assert_close(out, HF.mix_up_residual_ref(z, z, w.t(), b[:32], gate, h, gate, h), atol=0)
 
 
 def test_auto_backend_uses_reference_on_cpu(monkeypatch):
