@@ -18,6 +18,7 @@ on shared memory beyond the chip in any build.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -93,9 +94,33 @@ def run_launchers(dtype: torch.dtype, stub: Callable) -> None:
             setattr(mod, name, obj)
 
 
-def _record(dtype: torch.dtype) -> List:
+# fp32 with TF32 allowed (a user's choice: allow_tf32, set_float32_matmul_precision("high")):
+# other tensor-core builds of the GEMM kernels, with shared-memory tiles of their own
+TF32 = "tf32"
+TF32_KERNELS = {"_down_gelu_fwd_kernel", "_mix_up_fwd_kernel", "_mix_up_bwd_kernel"}
+
+
+@contextlib.contextmanager
+def _allow_tf32():
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9 (the legacy flag cannot be mixed with it)
+        saved, matmul.fp32_precision = matmul.fp32_precision, "tf32"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = saved
+    else:
+        saved, matmul.allow_tf32 = matmul.allow_tf32, True
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = saved
+
+
+def _record(dtype) -> List:
     calls: List = []
-    run_launchers(dtype, lambda kernel: _Recorder(kernel, calls))
+    with _allow_tf32() if dtype == TF32 else contextlib.nullcontext():
+        run_launchers(torch.float32 if dtype == TF32 else dtype, lambda kernel: _Recorder(kernel, calls))
     return calls
 
 
@@ -166,8 +191,9 @@ def _jit(fn):
     return fn if isinstance(fn, JITFunction) else JITFunction(fn.fn)
 
 
-def launches(dtype: torch.dtype, only=None):
-    """``(fn, args, kwargs)`` of every distinct build the launchers ask for (each autotune config apart)."""
+def launches(dtype, only=None):
+    """``(fn, args, kwargs)`` of every distinct build the launchers ask for (each autotune config
+    apart); ``dtype`` a torch dtype or ``TF32`` (fp32 operands, TF32 allowed: the GEMM kernels)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.autotuner import Autotuner
@@ -176,7 +202,7 @@ def launches(dtype: torch.dtype, only=None):
     seen = set()
     for kernel, args, kwargs in _record(dtype):
         fn = _jit(kernel.fn if isinstance(kernel, Autotuner) else kernel)
-        if only and fn.__name__ not in only:
+        if (only and fn.__name__ not in only) or (dtype == TF32 and fn.__name__ not in TF32_KERNELS):
             continue
         configs = [None]
         if isinstance(kernel, Autotuner):  # the configs the tuner would try for these arguments
@@ -197,7 +223,7 @@ def launches(dtype: torch.dtype, only=None):
                 yield fn, args, kw
 
 
-def compile_all(arch: int = 90, dtypes=(torch.bfloat16, torch.float32), only=None, report=None) -> List[dict]:
+def compile_all(arch: int = 90, dtypes=(torch.bfloat16, torch.float32, TF32), only=None, report=None) -> List[dict]:
     """Compile every recorded launch (``only``: a set of kernel names to restrict to; ``report``
     is called with each result as it comes)."""
     results = []
@@ -225,14 +251,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"), action="append",
-                        help="only these builds (default: both)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32", TF32), action="append",
+                        help="only these builds (default: all three; tf32: fp32 with TF32 allowed, GEMM kernels)")
     parser.add_argument("--kernel", action="append", help="only these kernels (default: all)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the interpreter does not compile", file=sys.stderr)
         return 2
-    dtypes = tuple(getattr(torch, d) for d in args.dtype) if args.dtype else (torch.bfloat16, torch.float32)
+    dtypes = (tuple(d if d == TF32 else getattr(torch, d) for d in args.dtype) if args.dtype
+              else (torch.bfloat16, torch.float32, TF32))
     def line(r):
         print(f"{r['kernel']:<24} {r['dtype']:<9} warps={r['num_warps']} stages={r['num_stages']} "
               f"{r['constexprs']} smem={r['shared_bytes']} regs={r['registers']} "

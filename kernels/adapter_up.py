@@ -53,7 +53,26 @@ def _bwd_configs():
 _BWD_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _bwd_configs())
 
 
-@triton.autotune(configs=_fwd_configs(), key=["N", "K"])
+def _tf32(named_args, kwargs) -> bool:
+    return named_args["z_ptr"].dtype == torch.float32 and kwargs.get("DOT_PRECISION") == "tf32"
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    # fp32 operands fed to TF32 tensor cores (the user allowed TF32) are staged in shared memory
+    # at twice bf16's size: the 128×128 and 64×256 tiles need 288 KiB, more than the chip (sm_90
+    # compile check); the tuner would compile and drop them on every first call
+    if _tf32(named_args, kwargs):
+        return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128] or configs
+    return configs
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    if _tf32(named_args, kwargs):  # BLOCK_N = 128 needs 260 KiB in TF32 (sm_90 compile check)
+        return [c for c in configs if c.kwargs["BLOCK_N"] <= 64] or configs
+    return configs
+
+
+@triton.autotune(configs=_fwd_configs(), key=["N", "K"], prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
 def _mix_up_fwd_kernel(z_ptr, a_ptr, w_ptr, b_ptr, gmix_ptr, gout_ptr, h_ptr, x_ptr, gamma_ptr, out_ptr,
                        M, N, K, stride_zm, stride_am, stride_wn, stride_hm, stride_xm, stride_om,
@@ -89,7 +108,8 @@ def _mix_up_fwd_kernel(z_ptr, a_ptr, w_ptr, b_ptr, gmix_ptr, gout_ptr, h_ptr, x_
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_bwd_configs(), key=["N", "K"], reset_to_zero=["part_ptr", "colsum_ptr"])
+@triton.autotune(configs=_bwd_configs(), key=["N", "K"], reset_to_zero=["part_ptr", "colsum_ptr"],
+                 prune_configs_by={"early_config_prune": _prune_bwd})
 @triton.jit
 def _mix_up_bwd_kernel(g_ptr, w_ptr, z_ptr, a_ptr, gmix_ptr, gout_ptr, dz_ptr, da_ptr, m_ptr,
                        part_ptr, colsum_ptr, M, N, K, stride_gm, stride_wn, stride_zm, stride_am, stride_p,
