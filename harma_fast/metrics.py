@@ -2,7 +2,9 @@
 
 The rank of a ground truth is the number of candidates scoring *strictly* above it, so a
 candidate tied with the ground truth does not push it down (ties favour the ground truth; an
-argsort with the ground truth placed first among equal scores gives the same ranks).
+argsort with the ground truth placed first among equal scores gives the same ranks). Features
+that cannot rank anything (all rows the same vector, or zero rows) are refused rather than
+scored a perfect 100.
 
 - text→image: caption ``t`` is a hit at K when its image ranks < K among all images;
 - image→text: image ``i`` is a hit at K when *any* of its captions ranks < K among all captions,
@@ -57,6 +59,17 @@ def _check(image: Tensor, text: Tensor, text_to_image) -> Tensor:
             rows = (~torch.isfinite(t)).reshape(t.shape[0], -1).any(1).nonzero().flatten()[:5].tolist()
             raise ConfigError(f"retrieval_metrics: {name} has NaN/Inf values (rows {rows}); the encoder "
                               "diverged or was fed bad data")
+        # ties favour the ground truth (a duplicate of it must not count): features that cannot
+        # tell inputs apart would score every query a hit, so a broken encoder would read R@1 = 100
+        zero = (t == 0).all(1)
+        if zero.any():
+            rows = zero.nonzero().flatten()[:5].tolist()
+            raise ConfigError(f"retrieval_metrics: {name} rows {rows} are all zeros; the encoder outputs nothing "
+                              "for them (a zeroed projection, or a checkpoint of another model?)")
+        if t.shape[0] > 1 and (t == t[:1]).all():
+            raise ConfigError(f"retrieval_metrics: all {t.shape[0]} {name} are the same vector; the encoder does "
+                              "not tell its inputs apart (a broken or wrong checkpoint?), and every query would "
+                              "score a hit")
     return text_to_image
 
 

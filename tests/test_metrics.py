@@ -185,3 +185,21 @@ def test_metrics_input_errors_name_the_problem(gen):
             args = (bad, text) if name == "image_features" else (image, bad)
             with pytest.raises(ConfigError, match=name + r" has NaN/Inf values \(rows \[3\]\)"):
                 harma_fast.retrieval_metrics(*args, tti)
+
+
+def test_features_that_cannot_rank_are_refused_not_scored_100(gen):
+    # ties favour the ground truth: identical features (a zeroed projection, a constant tower) read
+    # R@1 = 100 everywhere, a broken model scored perfect
+    from harma_fast.errors import ConfigError
+    image, text, tti = gallery(gen, n_img=5, ties=False)
+    for name, args in (("image_features", (torch.ones_like(image), text)),
+                       ("text_features", (image, text[:1].expand_as(text).clone())),
+                       ("image_features", (torch.zeros_like(image), text))):
+        with pytest.raises(ConfigError, match=name + r" .*(same vector|all zeros)"):
+            harma_fast.retrieval_metrics(*args, tti)
+    one_zero = image.clone()
+    one_zero[2] = 0
+    with pytest.raises(ConfigError, match=r"image_features rows \[2\] are all zeros"):
+        harma_fast.retrieval_metrics(one_zero, text, tti)
+    # one image and its captions is a real (if tiny) gallery: a single row is never "all the same"
+    assert harma_fast.retrieval_metrics(image[:1], text[tti == 0], tti[tti == 0])["r_mean"] == 100.0
