@@ -286,6 +286,19 @@ def is_expected(err: BaseException) -> bool:
     return isinstance(err, (HarmaError, OSError) + legacy) or _raised_by_our_check(err)
 
 
+# what a collective raises in the processes left when one process of a torchrun job exits (gloo,
+# NCCL): the failure is that process's, reported there; here it is a consequence, not a bug
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
+              "remote process exited", "Socket Timeout")
+
+
+def peer_lost(err: BaseException) -> bool:
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    dist_error = getattr(sys.modules.get("torch.distributed"), "DistError", ())
+    return isinstance(err, RuntimeError) and (isinstance(err, dist_error) or any(m in str(err) for m in _PEER_LOST))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Exit status: 0 done, 2 bad input (one line, no traceback), 1 a bug (traceback), 130 interrupted."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
@@ -306,6 +319,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             pass
         return 141  # 128 + SIGPIPE, as a shell tool killed by it reports
     except Exception as err:  # noqa: BLE001 - the one place every failure is reported
+        if peer_lost(err):
+            print(f"{name}: error: another process of this job stopped ({str(err).splitlines()[0][:200]}); its own "
+                  "message, above or in its log, says why: fix that and run the job again", file=sys.stderr)
+            return 2
         if not is_expected(err):
             traceback.print_exc()
             print(f"{name}: internal error ({type(err).__name__}: {err}). This is a bug in harma-fast, not in "

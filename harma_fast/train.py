@@ -31,7 +31,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -247,10 +247,12 @@ class Trainer:
         total = self.steps_per_epoch * config.epochs
         self.optimizer = _optimizer(self.model, self.loss, config)
         self.scheduler = linear_warmup_schedule(self.optimizer, total, max(1, int(config.warmup * total)))
-        self.position = Position()
+        self.position = Position(world=self.world)
         if self.resume_from is not None:
             self.position = load_training_state(self.resume_from, self.model, config.model, self.loss,
                                                 self.optimizer, self.scheduler)
+            self._check_world(self.position.world)
+            self.position.world = self.world
         self.done = self.position.finished and not self._continues_finished_run()
         self.ddp = self.model
         if self.world > 1:
@@ -266,6 +268,17 @@ class Trainer:
             self.log.write_json("config.json", _with_absolute_paths(dataclasses.asdict(config)))
             if config.pretrained is None:
                 self._save_backbone()
+
+    def _check_world(self, trained_by: Optional[int]) -> None:
+        # batch_size is per process: with another number of processes the global batch, the steps per
+        # epoch and the schedule change, and the saved position (batches of the old size) points
+        # elsewhere — the run would not continue, it would silently become another one
+        if trained_by is not None and trained_by != self.world:
+            how = (f"torchrun --nproc-per-node {trained_by} (or as many processes over several nodes)"
+                   if trained_by > 1 else "one process (without torchrun)")
+            raise ConfigError(f"--resume {self.resume_from}: the run was trained by {trained_by} process(es) "
+                              f"(global batch {self.config.batch_size * trained_by}) and this resume runs "
+                              f"{self.world}; resume it with {how}, or start a new run in another --output-dir")
 
     # -- the run directory -------------------------------------------------------------------
     def _prepare_directory(self) -> None:
@@ -471,7 +484,17 @@ class Trainer:
         config = self.config
         if config.max_steps and self.position.step >= config.max_steps:
             return True
-        return bool(config.max_minutes and (time.monotonic() - started) / 60 >= config.max_minutes)
+        if not config.max_minutes:
+            return False
+        spent = (time.monotonic() - started) / 60 >= config.max_minutes
+        if self.world > 1:
+            # each process has its own clock: one that stopped alone would wait in a collective its
+            # peers never join (a hang). Rank 0's clock decides, for all (a sync per step, only
+            # under a time budget)
+            flag = torch.tensor([1 if spent else 0], device=self.device)
+            dist.broadcast(flag, src=0)
+            spent = bool(flag.item())
+        return spent
 
     def _last_good(self) -> str:
         """Where a diverged run can be resumed from, for its error message."""

@@ -35,6 +35,7 @@ class Position:
     validated_step: int = -1  # step of the last validation
     records: Optional[int] = None  # lines of metrics.jsonl written before this checkpoint (None: older file)
     finished: bool = False    # the run ended (test split evaluated); resuming it does nothing
+    world: Optional[int] = None  # processes that trained it: the global batch (None: an older checkpoint)
     extra: Dict = field(default_factory=dict)
 
 

@@ -43,3 +43,18 @@ def train_worker(rank, world_size, port, config):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def skewed_clock_train_worker(rank, world_size, port, config):
+    """train_worker whose rank 1 sees its time budget spent after the run's start (clocks differ)."""
+    if rank == 1:
+        import time
+
+        import harma_fast.train as trainer
+        calls = []
+
+        def late_clock():
+            calls.append(1)
+            return time.monotonic() + (0 if len(calls) == 1 else 1e9)
+        trainer.time = type("Clock", (), {"monotonic": staticmethod(late_clock)})
+    train_worker(rank, world_size, port, config)

@@ -472,3 +472,18 @@ def test_a_closed_output_pipe_is_not_an_input_error(data):
                           shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=300)
     assert proc.returncode in (0, 141), proc.stderr  # 0 if the table fitted the pipe's buffer first
     assert "error" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_process_left_by_its_peer_under_torchrun_is_not_a_bug(monkeypatch, capsys):
+    # one rank stops on a bad image (its own clear error); the other's collective then fails with
+    # gloo's "Connection closed by peer", which was printed as a traceback and "a bug in harma-fast"
+    def lost(args):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+                           "[127.0.0.1]:51234")
+    monkeypatch.setattr(cli, "_run", lost)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["data", "check", "x.json", "--image-root", "."]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "another process of this job stopped (" in err and "bug" not in err
+    monkeypatch.setenv("WORLD_SIZE", "1")  # the same error outside a multi-process job is still a bug
+    assert main(["data", "check", "x.json", "--image-root", "."]) == 1

@@ -207,3 +207,32 @@ def test_a_preset_cannot_resume_or_overwrite(data, tmp_path, capsys):
     preset.write_text(f"resume: {tmp_path / 'run'}\nmodel: HarMA-Tiny\n")
     assert main(["train", "--preset", str(preset)]) == 2
     assert "'resume' is not a preset setting; pass --resume" in capsys.readouterr().err
+
+
+def rewrite(state, path):
+    import torch
+    from harma_fast.checkpoints import tensor_checksum
+    state = {k: v for k, v in state.items() if k != "checksum"}
+    torch.save(dict(state, checksum=tensor_checksum(state)), path)
+
+
+def test_resume_under_another_number_of_processes_is_refused(data, tmp_path, capsys):
+    # batch_size is per process: a run of 2 processes resumed by 1 trained on with half the global
+    # batch, twice the steps per epoch, and its saved position read in batches of the other size
+    import torch
+    out = tmp_path / "run"
+    train(config(data, out, max_steps=1, save_every=None))
+    state = torch_load(out / "last.pt")
+    assert state["position"]["world"] == 1
+    state["position"]["world"] = 2  # as a torchrun --nproc-per-node 2 run saves it
+    rewrite(state, out / "last.pt")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["train", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "trained by 2 process(es) (global batch 32) and this resume runs 1" in err
+    assert "torchrun --nproc-per-node 2" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    del state["position"]["world"]  # a checkpoint from before the world was recorded resumes as before
+    rewrite(state, out / "last.pt")
+    assert train(config(data, out, max_steps=2, save_every=None, resume=str(out / "last.pt")))["step"] == 2
+    assert torch_load(out / "last.pt")["position"]["world"] == 1

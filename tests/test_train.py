@@ -1,6 +1,7 @@
 import io
 import json
 import socket
+import time
 import sys
 
 import pytest
@@ -172,6 +173,21 @@ def test_two_process_training_equals_one_process_on_the_same_global_batches(data
     assert moved > 1e-3
     assert diff < 0.02 * moved, f"two-process adapters differ by {diff:.2e} (training moved them by {moved:.2e})"
     assert_same_tensors(a["loss"], b["loss"], exact=False, name="temperature")
+
+
+def test_a_time_budget_stops_every_process_at_the_same_step(data, tmp_path):
+    # each process timed itself: the one whose clock ran out first stopped and the other waited
+    # in a collective for it (a hang until gloo's 30-minute timeout); rank 0's clock decides now
+    from dist_workers import skewed_clock_train_worker
+    ddp = config(data, tmp_path / "ddp", batch_size=8, max_steps=3, epochs=1, max_minutes=600)
+    context = mp.start_processes(skewed_clock_train_worker, args=(2, _free_port(), ddp), nprocs=2, join=False)
+    deadline = time.monotonic() + 240
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the two processes hung: they did not agree on when the time budget was spent")
+    assert state(tmp_path / "ddp" / "last.pt")["position"]["step"] == 3
 
 
 class _Terminal(io.StringIO):
