@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import harma_fast
 import harma_fast.functional as HF
 from harma_fast.backend import triton_interpreting
+from harma_fast.kernels._common import dot_precision
 from helpers import assert_close, assert_within_torch_error
 
 pytestmark = [pytest.mark.cuda,
@@ -54,12 +55,92 @@ def only_config(kernel, config):
         kernel.configs, kernel.cache = saved
 
 
-def each_config(kernel):
-    for config in list(kernel.configs):
+def each_config(kernel, named_args=None, **kwargs):
+    """Each config the tuner would try for these arguments (its prune applied: pruned configs are
+    never launched, and some do not fit the chip), one at a time."""
+    configs = list(kernel.configs)
+    if kernel.early_config_prune and named_args is not None:
+        configs = kernel.early_config_prune(configs, named_args, **kwargs)
+    for config in configs:
         with only_config(kernel, config):
             yield config
 
 
+# --- first: the checks only a GPU can make (a time-out cuts the end of the file, not these) ---
+def test_tensors_past_2_31_elements_are_addressed_with_64_bit_offsets():
+    # int32 row offsets wrap past 2**31 elements: the last rows would be read from and written to
+    # the wrong place. Each kernel runs on a tensor just past it; its last rows are checked.
+    from harma_fast.kernels import adapter_attention, adapter_down, adapter_up
+    from harma_fast.kernels.retrieval_ranks import count_above
+    from harma_fast.metrics import count_above_ref
+
+    g = torch.Generator(DEV).manual_seed(5)
+    big = 2 ** 31 // 768 + 64
+    with torch.no_grad():
+        h = torch.randn(big, 768, device=DEV, dtype=torch.bfloat16, generator=g)
+        w, b = torch.randn(128, 768, device=DEV, generator=g) / 28, torch.randn(128, device=DEV, generator=g)
+        z, _ = adapter_down.down_gelu_forward(h, w.bfloat16(), b)
+        tail = slice(big - 300, big)
+        assert_close(z[tail].float(), HF.down_gelu_ref(h[tail].float(), w, b), atol=3e-2, rtol=3e-2, name="down")
+        w_up, b_up, gate = torch.randn(768, 128, device=DEV, generator=g) / 11, torch.zeros(768, device=DEV), \
+            torch.tensor(0.4, device=DEV)
+        out = adapter_up.mix_up_forward(z, z, w_up.bfloat16(), b_up, gate, h, gate, h, None)
+        want = HF.mix_up_residual_ref(z[tail].float(), z[tail].float(), w_up, b_up, gate, h[tail].float(), gate,
+                                      h[tail].float(), None)
+        assert_close(out[tail].float(), want, atol=6e-2, rtol=3e-2, name="mix_up")
+        del h, z, out
+        n = 2 ** 31 // (77 * 384) + 8
+        qkv = torch.randn(n, 77, 384, device=DEV, dtype=torch.bfloat16, generator=g)
+        att, _ = adapter_attention.attention_forward(qkv, 8, False)
+        assert_close(att[-4:].float(), HF.attention_core_ref(qkv[-4:].float(), 8), atol=3e-2, rtol=3e-2, name="attn")
+        del qkv, att
+        # sequence-first: the token stride is N·3C, so the last tokens' offsets pass 2**31 of their own
+        n = 2 ** 31 // (76 * 384) + 64
+        qkv = torch.randn(77, n, 384, device=DEV, dtype=torch.bfloat16, generator=g)
+        att, _ = adapter_attention.attention_forward(qkv, 8, True)
+        assert_close(att[:, -4:].float(), HF.attention_core_ref(qkv[:, -4:].float(), 8, True), atol=3e-2,
+                     rtol=3e-2, name="attn seq-first")
+        del qkv, att
+        q = F.normalize(torch.randn(2 ** 31 // 512 + 64, 512, device=DEV, generator=g), dim=1).bfloat16()
+        gal = F.normalize(torch.randn(256, 512, device=DEV, generator=g), dim=1).bfloat16()
+        label = torch.randint(0, 256, (q.shape[0],), device=DEV, generator=g)
+        got = count_above(q, gal, label, torch.arange(256, device=DEV))
+        want = count_above_ref(q[-500:], gal, label[-500:], torch.arange(256, device=DEV))
+        # near-ties may round either way between cuBLAS and the kernel: counts within one
+        assert (got[-500:] - want).abs().max() <= 1 and (got[-500:] == want).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_duplicates_of_the_ground_truth_tie_on_the_gpu(dtype):
+    # the kernel's ground-truth pass and its counting pass must give bit-identical scores (tensor
+    # cores included), so that an exact duplicate of the ground truth ties with it and never
+    # counts; were ties broken by rounding, about half of the duplicated cases would be off by one
+    from harma_fast.metrics import retrieval_ranks
+    g = torch.Generator(DEV).manual_seed(4)
+    n_img, d = 3000, 512
+    image = F.normalize(torch.randn(n_img, d, device=DEV, generator=g), dim=1)
+    image[1500:2000] = image[:500]  # duplicated images under other owners
+    tti = torch.arange(n_img, device=DEV).repeat_interleave(5)
+    tti = tti[torch.randperm(len(tti), device=DEV, generator=g)]  # captions shuffled, as in a real file
+    text = F.normalize(image[tti] + 0.5 * torch.randn(len(tti), d, device=DEV, generator=g), dim=1)
+    image, text = image.to(dtype), text.to(dtype)
+    i2t, t2i = retrieval_ranks(image, text, tti, backend="triton")
+    # float64 on the same (rounded) values: exact duplicates tie exactly, and ties do not count
+    s = image.double() @ text.double().t()
+    index = torch.arange(n_img, device=DEV)
+    own = tti[None, :] == index[:, None]
+    best = s.masked_fill(~own, float("-inf")).amax(1, keepdim=True)
+    want_i2t = ((s > best) & ~own).sum(1)
+    st = s.t()
+    want_t2i = ((st > st.gather(1, tti[:, None])) & (index[None, :] != tti[:, None])).sum(1)
+    duplicated = (tti < 500) | ((tti >= 1500) & (tti < 2000))
+    off = t2i != want_t2i
+    # near-ties that are not exact may round either way in fp32/bf16: a few, not half
+    assert off[duplicated].float().mean() < 0.02, f"{int(off[duplicated].sum())} of {int(duplicated.sum())}"
+    assert off.float().mean() < 0.02 and (i2t != want_i2t).float().mean() < 0.02
+
+
+# --- every kernel, every config, in the dtypes training sends ---
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("length, d", [(50, 768), (77, 512)])
 def test_down_gelu_every_config(dtype, length, d):
@@ -67,13 +148,13 @@ def test_down_gelu_every_config(dtype, length, d):
     g = torch.Generator(DEV).manual_seed(0)
     h = torch.randn(64, length, d, device=DEV, generator=g)
     w, b = torch.randn(128, d, device=DEV, generator=g) * d ** -0.5, torch.randn(128, device=DEV, generator=g) * 0.1
-    for config in each_config(adapter_down._down_gelu_fwd_kernel):
+    for config in each_config(adapter_down._down_gelu_fwd_kernel, {"h_ptr": h.to(dtype)}):
         compare(adapter_down.down_gelu, HF.down_gelu_ref, [h, w, b], dtype, name=str(config))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("length, d", [(50, 768), (77, 512)])
-@pytest.mark.parametrize("variant", ["block", "block_layerscale", "shared_subadapter"])
+@pytest.mark.parametrize("variant", ["block", "block_layerscale", "block_fp32_residual", "shared_subadapter"])
 def test_mix_up_every_config(dtype, length, d, variant):
     from harma_fast.kernels import adapter_up
     g = torch.Generator(DEV).manual_seed(1)
@@ -87,6 +168,13 @@ def test_mix_up_every_config(dtype, length, d, variant):
     gamma = torch.rand(out_d, device=DEV, generator=g) + 0.5
     if variant == "shared_subadapter":  # a + mix(v, u) W₂ᵀ + b₂: no block gate, residual or γ
         fast, ref, inputs = adapter_up.mix_up_residual, HF.mix_up_residual_ref, [z, a, wu, bu, gm, h]
+    elif variant == "block_fp32_residual":  # under autocast: bf16 MLP output h, fp32 residual stream x
+        def fast(*t):
+            return adapter_up.mix_up_residual(*t, x)
+
+        def ref(*t):  # fp32 x as autocast leaves it (float64 for the float64 reference)
+            return HF.mix_up_residual_ref(*t, x.double() if t[5].dtype == torch.float64 else x)
+        inputs = [z, a, wu, bu, gm, h, go]
     else:
         gam = gamma if variant == "block_layerscale" else None
 
@@ -96,8 +184,9 @@ def test_mix_up_every_config(dtype, length, d, variant):
         def ref(*t):
             return HF.mix_up_residual_ref(*t, gam.to(t[5].dtype) if gam is not None else None)
         inputs = [z, a, wu, bu, gm, h, go, x]
-    for fwd in each_config(adapter_up._mix_up_fwd_kernel):
-        for bwd in each_config(adapter_up._mix_up_bwd_kernel):
+    tuned = ({"z_ptr": z.to(dtype)}, {"DOT_PRECISION": dot_precision(dtype)})
+    for fwd in each_config(adapter_up._mix_up_fwd_kernel, tuned[0], **tuned[1]):
+        for bwd in each_config(adapter_up._mix_up_bwd_kernel, tuned[0], **tuned[1]):
             compare(fast, ref, inputs, dtype, name=f"{variant} fwd {fwd} bwd {bwd}")
 
 
@@ -230,67 +319,21 @@ def test_trainer_step_fused_loss_without_host_syncs(data, tmp_path, compile):
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
-def test_tensors_past_2_31_elements_are_addressed_with_64_bit_offsets():
-    # int32 row offsets wrap past 2**31 elements: the last rows would be read from and written to
-    # the wrong place. Each kernel runs on a tensor just past it; its last rows are checked.
+def test_fp16_through_every_adapter_kernel():
+    # the kernels accept fp16 (a user's own autocast); training sends bf16 or fp32: one config each
     from harma_fast.kernels import adapter_attention, adapter_down, adapter_up
-    from harma_fast.kernels.retrieval_ranks import count_above
-    from harma_fast.metrics import count_above_ref
-
-    g = torch.Generator(DEV).manual_seed(5)
-    big = 2 ** 31 // 768 + 64
-    with torch.no_grad():
-        h = torch.randn(big, 768, device=DEV, dtype=torch.bfloat16, generator=g)
-        w, b = torch.randn(128, 768, device=DEV, generator=g) / 28, torch.randn(128, device=DEV, generator=g)
-        z, _ = adapter_down.down_gelu_forward(h, w.bfloat16(), b)
-        tail = slice(big - 300, big)
-        assert_close(z[tail].float(), HF.down_gelu_ref(h[tail].float(), w, b), atol=3e-2, rtol=3e-2, name="down")
-        w_up, b_up, gate = torch.randn(768, 128, device=DEV, generator=g) / 11, torch.zeros(768, device=DEV), \
-            torch.tensor(0.4, device=DEV)
-        out = adapter_up.mix_up_forward(z, z, w_up.bfloat16(), b_up, gate, h, gate, h, None)
-        want = HF.mix_up_residual_ref(z[tail].float(), z[tail].float(), w_up, b_up, gate, h[tail].float(), gate,
-                                      h[tail].float(), None)
-        assert_close(out[tail].float(), want, atol=6e-2, rtol=3e-2, name="mix_up")
-        del h, z, out
-        n = 2 ** 31 // (77 * 384) + 8
-        qkv = torch.randn(n, 77, 384, device=DEV, dtype=torch.bfloat16, generator=g)
-        att, _ = adapter_attention.attention_forward(qkv, 8, False)
-        assert_close(att[-4:].float(), HF.attention_core_ref(qkv[-4:].float(), 8), atol=3e-2, rtol=3e-2, name="attn")
-        del qkv, att
-        q = F.normalize(torch.randn(2 ** 31 // 512 + 64, 512, device=DEV, generator=g), dim=1).bfloat16()
-        gal = F.normalize(torch.randn(256, 512, device=DEV, generator=g), dim=1).bfloat16()
-        label = torch.randint(0, 256, (q.shape[0],), device=DEV, generator=g)
-        got = count_above(q, gal, label, torch.arange(256, device=DEV))
-        want = count_above_ref(q[-500:], gal, label[-500:], torch.arange(256, device=DEV))
-        # near-ties may round either way between cuBLAS and the kernel: counts within one
-        assert (got[-500:] - want).abs().max() <= 1 and (got[-500:] == want).float().mean() > 0.9
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_duplicates_of_the_ground_truth_tie_on_the_gpu(dtype):
-    # the kernel's ground-truth pass and its counting pass must give bit-identical scores (tensor
-    # cores included), so that an exact duplicate of the ground truth ties with it and never
-    # counts; were ties broken by rounding, about half of the duplicated cases would be off by one
-    from harma_fast.metrics import retrieval_ranks
-    g = torch.Generator(DEV).manual_seed(4)
-    n_img, d = 3000, 512
-    image = F.normalize(torch.randn(n_img, d, device=DEV, generator=g), dim=1)
-    image[1500:2000] = image[:500]  # duplicated images under other owners
-    tti = torch.arange(n_img, device=DEV).repeat_interleave(5)
-    tti = tti[torch.randperm(len(tti), device=DEV, generator=g)]  # captions shuffled, as in a real file
-    text = F.normalize(image[tti] + 0.5 * torch.randn(len(tti), d, device=DEV, generator=g), dim=1)
-    image, text = image.to(dtype), text.to(dtype)
-    i2t, t2i = retrieval_ranks(image, text, tti, backend="triton")
-    # float64 on the same (rounded) values: exact duplicates tie exactly, and ties do not count
-    s = image.double() @ text.double().t()
-    index = torch.arange(n_img, device=DEV)
-    own = tti[None, :] == index[:, None]
-    best = s.masked_fill(~own, float("-inf")).amax(1, keepdim=True)
-    want_i2t = ((s > best) & ~own).sum(1)
-    st = s.t()
-    want_t2i = ((st > st.gather(1, tti[:, None])) & (index[None, :] != tti[:, None])).sum(1)
-    duplicated = (tti < 500) | ((tti >= 1500) & (tti < 2000))
-    off = t2i != want_t2i
-    # near-ties that are not exact may round either way in fp32/bf16: a few, not half
-    assert off[duplicated].float().mean() < 0.02, f"{int(off[duplicated].sum())} of {int(duplicated.sum())}"
-    assert off.float().mean() < 0.02 and (i2t != want_i2t).float().mean() < 0.02
+    g = torch.Generator(DEV).manual_seed(6)
+    h, x = (torch.randn(8, 50, 512, device=DEV, generator=g) for _ in range(2))
+    w, b = torch.randn(128, 512, device=DEV, generator=g) / 22, torch.randn(128, device=DEV, generator=g) * 0.1
+    with only_config(adapter_down._down_gelu_fwd_kernel, adapter_down._down_gelu_fwd_kernel.configs[0]):
+        compare(adapter_down.down_gelu, HF.down_gelu_ref, [h, w, b], torch.float16, name="down fp16")
+    z, a = (torch.randn(8, 50, 128, device=DEV, generator=g) for _ in range(2))
+    wu, bu = torch.randn(512, 128, device=DEV, generator=g) / 11, torch.randn(512, device=DEV, generator=g) * 0.1
+    gm, go = torch.tensor(0.6, device=DEV), torch.tensor(-0.3, device=DEV)
+    with only_config(adapter_up._mix_up_fwd_kernel, adapter_up._mix_up_fwd_kernel.configs[0]), \
+            only_config(adapter_up._mix_up_bwd_kernel, adapter_up._mix_up_bwd_kernel.configs[0]):
+        compare(adapter_up.mix_up_residual, HF.mix_up_residual_ref, [z, a, wu, bu, gm, h, go, x], torch.float16,
+                name="mix_up fp16")
+    qkv = torch.randn(8, 77, 384, device=DEV, generator=g)
+    compare(lambda t: adapter_attention.attention_core(t, 8, False), lambda t: HF.attention_core_ref(t, 8, False),
+            [qkv], torch.float16, name="attention fp16")
