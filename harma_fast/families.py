@@ -56,7 +56,9 @@ _POST_NORM = ("ResPostBlock", "EvaBlockPostNorm")
 # at the top: their embeddings say which tower it is).
 IMAGE_STACKS = (("visual.transformer.resblocks", None), ("visual.trunk.blocks", None),
                 ("vision_model.encoder.layers", None), ("encoder.layers", "embeddings.patch_embedding"))
-TEXT_STACKS = (("transformer.resblocks", None), ("text.transformer.resblocks", None),
+# open_clip's CLIP keeps its text blocks at the top (``transformer``) beside ``token_embedding``;
+# a VisionTransformer alone has ``transformer.resblocks`` too, and is no text tower
+TEXT_STACKS = (("transformer.resblocks", "token_embedding"), ("text.transformer.resblocks", None),
                ("text_model.encoder.layers", None), ("encoder.layers", "embeddings.token_embedding"))
 
 

@@ -165,6 +165,11 @@ def _scan_towers(model: nn.Module) -> Tuple[Dict[str, Tower], Dict[str, str]]:
         # OpenAI's ResNet CLIPs: refused outright rather than silently adapted in the text tower only
         raise UnsupportedModelError(f"the image tower is a ResNet ({type(visual).__name__}), not a ViT; HarMA adapts "
                                     f"ViT CLIP models only. Supported: {SUPPORTED}.")
+    if type(model).__module__.startswith("open_clip") and type(model).__name__ in ("VisionTransformer",
+                                                                                   "TextTransformer"):
+        raise UnsupportedModelError(f"harma_fast.patch takes the whole CLIP model, got its {type(model).__name__} "
+                                    "alone (the towers share the S sub-adapters, and the model records its layout): "
+                                    "patch(model), with HarMAConfig(towers=('image',)) or ('text',) to adapt one tower")
     towers, missing = {}, {}
     for name, paths in (("image", IMAGE_STACKS), ("text", TEXT_STACKS)):
         tower = _tower(model, name, paths)
@@ -231,6 +236,10 @@ def patch(model: nn.Module, config: Optional[HarMAConfig] = None, backend: str =
         raise RuntimeError("model is already patched with HarMA adapters "
                            f"({model.harma_config}); call harma_fast.unpatch(model) first, or "
                            "harma_fast.set_backend(model, ...) to switch backend")
+    inner = [name for name, m in model.named_modules() if isinstance(m, (HarMABlockMixin, HarMAMLPMixin))]
+    if inner:
+        raise RuntimeError(f"blocks of this model are already patched ({inner[0]}{' and more' if len(inner) > 1 else ''})"
+                           ": a part of it was patched on its own; call harma_fast.unpatch on that part first")
     towers, missing = _scan_towers(model)
     if config.share == "text" and "text" not in config.towers:
         raise ValueError("HarMAConfig(share='text') puts S in the text tower, but towers excludes 'text'")
@@ -255,6 +264,14 @@ def patch(model: nn.Module, config: Optional[HarMAConfig] = None, backend: str =
     # referenced by the image tower's layer of the same relative depth under share="both".
     # S works at the bottleneck width, so towers of different widths share it unchanged.
     owner = "text" if "text" in adapted else "image"
+    if config.share == "both" and len(adapted) == 2:
+        kinds_of = {t: {(p.dtype, p.device) for b in towers[t].blocks for p in [_reference_weight(b)]} for t in adapted}
+        if len(kinds_of["image"] | kinds_of["text"]) > 1:
+            found = "; ".join(f"{t}: " + ", ".join(sorted(f"{str(d).replace('torch.', '')} on {v}" for d, v in kinds_of[t]))
+                              for t in adapted)
+            raise UnsupportedModelError(f"HarMAConfig(share='both') shares S between the towers, which are in different dtypes "
+                             f"or on different devices ({found}); cast or move the model as a whole first "
+                             "(model.to(dtype)), or use share='text' or 'none'")
     shared: List[SharedSubAdapter] = []
     if config.share != "none":
         for block in towers[owner].blocks:

@@ -196,3 +196,29 @@ def test_config_validation_messages():
     with pytest.raises(ValueError, match="towers excludes 'text'"):
         harma_fast.patch(tiny_model(), HarMAConfig(share="text", towers=("image",)))
     assert HarMAConfig.from_json(HarMAConfig.released().to_json()) == HarMAConfig.released()
+
+
+def test_towers_in_different_dtypes_cannot_share_s():
+    # S lived in the text tower's dtype and the fp16 image tower called it: a dtype error at the
+    # first forward, after patching had said nothing
+    model = tiny_model()
+    model.visual.half()
+    with pytest.raises(harma_fast.families.UnsupportedModelError,
+                       match=r"different dtypes or on different devices \(image: float16 on cpu; text: float32 on cpu\)"):
+        harma_fast.patch(model)
+    assert not harma_fast.is_patched(model)
+    harma_fast.patch(model, HarMAConfig(share="none"))  # nothing shared: each tower in its own dtype
+    assert {a.down.weight.dtype for _, a in iter_adapters(model)} == {torch.float16, torch.float32}
+
+
+def test_a_tower_alone_is_refused_and_a_part_patched_alone_is_named():
+    model = tiny_model()
+    with pytest.raises(harma_fast.families.UnsupportedModelError, match="takes the whole CLIP model, got its "
+                       "VisionTransformer alone"):
+        harma_fast.patch(model.visual)
+    # a part patched on its own (by hand, through the block classes) is named, not an MRO TypeError
+    from harma_fast.patching import _patched_class
+    block = model.visual.transformer.resblocks[0]
+    block.__class__ = _patched_class(type(block))
+    with pytest.raises(RuntimeError, match=r"already patched \(visual.transformer.resblocks.0\)"):
+        harma_fast.patch(model)
