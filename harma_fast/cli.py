@@ -120,14 +120,16 @@ def _add_train(sub) -> None:
                    help="plain log lines instead of a progress bar (also: TQDM_DISABLE=1, or stderr not a terminal)")
 
 
-def _eval_split(test_file: str, split: Optional[str]) -> str:
-    """The split ``eval`` reads: a HarMA-layout file is one split, so a ``--split`` given for one
-    would be ignored silently (a user asking for "val" would read test numbers as validation's)."""
+def _eval_split(test_file: str, split: Optional[str]) -> Optional[str]:
+    """The split ``eval`` reads, None for a HarMA-layout file (it is one split): a ``--split`` given
+    for one would be ignored silently (a user asking for "val" would read test numbers as validation's)."""
     from .data.annotations import splits_in
 
-    if split is not None and splits_in(test_file) is None:
-        raise ConfigError(f"--split {split}: {test_file} is in the HarMA layout, one split per file, so it is "
-                          "evaluated whole; drop --split, or pass the file of the split you want")
+    if splits_in(test_file) is None:
+        if split is not None:
+            raise ConfigError(f"--split {split}: {test_file} is in the HarMA layout, one split per file, so it is "
+                              "evaluated whole; drop --split, or pass the file of the split you want")
+        return None
     return split or "test"
 
 
@@ -216,7 +218,7 @@ def run_eval(args: argparse.Namespace) -> Dict:
     check_backend_runs(args.backend, device)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     split = _eval_split(args.test_file, args.split)
-    records = load_eval_records(args.test_file, args.image_root, split=split, progress=args.progress)
+    records = load_eval_records(args.test_file, args.image_root, split=split or "test", progress=args.progress)
     model = create_model(args.model, args.pretrained)
     if args.adapters:
         load_adapters(model, args.adapters, check_backbone=not args.ignore_backbone_mismatch)
@@ -236,7 +238,8 @@ def run_eval(args: argparse.Namespace) -> Dict:
     size, mean, std = model_image_spec(model)
     metrics = evaluate(model, records, eval_transform(size, mean, std), get_tokenizer(args.model), device,
                        args.batch_size, 0, precision, args.backend, args.progress)
-    print(format_metrics(metrics, f"{args.test_file}: {len(records.images)} images, {len(records.captions)} captions"))
+    print(format_metrics(metrics, f"{args.test_file}{f' ({split} split)' if split else ''}: "
+                                  f"{len(records.images)} images, {len(records.captions)} captions"))
     if args.output:
         from .io import atomic_path
 

@@ -10,6 +10,7 @@ import random
 import warnings
 import zipfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
@@ -82,11 +83,21 @@ def save_training_state(path: PathLike, model: nn.Module, model_name: str, loss:
 _REMEDY = "Resume from another copy of the checkpoint, or start the run over (--overwrite)."
 
 
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then the JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
 def read_training_state(path: PathLike) -> Dict:
     """A checkpoint's contents, verified; every unreadable file is one :class:`CheckpointError`."""
     path = require_file(path, "checkpoint")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): a copy or save that did not finish. {_REMEDY}")
+    if _is_safetensors(path):
+        raise CheckpointError(f"{path} is an adapter file (safetensors), not a training checkpoint (last.pt): give "
+                              "it as --adapters (eval, export), or load it with harma_fast.load_adapters")
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"checkpoint {path} is not a PyTorch checkpoint (torch.save writes a zip archive; this "
                               f"file is truncated, corrupt or of another kind). {_REMEDY}")

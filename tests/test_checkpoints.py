@@ -245,6 +245,12 @@ def test_unreadable_training_checkpoints_get_one_clear_error(tmp_path):
     path.write_bytes(good[: len(good) // 2])  # a copy cut short
     with pytest.raises(CheckpointError, match=rf"checkpoint {path} is"):
         load_training_state(path, model, "HarMA-Tiny", loss)
+    # an adapter file given where a checkpoint goes (eval --checkpoint best.safetensors): named as
+    # such, not "corrupt ... resume from another copy or --overwrite"
+    adapters = tmp_path / "best.safetensors"
+    harma_fast.save_adapters(model, adapters)
+    with pytest.raises(CheckpointError, match=rf"{adapters} is an adapter file \(safetensors\).*--adapters"):
+        load_training_state(adapters, model, "HarMA-Tiny", loss)
 
 
 def test_a_flipped_bit_in_a_training_checkpoint_is_refused(tmp_path):

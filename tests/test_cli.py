@@ -256,12 +256,14 @@ def test_eval_split_picks_the_split_of_a_karpathy_file(data, tmp_path, monkeypat
     k = write_karpathy(data, tmp_path / "dataset.json")
     seen = []
     monkeypatch.setattr("harma_fast.evaluate.evaluate", lambda model, records, *a, **kw: seen.append(records) or {})
-    monkeypatch.setattr("harma_fast.evaluate.format_metrics", lambda *a: "")
+    titles = []
+    monkeypatch.setattr("harma_fast.evaluate.format_metrics", lambda metrics, title: titles.append(title) or "")
     for split in (None, "val"):
         argv = ["eval", "--test-file", str(k), "--image-root", str(data["image_root"]), "--model", "HarMA-Tiny"]
         assert main(argv + (["--split", split] if split else [])) == 0
     test, val = (load_eval_records(data[s], data["image_root"]) for s in ("test", "val"))
     assert seen == [test, val]
+    assert [t.split(":")[0] for t in titles] == [f"{k} (test split)", f"{k} (val split)"]  # which split it was
 
 
 @pytest.mark.parametrize("precision, bf16", [("bf16", True), ("fp32", False), ("auto", False)])

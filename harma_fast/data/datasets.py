@@ -81,8 +81,9 @@ class EpochBatches(Sampler[List[int]]):
         if global_batch % world_size:
             raise ConfigError(f"global batch {global_batch} is not a multiple of the {world_size} ranks")
         if n < global_batch:
-            raise ConfigError(f"the dataset has {n} captions, fewer than one batch of {global_batch}; "
-                             "lower the batch size")
+            per = (f"batch of {global_batch}" if world_size == 1 else
+                   f"global batch of {global_batch} ({world_size} processes x --batch-size {global_batch // world_size})")
+            raise ConfigError(f"the dataset has {n} captions, fewer than one {per}; lower the batch size")
         self.n, self.global_batch, self.seed = n, global_batch, seed
         self.rank, self.world_size = rank, world_size
         self.epoch, self.start = 0, 0
