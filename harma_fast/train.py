@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import os
 import shutil
@@ -68,9 +69,15 @@ class RunExistsError(OutputPathError, FileExistsError):
 # --------------------------------------------------------------------------------------------
 # set-up
 # --------------------------------------------------------------------------------------------
+# Rank 0 alone checks every image before training and runs each validation while the other ranks
+# wait in a collective: on a large dataset that passes NCCL's default 10 minutes, which would end
+# the job. (A rank that fails still ends it at once: torchrun stops the others.)
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
+
+
 def _distributed() -> Tuple[int, int, int]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=COLLECTIVE_TIMEOUT)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank()))
     return 0, 1, 0

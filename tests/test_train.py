@@ -237,3 +237,18 @@ def test_adamw_runs_fused_only_where_every_parameter_is_a_cuda_float():
     assert not fused_optimizer_ok([cuda, torch.zeros(2)])  # one CPU tensor: PyTorch would refuse fused
     assert not fused_optimizer_ok([SimpleNamespace(is_cuda=True, is_floating_point=lambda: False)])
     assert not fused_optimizer_ok([])
+
+
+def test_the_process_group_waits_for_rank_0s_image_check_and_validation(monkeypatch):
+    # NCCL's default 10-minute timeout ended jobs whose rank 0 checked a large dataset's images
+    import datetime
+
+    import harma_fast.train as trainer
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(trainer.dist, "is_initialized", lambda: bool(seen))
+    monkeypatch.setattr(trainer.dist, "init_process_group", lambda backend, **kw: seen.update(kw, backend=backend))
+    monkeypatch.setattr(trainer.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(trainer.dist, "get_world_size", lambda: 2)
+    assert trainer._distributed()[:2] == (1, 2)
+    assert seen["timeout"] >= datetime.timedelta(hours=1)
