@@ -100,26 +100,11 @@ TF32 = "tf32"
 TF32_KERNELS = {"_down_gelu_fwd_kernel", "_mix_up_fwd_kernel", "_mix_up_bwd_kernel"}
 
 
-@contextlib.contextmanager
-def _allow_tf32():
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9 (the legacy flag cannot be mixed with it)
-        saved, matmul.fp32_precision = matmul.fp32_precision, "tf32"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision = saved
-    else:
-        saved, matmul.allow_tf32 = matmul.allow_tf32, True
-        try:
-            yield
-        finally:
-            matmul.allow_tf32 = saved
-
-
 def _record(dtype) -> List:
     calls: List = []
-    with _allow_tf32() if dtype == TF32 else contextlib.nullcontext():
+    from ._common import fp32_matmul
+
+    with fp32_matmul(True) if dtype == TF32 else contextlib.nullcontext():
         run_launchers(torch.float32 if dtype == TF32 else dtype, lambda kernel: _Recorder(kernel, calls))
     return calls
 

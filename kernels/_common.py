@@ -40,6 +40,24 @@ def matmul_allows_tf32() -> bool:
     return precision == "tf32"
 
 
+@contextlib.contextmanager
+def fp32_matmul(tf32: bool):
+    """PyTorch's fp32 matmul precision (which the kernels follow) set to TF32 or IEEE, then restored."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9 (the legacy flag cannot be mixed with it)
+        saved, matmul.fp32_precision = matmul.fp32_precision, "tf32" if tf32 else "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = saved
+    else:
+        saved, matmul.allow_tf32 = matmul.allow_tf32, tf32
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = saved
+
+
 def on_device(t: torch.Tensor):
     """Context in which a Triton launch runs on ``t``'s GPU.
 

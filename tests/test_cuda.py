@@ -22,6 +22,15 @@ pytestmark = [pytest.mark.cuda,
 DEV = "cuda"
 
 
+@pytest.fixture(autouse=True)
+def ieee_fp32():
+    """The fp32 tolerances are IEEE's: the kernels follow torch's TF32 switch, so pin it off here
+    (an environment that turned TF32 on would fail fp32 checks that are right)."""
+    from harma_fast.kernels._common import fp32_matmul
+    with fp32_matmul(False):
+        yield
+
+
 def grads(fn, inputs, seed=0):
     inputs = [t.detach().clone().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
               for t in inputs]
