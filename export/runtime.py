@@ -18,13 +18,15 @@ tested on the CPU provider, the CUDA options by inspection (README: Serving).
 from __future__ import annotations
 
 import json
+import os
 import threading
+import warnings
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ..errors import HarmaError
+from ..errors import ConfigError, HarmaError, InputPathError
 from .families import load_tokenizer
 
 FORMAT = "harma_fast.onnx/1"
@@ -47,7 +49,9 @@ def read_metadata(onnx_dir: Union[str, Path]) -> Dict:
     directory = Path(onnx_dir)
     path = directory / "harma.json"
     if not directory.is_dir():
-        raise ExportDirError(f"ONNX export directory {directory} does not exist")
+        state = "is a file, not a folder (give the export folder holding harma.json)" if directory.exists() \
+            else "does not exist"
+        raise ExportDirError(f"ONNX export directory {directory} {state}")
     if not path.is_file():
         raise ExportDirError(f"{directory} has no harma.json: not an export of harma_fast.export.export_onnx "
                                 "(run `harma-fast export` to make one)")
@@ -114,6 +118,36 @@ def default_providers(dtype: str = "fp32") -> List[str]:
     return [p for p in wanted if p in available]
 
 
+def usable_providers(providers: Union[str, Sequence[str], None], dtype: str) -> List[str]:
+    """``providers`` (one name or a list; default :func:`default_providers`) that this onnxruntime
+    has, in order: the first is the one sessions run on, so session options and the fixed-batch
+    buffers are planned for it (an unavailable CUDA listed first made the buffers CUDA memory on a
+    CPU-only onnxruntime). int8 graphs (dynamic quantization, a CPU format) run on the CPU provider."""
+    import onnxruntime as ort
+
+    if providers is None:
+        return default_providers(dtype)
+    wanted = [providers] if isinstance(providers, str) else list(providers)  # a string is one provider
+    if not all(isinstance(p, str) for p in wanted):
+        raise ConfigError(f"providers must be ONNX Runtime provider names, got {providers!r}")
+    if dtype == "int8" and wanted != ["CPUExecutionProvider"]:
+        warnings.warn(f"int8 graphs run on the CPU provider only; {wanted} ignored", stacklevel=3)
+        wanted = ["CPUExecutionProvider"]
+    available = ort.get_available_providers()
+    usable = [p for p in wanted if p in available]
+    if not usable:
+        raise ConfigError(f"none of the providers {wanted} is available in this onnxruntime "
+                          f"{ort.__version__} (it has: {', '.join(available)})")
+    return usable
+
+
+def check_batch_size(batch_size) -> int:
+    """A positive integer batch size (0 returned nothing, a negative one raised from range())."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    return batch_size
+
+
 def provider_list(providers: Sequence[str], fixed_batch: Optional[int]) -> List:
     """``providers`` with their options: CUDA graphs for fixed-batch graphs on the CUDA provider."""
     return [(p, {"enable_cuda_graph": "1"}) if p == "CUDAExecutionProvider" and fixed_batch else p
@@ -137,11 +171,11 @@ def session_options(dtype: str, provider: str, threads: Optional[int] = None):
 class OrtEncoder:
     """Image and caption embeddings (L2-normalised float32) from an export directory."""
 
-    def __init__(self, onnx_dir: Union[str, Path], providers: Optional[Sequence[str]] = None,
+    def __init__(self, onnx_dir: Union[str, Path], providers: Union[str, Sequence[str], None] = None,
                  threads: Optional[int] = None):
         self.dir = Path(onnx_dir)
         self.meta = read_metadata(self.dir)
-        self.providers = list(providers or default_providers(self.meta["dtype"]))
+        self.providers = usable_providers(providers, self.meta["dtype"])
         self.threads = threads
         self._sessions: Dict = {}
         self._bindings: Dict = {}
@@ -198,10 +232,15 @@ class OrtEncoder:
         from ..io import open_rgb, to_rgb
 
         spec = self.meta["image"]
+        if not isinstance(image, (Image.Image, str, os.PathLike)):
+            raise ConfigError(f"an image must be a file path or a PIL image, got {type(image).__name__}; pass "
+                              "arrays as PIL.Image.fromarray(array), or normalised pixels to encode_pixels")
         if not isinstance(image, Image.Image):
             path = Path(image)
+            if path.is_dir():
+                raise InputPathError(f"image {path} is a folder, not an image file")
             if not path.is_file():
-                raise FileNotFoundError(f"image {path} does not exist")
+                raise InputPathError(f"image {path} does not exist")
             # a ValueError (ImageReadError) for an undecodable, too large, 16-bit or float image
             image = open_rgb(path)
         else:
@@ -228,8 +267,13 @@ class OrtEncoder:
                              "infinite; check the image decoding or normalisation that made them")
         return self._run("image", "pixels", pixels)
 
-    def encode_images(self, images: Iterable[ImageLike], batch_size: int = 32) -> np.ndarray:
-        images = list(images)
+    def encode_images(self, images: Union[ImageLike, Iterable[ImageLike]], batch_size: int = 32) -> np.ndarray:
+        """Embeddings of images (file paths or PIL images; one image or several)."""
+        from PIL import Image
+
+        check_batch_size(batch_size)
+        # one path or image, as encode_texts takes one string (a path string was iterated by character)
+        images = [images] if isinstance(images, (str, os.PathLike, Image.Image)) else list(images)
         out = [self.encode_pixels(np.stack([self.preprocess(im) for im in images[i:i + batch_size]]))
                for i in range(0, len(images), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
@@ -273,7 +317,9 @@ class OrtEncoder:
         import onnxruntime as ort
 
         if tower not in self._bindings:
-            device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+            # the provider the session runs on (it may have fallen back from the first one listed)
+            session_provider = self._sessions[tower].get_providers()[0]
+            device = "cuda" if session_provider == "CUDAExecutionProvider" else "cpu"
             # buffers of ONNX Runtime's own: an OrtValue made from a numpy array would share the
             # caller's memory on the CPU, and the next batch's update would overwrite their input
             x = ort.OrtValue.ortvalue_from_shape_and_type(chunk.shape, chunk.dtype, device, 0)
@@ -300,7 +346,11 @@ class OrtEncoder:
         measured on the demo model, a query with both shared 5 of its top 10 hits with its cleaned
         form). ``clean=False`` tokenizes the texts as given."""
         self.require_text()
+        check_batch_size(batch_size)
         texts = [texts] if isinstance(texts, str) else list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise ConfigError(f"texts[{i}] is {text!r}, not a string; encode_texts takes captions (strings)")
         if clean:
             texts = [clean_query(t) for t in texts]
         out = [self.encode_tokens(self.tokenizer(texts[i:i + batch_size])) for i in range(0, len(texts), batch_size)]

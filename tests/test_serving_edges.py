@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from harma_fast.errors import OutputPathError
+from harma_fast.errors import ConfigError, OutputPathError
 from helpers import tiny_model
 
 pytest.importorskip("onnxruntime")
@@ -243,3 +243,40 @@ def test_graphs_past_protobufs_2_gib_keep_their_weights_beside_them(tmp_path, mo
         graphs = {f.name for f in out.iterdir()} - {"harma.json", "bpe_simple_vocab_16e6.txt.gz"}
         assert graphs == {"image.onnx", "image.onnx.data", "text.onnx", "text.onnx.data"}, dtype
         assert OrtEncoder(out).encode_texts(["a lake"]).shape == (1, meta["embed_dim"])
+
+
+def test_a_fixed_batch_export_runs_on_the_provider_its_session_has(exports):
+    # CUDA listed first on a CPU-only onnxruntime: the bound buffers were CUDA memory ("Can't
+    # allocate memory on the CUDA device"); int8 runs on the CPU provider whatever is listed
+    import onnxruntime as ort
+
+    cuda_first = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    want = OrtEncoder(exports["static"]).encode_texts(["a lake", "a road"])
+    assert np.array_equal(OrtEncoder(exports["static"], providers=cuda_first).encode_texts(["a lake", "a road"]), want)
+    one = OrtEncoder(exports["dynamic"], providers="CPUExecutionProvider")  # one name, not its characters
+    assert one.providers == ["CPUExecutionProvider"] and one.encode_texts("a lake").shape == (1, one.embed_dim)
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        with pytest.warns(UserWarning, match="int8 graphs run on the CPU provider only"):
+            assert OrtEncoder(exports["int8"], providers=cuda_first).providers == ["CPUExecutionProvider"]
+    with pytest.raises(ConfigError, match="none of the providers .*'NoSuchExecutionProvider'.* is available"):
+        OrtEncoder(exports["dynamic"], providers=["NoSuchExecutionProvider"])
+
+
+def test_encoder_arguments_are_refused_naming_what_is_wrong(exports, tmp_path):
+    enc = OrtEncoder(exports["dynamic"])
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ConfigError, match=f"batch_size must be an integer >= 1, got {bad!r}"):
+            enc.encode_texts(["a lake"], batch_size=bad)
+        with pytest.raises(ConfigError, match="batch_size must be an integer >= 1"):
+            enc.encode_images([], batch_size=bad)
+    for text in (None, 3):
+        with pytest.raises(ConfigError, match=rf"texts\[1\] is {text!r}, not a string"):
+            enc.encode_texts(["a lake", text])
+    with pytest.raises(ConfigError, match="an image must be a file path or a PIL image, got ndarray"):
+        enc.encode_images([np.zeros((8, 8, 3), np.uint8)])
+    with pytest.raises(FileNotFoundError, match="is a folder, not an image file"):
+        enc.encode_images([tmp_path])
+    image = write_image(tmp_path / "a.png", 16)
+    assert np.array_equal(enc.encode_images(str(image)), enc.encode_images([image]))  # one path, not characters
+    with pytest.raises(FileNotFoundError, match="harma.json is a file, not a folder"):
+        OrtEncoder(exports["dynamic"] / "harma.json")
