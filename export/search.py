@@ -78,11 +78,18 @@ def _is_index(path: Path) -> bool:
 
 
 def check_query(query: str) -> str:
-    """The query, refused if blank (it would rank the gallery by nothing)."""
-    if not isinstance(query, str) or not query.strip():
-        raise ConfigError(f"the query {query!r} is empty; give a caption to search for, e.g. \"a river crossing "
-                          "farmland\"")
-    return query
+    """The query, refused if blank once cleaned as ``encode_texts`` cleans it (punctuation alone is
+    removed to nothing): it would rank the gallery by an empty caption."""
+    if not isinstance(query, str):
+        what = "not a string"
+    elif not query.strip():
+        what = "empty"
+    elif not clean_query(query).strip():
+        what = "empty once cleaned (punctuation is removed, as training removed it from captions)"
+    else:
+        return query
+    raise ConfigError(f"the query {query!r} is {what}; give a caption to search for, e.g. \"a river crossing "
+                      "farmland\"")
 
 
 def truncation_warning(encoder: OrtEncoder, query: str) -> Optional[str]:

@@ -382,10 +382,15 @@ def test_search_labels_scores_as_cosine_similarity(gallery, capsys):
     assert "cosine similarity" in captured.err
 
 
-@pytest.mark.parametrize("query", ["", "   "])
+@pytest.mark.parametrize("query", ["", "   ", "...", "!!! ??? ,,,"])
 def test_search_refuses_an_empty_query(gallery, capsys, query):
+    # punctuation alone is cleaned to '' (as encode_texts cleans queries): it ranked by an empty caption
     assert main(search_argv(gallery, query)) == 2
-    assert "the query" in capsys.readouterr().err
+    assert f"the query {query!r} is empty" in capsys.readouterr().err
+    from harma_fast.export.search import GalleryIndex
+
+    with pytest.raises(ConfigError, match="is empty"):
+        GalleryIndex(gallery, FakeEncoder("unused")).search(query)
 
 
 def test_search_warns_when_the_query_is_truncated(gallery, capsys):
