@@ -1,9 +1,10 @@
 """Text-to-image search over a folder of images, with an on-disk embedding index.
 
 The folder is embedded once; the index (``.npz``: embeddings + a manifest of each file's
-relative path, size and modification time + the export's id) is reused while nothing changed
-and updated incrementally when files are added, changed or removed, or rebuilt for another
-export. Images that cannot be read are skipped and reported, never silently embedded.
+relative path, size, modification and change times and inode + the export's id) is reused
+while nothing changed and updated incrementally when files are added, changed or removed, or
+rebuilt for another export. Images that cannot be read are skipped and reported, never silently
+embedded; the index remembers them, so they are not read again until they change.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def resolve_index_path(index: Optional[os.PathLike], folder: Path, encoder: OrtE
     path = Path(index)
     if path.is_dir() or (not path.exists() and (str(index).endswith(("/", os.sep)) or not path.suffix)):
         path = default_index_path(folder, encoder, path)
-    elif path.suffix != ".npz":  # refused before it is written too: a file search then refused to read back
+    elif path.suffix.lower() != ".npz":  # refused before it is written too: a file search then refused to read back
         raise OutputPathError(f"--index {path} is not a .npz file name; give a .npz file or a folder")
     elif path.is_file() and not _is_index(path):
         raise OutputPathError(f"--index {path} is a .npz file but not a harma_fast search index (it would be "
@@ -104,14 +105,16 @@ def truncation_warning(encoder: OrtEncoder, query: str) -> Optional[str]:
             f"last {length - room} tokens are ignored (shorten the query to keep them)")
 
 
-def scan(folder: Path) -> Dict[str, Tuple[int, int]]:
-    """{relative path: (size, mtime_ns)} of every image file below ``folder``."""
+def scan(folder: Path) -> Dict[str, Tuple[int, ...]]:
+    """{relative path: (size, mtime_ns, inode, ctime_ns)} of every image file below ``folder``.
+    Size and mtime alone miss a file replaced by one of the same size with its mtime kept (cp -p,
+    rsync -a, tar): the replacement has another inode, or a new change time (utime sets it)."""
     require_dir(folder, "image folder")
     found = {}
     for path in sorted(folder.rglob("*")):
         if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
             st = path.stat()
-            found[path.relative_to(folder).as_posix()] = (st.st_size, st.st_mtime_ns)
+            found[path.relative_to(folder).as_posix()] = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
     return found
 
 
@@ -127,29 +130,36 @@ class GalleryIndex:
         self._sync()
 
     def _load(self):
+        """({name: (stats, embedding)}, {name: (stats, why unreadable)}, why the index is unusable or None).
+        Stats of an older index (size and mtime only) never equal scan()'s: its images are embedded again."""
         if not self.path.is_file():
-            return {}, None
+            return {}, {}, None
         try:
             with np.load(self.path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
                 if not isinstance(meta, dict):
                     raise ValueError("its manifest is not an object")
                 if meta.get("export_id") != self.encoder.meta["export_id"]:
-                    return {}, "the index was built with another export"
+                    return {}, {}, "the index was built with another export"
                 emb = data["embeddings"]
-            return {n: (tuple(m), emb[i]) for i, (n, m) in enumerate(zip(meta["names"], meta["stats"], strict=True))}, None
+            cached = {n: (tuple(m), emb[i]) for i, (n, m) in enumerate(zip(meta["names"], meta["stats"], strict=True))}
+            unreadable = {n: (tuple(m), str(why)) for n, m, why in meta.get("unreadable", [])}
+            return cached, unreadable, None
         except (OSError, ValueError, KeyError, IndexError, TypeError, EOFError,
                 zipfile.BadZipFile) as err:  # truncated, corrupt, or a lone array (np.load gives no archive)
-            return {}, f"the index file was unreadable ({type(err).__name__}: {err})"
+            return {}, {}, f"the index file was unreadable ({type(err).__name__}: {err})"
 
     def _sync(self) -> None:
         current = scan(self.folder)
         if not current:
             raise ConfigError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {self.folder}")
-        cached, why = self._load()
-        keep = {n: cached[n][1] for n, st in current.items() if n in cached and cached[n][0] == tuple(st)}
-        todo = [n for n in current if n not in keep]
-        removed = [n for n in cached if n not in current]
+        cached, unreadable, why = self._load()
+        keep = {n: cached[n][1] for n, st in current.items() if n in cached and cached[n][0] == st}
+        # unreadable images are not read again until they change (they were retried, and the index
+        # rewritten, on every search)
+        self.skipped = {n: unreadable[n][1] for n, st in current.items() if n in unreadable and unreadable[n][0] == st}
+        todo = [n for n in current if n not in keep and n not in self.skipped]
+        removed = [n for n in {**cached, **unreadable} if n not in current]
         from tqdm.auto import tqdm
 
         from ..progress import bar_wanted
@@ -175,19 +185,21 @@ class GalleryIndex:
         self.names = [n for n in current if n in keep]
         self.embeddings = np.stack([keep[n] for n in self.names]).astype(np.float32) if self.names else self.embeddings
         if todo or removed or why:
-            unreadable = len(todo) - embedded
+            failed = len(todo) - embedded
             self.status = (f"index {'rebuilt' if why or not cached else 'updated'}: {embedded} embedded, "
-                           + (f"{unreadable} unreadable, " if unreadable else "")
+                           + (f"{failed} unreadable, " if failed else "")
                            + f"{len(removed)} removed, {len(self.names)} in all" + (f" ({why})" if why else ""))
             self._save(current)
         else:
-            self.status = f"index reused: {len(self.names)} images unchanged"
+            self.status = f"index reused: {len(self.names)} images unchanged" + (
+                f", {len(self.skipped)} unreadable (not read again until they change)" if self.skipped else "")
 
     def _save(self, current) -> None:
         from ..io import atomic_path
 
         meta = {"export_id": self.encoder.meta["export_id"], "folder": str(self.folder.resolve()),
-                "names": self.names, "stats": [list(current[n]) for n in self.names]}
+                "names": self.names, "stats": [list(current[n]) for n in self.names],
+                "unreadable": [[n, list(current[n]), why] for n, why in self.skipped.items()]}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.path) as tmp:
             with open(tmp, "wb") as f:

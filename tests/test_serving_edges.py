@@ -280,3 +280,52 @@ def test_encoder_arguments_are_refused_naming_what_is_wrong(exports, tmp_path):
     assert np.array_equal(enc.encode_images(str(image)), enc.encode_images([image]))  # one path, not characters
     with pytest.raises(FileNotFoundError, match="harma.json is a file, not a folder"):
         OrtEncoder(exports["dynamic"] / "harma.json")
+
+
+def test_the_index_sees_a_file_replaced_with_its_size_and_mtime_kept(exports, tmp_path):
+    # cp -p, rsync -a, tar keep size and mtime: the stale embedding of the old image was reused
+    import os
+
+    from PIL import Image
+
+    folder = tmp_path / "gallery"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    tile = folder / "a.bmp"  # uncompressed: every 16x16 image has the same size
+    for name in ("a.bmp", "b.bmp"):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / name)
+    enc, path = OrtEncoder(exports["dynamic"]), tmp_path / "INDEX.NPZ"  # the suffix in any case
+    first = GalleryIndex(folder, enc, path)
+    st = tile.stat()
+    tile.write_bytes((folder / "b.bmp").read_bytes())  # in place, same size
+    os.utime(tile, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime restored, as cp -p does
+    assert (tile.stat().st_size, tile.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    again = GalleryIndex(folder, enc, path)
+    assert again.status.startswith("index updated: 1 embedded"), again.status
+    assert np.array_equal(again.embeddings[0], first.embeddings[1])  # a.bmp is now b.bmp's picture
+    # an index written before inodes and change times were recorded is read, its images embedded again
+    with np.load(path) as data:
+        meta = json.loads(str(data["meta"]))
+        meta["stats"] = [s[:2] for s in meta["stats"]]
+        embeddings = data["embeddings"]
+    with open(path, "wb") as f:  # np.savez(name) would add .npz to INDEX.NPZ
+        np.savez(f, embeddings=embeddings, meta=np.array(json.dumps(meta)))
+    assert GalleryIndex(folder, enc, path).status.startswith("index updated: 2 embedded")
+
+
+def test_unreadable_images_are_not_read_again_until_they_change(exports, tmp_path, monkeypatch):
+    folder = tmp_path / "gallery"
+    folder.mkdir()
+    write_image(folder / "a.png", 16)
+    (folder / "broken.png").write_bytes(b"not a png")
+    enc, path = OrtEncoder(exports["dynamic"]), tmp_path / "index.npz"
+    assert "1 unreadable" in GalleryIndex(folder, enc, path).status
+    written = path.stat().st_mtime_ns
+    read = []
+    monkeypatch.setattr(enc, "preprocess", lambda p: read.append(p) or OrtEncoder.preprocess(enc, p))
+    again = GalleryIndex(folder, enc, path)  # retried and the index rewritten on every search before
+    assert again.status == "index reused: 1 images unchanged, 1 unreadable (not read again until they change)"
+    assert "cannot be read" in again.skipped["broken.png"] and read == [] and path.stat().st_mtime_ns == written
+    (folder / "broken.png").unlink()
+    assert GalleryIndex(folder, enc, path).status.startswith("index updated: 0 embedded, 1 removed")
+    assert GalleryIndex(folder, enc, path).skipped == {}
