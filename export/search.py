@@ -35,10 +35,16 @@ class Hit:
     path: Path
 
 
+def cache_dir() -> Path:
+    """$HARMA_FAST_CACHE, or ~/.cache/harma_fast when it is unset or empty (an empty value made the
+    index a relative path: ./gallery/ appeared in whatever folder search ran in)."""
+    return Path(os.environ.get("HARMA_FAST_CACHE") or Path.home() / ".cache" / "harma_fast")
+
+
 def default_index_path(folder: Path, encoder: OrtEncoder, root: Optional[Path] = None) -> Path:
     """``<root>/<key>.npz``, one index per image folder and export (root: the user's cache)."""
     if root is None:
-        root = Path(os.environ.get("HARMA_FAST_CACHE", Path.home() / ".cache" / "harma_fast")) / "gallery"
+        root = cache_dir() / "gallery"
     key = hashlib.sha1(f"{folder.resolve()}|{encoder.meta['export_id']}".encode()).hexdigest()[:20]
     return root / f"{key}.npz"
 
@@ -49,8 +55,14 @@ def resolve_index_path(index: Optional[os.PathLike], folder: Path, encoder: OrtE
     cache otherwise. Checked writable here, before anything is embedded."""
     from ..io import check_output_file
 
-    if index is None:
-        return default_index_path(folder, encoder)
+    if index is None:  # the cache: checked too, naming the variable that sets it
+        try:
+            return check_output_file(default_index_path(folder, encoder), "the search index")
+        except OutputPathError as err:
+            where = f"HARMA_FAST_CACHE is {os.environ['HARMA_FAST_CACHE']}" if os.environ.get("HARMA_FAST_CACHE") \
+                else f"the default cache {cache_dir()}"
+            raise OutputPathError(f"{err} ({where}; set HARMA_FAST_CACHE to a folder you may write, or give "
+                                  "--index)") from None
     path = Path(index)
     if path.is_dir() or (not path.exists() and (str(index).endswith(("/", os.sep)) or not path.suffix)):
         path = default_index_path(folder, encoder, path)

@@ -477,3 +477,24 @@ def test_a_closed_output_pipe_is_not_an_input_error(data):
                           shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=300)
     assert proc.returncode in (0, 141), proc.stderr  # 0 if the table fitted the pipe's buffer first
     assert "error" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_cache_folder_is_checked_before_embedding_and_named(gallery, tmp_path, monkeypatch, capsys):
+    # a file as HARMA_FAST_CACHE: every image was embedded, then "[Errno 20] Not a directory"
+    (tmp_path / "cachefile").write_text("keep me")
+    monkeypatch.setenv("HARMA_FAST_CACHE", str(tmp_path / "cachefile"))
+    monkeypatch.setattr(FakeEncoder, "preprocess", lambda *a: pytest.fail("the gallery was embedded first"))
+    assert main(search_argv(gallery, "a lake")) == 2
+    err = capsys.readouterr().err
+    assert f"cachefile is a file, not a folder (HARMA_FAST_CACHE is {tmp_path / 'cachefile'}; set HARMA_FAST_CACHE" in err
+    assert (tmp_path / "cachefile").read_text() == "keep me"
+
+
+def test_an_empty_cache_variable_means_the_default_cache(gallery, tmp_path, monkeypatch):
+    # HARMA_FAST_CACHE= wrote ./gallery/ into the folder search ran in
+    monkeypatch.setenv("HARMA_FAST_CACHE", "")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(search_argv(gallery, "a lake")) == 0
+    assert not (tmp_path / "gallery").exists()
+    assert len(list((tmp_path / "home" / ".cache" / "harma_fast" / "gallery").glob("*.npz"))) == 1
