@@ -95,7 +95,7 @@ def run_search(args: argparse.Namespace) -> int:
     require_dir(args.images, "--images")
 
     from .runtime import OrtEncoder
-    from .search import GalleryIndex, truncation_warning, write_html
+    from .search import GalleryIndex, shown, truncation_warning, write_html
 
     encoder = OrtEncoder(args.onnx)
     encoder.require_text()  # before the whole folder is embedded and indexed
@@ -109,7 +109,7 @@ def run_search(args: argparse.Namespace) -> int:
     hits = index.search(query, args.top_k)
     print(f"rank, cosine similarity of image and query, image ({len(hits)} of {len(index.names)})", file=sys.stderr)
     for hit in hits:
-        print(f"{hit.rank:>3}  cos {hit.score:+.4f}  {hit.path}")
+        print(f"{hit.rank:>3}  cos {hit.score:+.4f}  {shown(hit.path)}")
     if args.html:
         write_html(args.html, query, hits)
         print(f"wrote {args.html}", file=sys.stderr)

@@ -45,7 +45,9 @@ def default_index_path(folder: Path, encoder: OrtEncoder, root: Optional[Path] =
     """``<root>/<key>.npz``, one index per image folder and export (root: the user's cache)."""
     if root is None:
         root = cache_dir() / "gallery"
-    key = hashlib.sha1(f"{folder.resolve()}|{encoder.meta['export_id']}".encode()).hexdigest()[:20]
+    # surrogateescape: a folder name that is not UTF-8 (its bytes come back as lone surrogates)
+    key = hashlib.sha1(f"{folder.resolve()}|{encoder.meta['export_id']}".encode("utf-8", "surrogateescape"))
+    key = key.hexdigest()[:20]
     return root / f"{key}.npz"
 
 
@@ -240,20 +242,36 @@ def _thumbnail(path: Path, size: int = 256) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def shown(text) -> str:
+    """``text`` (a path) encodable as UTF-8 on any stream: a file name that is not UTF-8 (its
+    bytes decoded as lone surrogates) is shown with those bytes as \\xff escapes (the search
+    page and a strict UTF-8 stdout raised UnicodeEncodeError on it)."""
+    text = str(text)
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # the name's own bytes
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _html_text(text) -> str:
+    return html.escape(shown(text))
+
+
 def write_html(path, query: str, hits: List[Hit]) -> None:
     """A self-contained page: the query and the retrieved images (embedded thumbnails) with scores."""
     from ..io import atomic_path
 
     cards = "\n".join(
-        f'<figure><img src="{_thumbnail(h.path)}" alt="{html.escape(h.path.name)}"><figcaption>#{h.rank} · '
-        f'cosine {h.score:.3f}<br><small>{html.escape(str(h.path))}</small></figcaption></figure>' for h in hits)
+        f'<figure><img src="{_thumbnail(h.path)}" alt="{_html_text(h.path.name)}"><figcaption>#{h.rank} · '
+        f'cosine {h.score:.3f}<br><small>{_html_text(h.path)}</small></figcaption></figure>' for h in hits)
     page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>harma-fast search: {html.escape(query)}</title>
+<html lang="en"><head><meta charset="utf-8"><title>harma-fast search: {_html_text(query)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2rem;background:#fafafa}}
 .grid{{display:flex;flex-wrap:wrap;gap:1rem}}figure{{margin:0;background:#fff;padding:.5rem;border-radius:6px;
 box-shadow:0 1px 3px #0002;width:256px}}img{{width:256px;height:256px;object-fit:cover}}
 figcaption{{font-size:.9rem;word-break:break-all}}</style></head>
-<body><h1>“{html.escape(query)}”</h1>
+<body><h1>“{_html_text(query)}”</h1>
 <p>top {len(hits)} images, by cosine similarity of image and query embeddings</p><div class="grid">
 {cards}
 </div></body></html>

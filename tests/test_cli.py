@@ -498,3 +498,17 @@ def test_an_empty_cache_variable_means_the_default_cache(gallery, tmp_path, monk
     assert main(search_argv(gallery, "a lake")) == 0
     assert not (tmp_path / "gallery").exists()
     assert len(list((tmp_path / "home" / ".cache" / "harma_fast" / "gallery").glob("*.npz"))) == 1
+
+
+def test_search_html_shows_file_names_that_are_not_utf8(gallery, tmp_path, capsys):
+    # a name with a byte that is not UTF-8 (bad\xff.png) raised UnicodeEncodeError writing the page
+    import os
+    import shutil
+
+    bad = os.fsdecode(b"bad\xff<b>.png")
+    shutil.copy(gallery / "0.png", os.path.join(str(gallery), bad))
+    page = tmp_path / "page.html"
+    assert main(search_argv(gallery, "a red roof", "--top-k", "5", "--html", str(page))) == 0
+    text = page.read_text(encoding="utf-8")
+    assert "bad\\xff&lt;b&gt;.png" in text and text.count("<img ") == 5
+    assert "bad\\xff<b>.png" in capsys.readouterr().out  # stdout may be strict UTF-8 too
