@@ -60,10 +60,11 @@ def run_export(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")
 
     from .. import create_model, load_adapters, load_released_checkpoint
-    from .onnx_export import check_export_options, export_onnx
+    from .onnx_export import check_export_options, check_out_dir, export_onnx
 
     check_export_options(args.towers, args.dtype, args.opset, args.static_batch, not args.plain_onnx,
                          args.check_file, args.image_root)
+    check_out_dir(args.out, args.towers, "--out")
 
     model = create_model(args.model, args.pretrained)
     if args.adapters:

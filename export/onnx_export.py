@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..data.transforms import model_image_spec
-from ..errors import ConfigError, HarmaError
+from ..errors import ConfigError, HarmaError, OutputPathError
 from ..io import PathLike, atomic_path
 from . import quantize
 
@@ -130,6 +130,40 @@ def _export_tower(module: nn.Module, example: torch.Tensor, path: Path, input_na
         onnx.save_model(graph, str(tmp), save_as_external_data=large, location=f"{path.name}.data")
 
 
+def check_out_dir(out: PathLike, towers: Sequence[str], what: str = "out_dir") -> None:
+    """Refuse, before any work, an output folder holding files that publishing would delete or
+    replace and that no earlier harma_fast export there lists (a user's own text.onnx or
+    harma.json was deleted by an image-only export)."""
+    from .families import HF_TOKENIZER_FILE
+
+    out = Path(out)
+    if not out.is_dir():
+        return
+    replaced = ["harma.json", *TOWER_FILES.values(), *(f"{n}.data" for n in TOWER_FILES.values())]
+    if "text" in towers:
+        replaced += [VOCAB_FILE, HF_TOKENIZER_FILE]
+    ours = _earlier_export_files(out)
+    foreign = [name for name in replaced if (out / name).exists() and name not in ours]
+    if foreign:
+        raise OutputPathError(f"{what} {out} holds {', '.join(foreign)}, not from a harma_fast export (an export there "
+                              "would replace or delete them); export to another folder, or move them away")
+
+
+def _earlier_export_files(out: Path) -> set:
+    """The files the harma.json of an earlier harma_fast export in ``out`` lists (none if it has none)."""
+    try:
+        meta = json.loads((out / "harma.json").read_text())
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return set()
+    towers = meta.get("towers") if isinstance(meta.get("towers"), dict) else {}
+    text = meta.get("text") if isinstance(meta.get("text"), dict) else {}
+    tokenizer = text.get("tokenizer") if isinstance(text.get("tokenizer"), dict) else {}
+    graphs = [name for name in towers.values() if isinstance(name, str)]
+    return {"harma.json", *graphs, *(f"{name}.data" for name in graphs), tokenizer.get("vocab"), tokenizer.get("file")}
+
+
 def _publish(stage: Path, out: Path) -> None:
     """Move a finished export from ``stage`` into ``out``, replacing an earlier export there whole
     (its tower graphs and harma.json go first, so no graph outlives its description)."""
@@ -220,6 +254,7 @@ def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("i
 
     say = progress or (lambda message: None)
     towers = check_export_options(towers, dtype, opset, batch_size, fused, check_file, image_root)
+    check_out_dir(out_dir, towers)
     check_records = None
     if check_file:  # its records and images read now, not after minutes of export and quantization
         from ..data.annotations import load_eval_records
