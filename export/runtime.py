@@ -18,6 +18,7 @@ tested on the CPU provider, the CUDA options by inspection (README: Serving).
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import warnings
@@ -62,7 +63,7 @@ def read_metadata(onnx_dir: Union[str, Path]) -> Dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ExportFileError(f"{path} has format {meta.get('format') if isinstance(meta, dict) else None!r}; this "
                          f"harma_fast reads {FORMAT!r} (re-export with this version)")
-    missing = [k for k in ("towers", "dtype", "embed_dim", "image", "text") if k not in meta]
+    missing = [k for k in ("export_id", "towers", "dtype", "embed_dim", "image", "text") if k not in meta]
     if missing:
         raise ExportFileError(f"{path} lacks {', '.join(missing)}; the export is incomplete (re-export it)")
     problem = _metadata_type_problem(meta)
@@ -72,6 +73,11 @@ def read_metadata(onnx_dir: Union[str, Path]) -> Dict:
         if not (directory / name).is_file():
             raise ExportDirError(f"{path} lists the {tower} tower as {name}, which is missing from {directory} "
                                  "(re-export with `harma-fast export`)")
+    tokenizer = meta["text"].get("tokenizer") or {}
+    name = tokenizer.get("file" if tokenizer.get("type") == "hf_tokenizers" else "vocab")
+    if name and not (directory / name).is_file():
+        raise ExportDirError(f"{path} lists the tokenizer file {name}, which is missing from {directory}: the export "
+                             "is damaged (re-export with `harma-fast export`)")
     return meta
 
 
@@ -80,6 +86,8 @@ def _metadata_type_problem(meta: Dict) -> Optional[str]:
     def positive_int(value) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
+    if not isinstance(meta["export_id"], str) or not meta["export_id"]:
+        return f"'export_id' is {meta['export_id']!r}, not a string"
     if not isinstance(meta["towers"], dict) or not meta["towers"] or not set(meta["towers"]) <= {"image", "text"} \
             or not all(isinstance(v, str) for v in meta["towers"].values()):
         return "'towers' must map 'image' and/or 'text' to graph file names"
@@ -93,19 +101,45 @@ def _metadata_type_problem(meta: Dict) -> Optional[str]:
     if "image" in meta["towers"]:
         if not positive_int(image.get("size")):
             return f"'image.size' is {image.get('size')!r}, not a positive integer"
-        for key in ("mean", "std"):
+        for key in ("mean", "std"):  # JSON reads NaN and Infinity too: every embedding would be NaN
             value = image.get(key)
-            if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value)):
-                return f"'image.{key}' is {value!r}, not three numbers"
-        if any(v == 0 for v in image["std"]):
-            return "'image.std' holds a zero"
+            if not (isinstance(value, list) and len(value) == 3 and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
+                return f"'image.{key}' is {value!r}, not three finite numbers"
+        if any(v <= 0 for v in image["std"]):
+            return f"'image.std' holds a zero or a negative value ({image['std']!r})"
     if "text" in meta["towers"] and not positive_int(text.get("context_length")):
         return f"'text.context_length' is {text.get('context_length')!r}, not a positive integer"
+    problem = _tokenizer_problem(text.get("tokenizer"), text.get("context_length"), positive_int)
+    if problem:
+        return problem
     if text.get("vocab_size") is not None and not positive_int(text["vocab_size"]):
         return f"'text.vocab_size' is {text['vocab_size']!r}, not a positive integer"
     if not meta.get("dynamic_batch", True) and meta.get("batch_size") is not None \
             and not positive_int(meta["batch_size"]):
         return f"'batch_size' is {meta['batch_size']!r}, not a positive integer"
+    return None
+
+
+def _tokenizer_problem(spec, context_length, positive_int) -> Optional[str]:
+    """What is ill-typed in harma.json's ``text.tokenizer`` (None: the export has no tokenizer)."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        return f"'text.tokenizer' is {spec!r}, not an object"
+    kind = spec.get("type", "clip_bpe")
+    if kind not in ("clip_bpe", "hf_tokenizers"):
+        return f"'text.tokenizer.type' is {kind!r}, not 'clip_bpe' or 'hf_tokenizers'"
+    key = "file" if kind == "hf_tokenizers" else "vocab"
+    if not isinstance(spec.get(key), str) or not spec[key]:
+        return f"'text.tokenizer.{key}' is {spec.get(key)!r}, not a file name"
+    if not positive_int(spec.get("context_length")):
+        return f"'text.tokenizer.context_length' is {spec.get('context_length')!r}, not a positive integer"
+    if kind == "hf_tokenizers" and (isinstance(spec.get("pad_id"), bool) or not isinstance(spec.get("pad_id"), int)):
+        return f"'text.tokenizer.pad_id' is {spec.get('pad_id')!r}, not an integer"
+    if context_length is not None and spec["context_length"] != context_length:
+        return (f"the export is inconsistent: the tokenizer makes {spec['context_length']} tokens "
+                f"('text.tokenizer.context_length'), the text graph reads {context_length} ('text.context_length')")
     return None
 
 
@@ -182,8 +216,13 @@ class OrtEncoder:
         # one lock per tower: a fixed-batch tower's bound buffers are shared by every call, and
         # sessions are created lazily; free-batch runs need no lock (InferenceSession.run is thread-safe)
         self._locks = {tower: threading.Lock() for tower in ("image", "text")}
-        spec = self.meta["text"].get("tokenizer")
-        self.tokenizer = load_tokenizer(self.dir, spec)  # CLIP BPE, a HF tokenizer.json, or None
+        try:
+            self.tokenizer = load_tokenizer(self.dir, self.meta["text"].get("tokenizer"))  # CLIP BPE, HF, or None
+        except ImportError:
+            raise
+        except Exception as err:  # noqa: BLE001 - gzip, zlib, UTF-8 and tokenizers' own errors: a damaged file
+            raise ExportFileError(f"the tokenizer file of the export in {self.dir} cannot be read ({type(err).__name__}: "
+                                  f"{str(err)[:200]}): the export is damaged; re-export it with `harma-fast export`") from err
 
     @property
     def embed_dim(self) -> int:
@@ -380,9 +419,10 @@ def check_graph(session, meta: Dict, tower: str, path: Path, fixed_batch: Option
     if len(inputs) != 1 or inputs[0].name != name or inputs[0].type != dtype:
         found = ", ".join(f"{i.name!r} {i.type}" for i in inputs)
         problems.append(f"its input is {found}, harma.json describes {expect}")
-    elif list(inputs[0].shape[1:]) != per_item or (fixed_batch is not None and inputs[0].shape[0] != fixed_batch):
+    elif list(inputs[0].shape[1:]) != per_item or inputs[0].shape[0] != (fixed_batch or inputs[0].shape[0]) \
+            or (fixed_batch is None and isinstance(inputs[0].shape[0], int)):  # a fixed-batch graph in a free-batch export
         problems.append(f"its input has shape {tuple(inputs[0].shape)}, harma.json describes {expect}"
-                        + (f" with batch {fixed_batch}" if fixed_batch is not None else ""))
+                        + (f" with batch {fixed_batch}" if fixed_batch is not None else " with a free batch axis"))
     width = outputs[0].shape[-1] if outputs and outputs[0].shape else None
     if not outputs or outputs[0].name != "embeddings" or (isinstance(width, int) and width != meta["embed_dim"]):
         found = ", ".join(f"{o.name!r} {tuple(o.shape)}" for o in outputs)

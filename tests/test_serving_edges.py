@@ -132,7 +132,8 @@ def test_16_bit_and_float_images_are_refused_not_clipped(exports, tmp_path):
 
 @pytest.mark.parametrize("edits, match", [
     ({"image__size": 48}, r"its input has shape .*harma.json describes input 'pixels'"),
-    ({"text__context_length": 12}, r"its input has shape .*harma.json describes input 'tokens'"),
+    ({"text__context_length": 12, "text__tokenizer__context_length": 12},
+     r"its input has shape .*harma.json describes input 'tokens'"),
     ({"embed_dim": 7}, r"its output is 'embeddings' .*width 7"),
     ({"towers": {"image": "text.onnx", "text": "image.onnx"}}, "its input is 'tokens'"),
 ])
@@ -147,13 +148,56 @@ def test_a_fixed_batch_that_does_not_match_is_refused(exports, tmp_path):
     bad = OrtEncoder(copy_export(exports["static"], tmp_path / "edited", batch_size=4))
     with pytest.raises(ExportFileError, match=r"with batch 4"):
         bad.encode_texts(["a lake"])
+    # a fixed-batch graph copied into a free-batch export ran, then failed inside ONNX Runtime
+    mixed = copy_export(exports["dynamic"], tmp_path / "mixed")
+    shutil.copy(exports["static"] / "image.onnx", mixed / "image.onnx")
+    with pytest.raises(ExportFileError, match=r"image.onnx does not match .*input has shape \(3, 3, .*with a free "
+                                              r"batch axis.*re-export the model"):
+        OrtEncoder(mixed).encode_images([write_image(tmp_path / "a.png", 16)])
+
+
+@pytest.mark.parametrize("edits, match", [
+    ({"text__tokenizer": "clip"}, "'text.tokenizer' is 'clip', not an object"),
+    ({"text__tokenizer__context_length": "32"}, "'text.tokenizer.context_length' is '32', not a positive integer"),
+    ({"text__tokenizer__vocab": None}, "'text.tokenizer.vocab' is None, not a file name"),
+    ({"text__tokenizer__context_length": 9}, "the export is inconsistent: the tokenizer makes 9 tokens"),
+    ({"image__mean": [0.5, float("nan"), 0.5]}, r"'image.mean' is \[0.5, nan, 0.5\], not three finite numbers"),
+    ({"image__std": [0.5, float("inf"), 0.5]}, "'image.std' is .*inf.*, not three finite numbers"),
+    ({"image__std": [0.5, -0.2, 0.5]}, "'image.std' holds a zero or a negative value"),
+    ({"export_id": 7}, "'export_id' is 7, not a string"),
+])
+def test_tampered_metadata_is_refused_on_opening(exports, tmp_path, edits, match):
+    # each was an AttributeError, TypeError or KeyError later on, or NaN embeddings
+    bad = copy_export(exports["dynamic"], tmp_path / "edited", **edits)
+    with pytest.raises(ExportFileError, match=match + ".*edited or damaged"):
+        OrtEncoder(bad)
+
+
+def test_a_missing_or_damaged_tokenizer_file_says_the_export_is_damaged(exports, tmp_path):
+    from harma_fast.export.runtime import ExportDirError
+
+    bad = copy_export(exports["dynamic"], tmp_path / "edited")
+    meta = json.loads((bad / "harma.json").read_text())
+    del meta["export_id"]  # a KeyError in search
+    (bad / "harma.json").write_text(json.dumps(meta))
+    with pytest.raises(ExportFileError, match="lacks export_id"):
+        OrtEncoder(bad)
+    shutil.copy(exports["dynamic"] / "harma.json", bad / "harma.json")
+    vocab = bad / "bpe_simple_vocab_16e6.txt.gz"
+    for damage in (b"", b"not gzip", vocab.read_bytes()[:4000]):
+        vocab.write_bytes(damage)
+        with pytest.raises(ExportFileError, match="tokenizer file of the export .* the export is damaged; re-export"):
+            OrtEncoder(bad)
+    vocab.unlink()
+    with pytest.raises(ExportDirError, match="lists the tokenizer file bpe_simple_vocab_16e6.txt.gz, which is missing"):
+        OrtEncoder(bad)
 
 
 @pytest.mark.parametrize("edits, match", [
     ({"embed_dim": "512"}, "'embed_dim' is '512', not a positive integer"),
     ({"image__size": -3}, "'image.size' is -3"),
     ({"image__std": [0.5, 0, 0.5]}, "'image.std' holds a zero"),
-    ({"image__mean": [0.5]}, r"'image.mean' is \[0.5\], not three numbers"),
+    ({"image__mean": [0.5]}, r"'image.mean' is \[0.5\], not three finite numbers"),
     ({"dtype": "int4"}, "'dtype' is 'int4'"),
     ({"towers": ["image.onnx"]}, "'towers' must map"),
 ])
