@@ -35,6 +35,7 @@ from ..data.transforms import model_image_spec
 from ..errors import ConfigError, HarmaError, OutputPathError
 from ..io import PathLike, atomic_path
 from . import quantize
+from .runtime import GRAPH_DTYPE_KEY
 
 FORMAT = "harma_fast.onnx/1"
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -113,7 +114,7 @@ def _tokenizer_spec(model: nn.Module, name: Optional[str]) -> Optional[Dict]:
 
 
 def _export_tower(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, opset: Optional[int],
-                  batch_size: Optional[int], fused: bool) -> None:
+                  batch_size: Optional[int], fused: bool, dtype: str) -> None:
     import onnx
 
     from .fuse import fold_initializer_transposes, translation_table
@@ -124,6 +125,9 @@ def _export_tower(module: nn.Module, example: torch.Tensor, path: Path, input_na
                                 custom_translation_table=translation_table() if fused else None)
     graph = program.model_proto
     fold_initializer_transposes(graph)
+    # what the runtime checks against harma.json (an fp16 graph swapped into an fp32 export looks alike
+    # from outside: float32 in, float32 out); int8 graphs say so themselves (producer onnx.quantize)
+    graph.metadata_props.add(key=GRAPH_DTYPE_KEY, value=dtype)
     with atomic_path(path) as tmp:
         # graphs past protobuf's 2 GiB limit (ViT-bigG) keep their weights in a file beside them
         large = graph.ByteSize() > LARGE_GRAPH_BYTES
@@ -306,7 +310,7 @@ def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("i
                         module, name = TextTower(work), "tokens"
                         example = torch.randint(1, min(vocab_size(work), 49406),
                                                 (batch_size or 2, int(work.context_length)))
-                    _export_tower(module.eval(), example, path, name, opset, batch_size, fused)
+                    _export_tower(module.eval(), example, path, name, opset, batch_size, fused, float_dtype)
         finally:
             torch.backends.mha.set_fastpath_enabled(previous)
         if tokenizer:

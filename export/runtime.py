@@ -31,6 +31,7 @@ from ..errors import ConfigError, HarmaError, InputPathError
 from .families import load_tokenizer
 
 FORMAT = "harma_fast.onnx/1"
+GRAPH_DTYPE_KEY = "harma_fast.dtype"  # in each float graph's metadata_props (export_onnx writes it)
 ImageLike = Union[str, Path, "PIL.Image.Image"]  # noqa: F821
 # fp16 graphs crash ONNX Runtime's CPU provider at session creation in this layout pass (NCHWc
 # blocking of the patch Conv); everything else of the full optimisation level is kept.
@@ -427,9 +428,21 @@ def check_graph(session, meta: Dict, tower: str, path: Path, fixed_batch: Option
     if not outputs or outputs[0].name != "embeddings" or (isinstance(width, int) and width != meta["embed_dim"]):
         found = ", ".join(f"{o.name!r} {tuple(o.shape)}" for o in outputs)
         problems.append(f"its output is {found}, harma.json says 'embeddings' of width {meta['embed_dim']}")
+    graph_dtype = graph_dtype_of(session)
+    if graph_dtype and graph_dtype != meta["dtype"]:
+        problems.append(f"it is an {graph_dtype} graph, harma.json says dtype {meta['dtype']}")
     if problems:
         raise ExportFileError(f"{path} does not match {path.parent / 'harma.json'}: {'; '.join(problems)}. The "
                               "graph or harma.json was edited or comes from another export: re-export the model")
+
+
+def graph_dtype_of(session) -> Optional[str]:
+    """The dtype a graph was exported in, from its metadata (None for graphs of older exports):
+    int8 graphs are ONNX Runtime quantizer's ("onnx.quantize"), float graphs record their dtype."""
+    model = session.get_modelmeta()
+    if model.producer_name == "onnx.quantize":
+        return "int8"
+    return model.custom_metadata_map.get(GRAPH_DTYPE_KEY)
 
 
 def open_session(path: Path, options, providers: Sequence[str]):

@@ -156,6 +156,17 @@ def test_a_fixed_batch_that_does_not_match_is_refused(exports, tmp_path):
         OrtEncoder(mixed).encode_images([write_image(tmp_path / "a.png", 16)])
 
 
+def test_a_graph_of_another_dtype_is_refused(exports, tmp_path):
+    # float32 in and out whatever the weights: an int8 or fp16 graph in an fp32 export ran unnoticed
+    mixed = copy_export(exports["dynamic"], tmp_path / "mixed")
+    shutil.copy(exports["int8"] / "text.onnx", mixed / "text.onnx")
+    with pytest.raises(ExportFileError, match="text.onnx does not match .*it is an int8 graph, harma.json says dtype "
+                                              "fp32.*re-export the model"):
+        OrtEncoder(mixed).encode_texts("a lake")
+    with pytest.raises(ExportFileError, match="it is an fp32 graph, harma.json says dtype fp16"):
+        OrtEncoder(copy_export(exports["dynamic"], tmp_path / "fp16", dtype="fp16")).encode_texts("a lake")
+
+
 @pytest.mark.parametrize("edits, match", [
     ({"text__tokenizer": "clip"}, "'text.tokenizer' is 'clip', not an object"),
     ({"text__tokenizer__context_length": "32"}, "'text.tokenizer.context_length' is '32', not a positive integer"),
