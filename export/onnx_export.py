@@ -113,6 +113,15 @@ def _tokenizer_spec(model: nn.Module, name: Optional[str]) -> Optional[Dict]:
     return {"type": "clip_bpe", "vocab": VOCAB_FILE, "context_length": int(model.context_length)}
 
 
+def _check_finite(model: nn.Module) -> None:
+    """Refuse NaN or infinite weights before exporting: the export ran for minutes, then parity
+    blamed ONNX ("does not match PyTorch, max abs nan")."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ConfigError(f"the model's {name} holds NaN or infinite values (adapters of a diverged training run?); "
+                              "export weights that are finite")
+
+
 def _export_tower(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, opset: Optional[int],
                   batch_size: Optional[int], fused: bool, dtype: str) -> None:
     import onnx
@@ -259,6 +268,7 @@ def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("i
     say = progress or (lambda message: None)
     towers = check_export_options(towers, dtype, opset, batch_size, fused, check_file, image_root)
     check_out_dir(out_dir, towers)
+    _check_finite(model)
     check_records = None
     if check_file:  # its records and images read now, not after minutes of export and quantization
         from ..data.annotations import load_eval_records
