@@ -63,7 +63,7 @@ def run_export(args: argparse.Namespace) -> int:
     from .onnx_export import check_export_options, check_out_dir, export_onnx
 
     check_export_options(args.towers, args.dtype, args.opset, args.static_batch, not args.plain_onnx,
-                         args.check_file, args.image_root)
+                         args.check_file, args.image_root, flags=True)
     check_out_dir(args.out, args.towers, "--out")
 
     model = create_model(args.model, args.pretrained)

@@ -212,9 +212,13 @@ def opset_range() -> Tuple[int, int]:
 
 
 def check_export_options(towers: Sequence[str], dtype: str, opset: Optional[int], batch_size: Optional[int],
-                         fused: bool, check_file: Optional[PathLike], image_root: Optional[PathLike]) -> tuple:
+                         fused: bool, check_file: Optional[PathLike], image_root: Optional[PathLike],
+                         flags: bool = False) -> tuple:
     """Refuse options :func:`export_onnx` cannot honour, before any work (the CLI calls it before
-    loading the model); returns ``towers`` as a tuple."""
+    loading the model, with ``flags``: the messages then name its flags); returns ``towers`` as a tuple."""
+    def name(argument: str, flag: str) -> str:
+        return flag if flags else argument
+
     if dtype not in _DTYPES:
         raise ConfigError(f"dtype must be 'fp32', 'fp16' or 'int8', got {dtype!r}")
     towers = tuple(towers)
@@ -223,14 +227,15 @@ def check_export_options(towers: Sequence[str], dtype: str, opset: Optional[int]
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                    or batch_size < 1):
         raise ConfigError(f"batch_size must be a positive integer (or None for a free batch axis), got {batch_size!r}")
+    int8 = name("dtype='int8'", "--dtype int8")
     if dtype == "int8" and not fused:
-        raise ConfigError("dtype='int8' quantizes the fused graphs; drop fused=False (--plain-onnx)")
+        raise ConfigError(f"{int8} quantizes the fused graphs; drop {name('fused=False (--plain-onnx)', '--plain-onnx')}")
     if check_file is not None and (dtype != "int8" or image_root is None or set(towers) != {"image", "text"}):
-        raise ConfigError("check_file (--check-file) judges int8 retrieval: it needs dtype='int8', both towers and "
-                          "image_root (--image-root)")
+        raise ConfigError(f"{name('check_file (--check-file)', '--check-file')} judges int8 retrieval: it needs {int8}, "
+                          f"both towers and {name('image_root (--image-root)', '--image-root')}")
     low, high = opset_range()
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high):
-        raise ConfigError(f"opset must be an integer from {low} to {high} (what torch {torch.__version__}'s ONNX "
+        raise ConfigError(f"{name('opset', '--opset')} must be an integer from {low} to {high} (what torch {torch.__version__}'s ONNX "
                           f"exporter writes), got {opset!r}; leave it out for the exporter's default")
     return towers
 

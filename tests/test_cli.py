@@ -512,3 +512,13 @@ def test_search_html_shows_file_names_that_are_not_utf8(gallery, tmp_path, capsy
     text = page.read_text(encoding="utf-8")
     assert "bad\\xff&lt;b&gt;.png" in text and text.count("<img ") == 5
     assert "bad\\xff<b>.png" in capsys.readouterr().out  # stdout may be strict UTF-8 too
+
+
+def test_export_option_errors_name_the_flags(tmp_path, capsys, no_model):
+    # they named the Python arguments (dtype='int8' ... fused=False) on the command line too
+    argv = ["export", "--model", "HarMA-Tiny", "--out", str(tmp_path / "o")]
+    assert main([*argv, "--dtype", "int8", "--plain-onnx"]) == 2
+    assert "error: --dtype int8 quantizes the fused graphs; drop --plain-onnx" in capsys.readouterr().err
+    assert main([*argv, "--check-file", __file__, "--image-root", str(tmp_path)]) == 2
+    assert "error: --check-file judges int8 retrieval: it needs --dtype int8, both towers and --image-root" in \
+        capsys.readouterr().err
