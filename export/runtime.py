@@ -165,8 +165,9 @@ def usable_providers(providers: Union[str, Sequence[str], None], dtype: str) -> 
     wanted = [providers] if isinstance(providers, str) else list(providers)  # a string is one provider
     if not all(isinstance(p, str) for p in wanted):
         raise ConfigError(f"providers must be ONNX Runtime provider names, got {providers!r}")
-    if dtype == "int8" and wanted != ["CPUExecutionProvider"]:
-        warnings.warn(f"int8 graphs run on the CPU provider only; {wanted} ignored", stacklevel=3)
+    others = [p for p in wanted if p != "CPUExecutionProvider"]
+    if dtype == "int8" and others:
+        warnings.warn(f"int8 graphs run on the CPU provider only: {', '.join(others)} not used", stacklevel=3)
         wanted = ["CPUExecutionProvider"]
     available = ort.get_available_providers()
     usable = [p for p in wanted if p in available]
