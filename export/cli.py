@@ -60,10 +60,11 @@ def run_export(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")
 
     from .. import create_model, load_adapters, load_released_checkpoint
-    from .onnx_export import check_export_options, export_onnx
+    from .onnx_export import check_export_options, check_out_dir, export_onnx
 
     check_export_options(args.towers, args.dtype, args.opset, args.static_batch, not args.plain_onnx,
-                         args.check_file, args.image_root)
+                         args.check_file, args.image_root, flags=True)
+    check_out_dir(args.out, args.towers, "--out")
 
     model = create_model(args.model, args.pretrained)
     if args.adapters:
@@ -95,7 +96,7 @@ def run_search(args: argparse.Namespace) -> int:
     require_dir(args.images, "--images")
 
     from .runtime import OrtEncoder
-    from .search import GalleryIndex, truncation_warning, write_html
+    from .search import GalleryIndex, shown, truncation_warning, write_html
 
     encoder = OrtEncoder(args.onnx)
     encoder.require_text()  # before the whole folder is embedded and indexed
@@ -109,7 +110,7 @@ def run_search(args: argparse.Namespace) -> int:
     hits = index.search(query, args.top_k)
     print(f"rank, cosine similarity of image and query, image ({len(hits)} of {len(index.names)})", file=sys.stderr)
     for hit in hits:
-        print(f"{hit.rank:>3}  cos {hit.score:+.4f}  {hit.path}")
+        print(f"{hit.rank:>3}  cos {hit.score:+.4f}  {shown(hit.path)}")
     if args.html:
         write_html(args.html, query, hits)
         print(f"wrote {args.html}", file=sys.stderr)

@@ -32,9 +32,10 @@ import torch
 from torch import nn
 
 from ..data.transforms import model_image_spec
-from ..errors import ConfigError, HarmaError
+from ..errors import ConfigError, HarmaError, OutputPathError
 from ..io import PathLike, atomic_path
 from . import quantize
+from .runtime import GRAPH_DTYPE_KEY
 
 FORMAT = "harma_fast.onnx/1"
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -112,8 +113,17 @@ def _tokenizer_spec(model: nn.Module, name: Optional[str]) -> Optional[Dict]:
     return {"type": "clip_bpe", "vocab": VOCAB_FILE, "context_length": int(model.context_length)}
 
 
+def _check_finite(model: nn.Module) -> None:
+    """Refuse NaN or infinite weights before exporting: the export ran for minutes, then parity
+    blamed ONNX ("does not match PyTorch, max abs nan")."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ConfigError(f"the model's {name} holds NaN or infinite values (adapters of a diverged training run?); "
+                              "export weights that are finite")
+
+
 def _export_tower(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, opset: Optional[int],
-                  batch_size: Optional[int], fused: bool) -> None:
+                  batch_size: Optional[int], fused: bool, dtype: str) -> None:
     import onnx
 
     from .fuse import fold_initializer_transposes, translation_table
@@ -124,10 +134,47 @@ def _export_tower(module: nn.Module, example: torch.Tensor, path: Path, input_na
                                 custom_translation_table=translation_table() if fused else None)
     graph = program.model_proto
     fold_initializer_transposes(graph)
+    # what the runtime checks against harma.json (an fp16 graph swapped into an fp32 export looks alike
+    # from outside: float32 in, float32 out); int8 graphs say so themselves (producer onnx.quantize)
+    graph.metadata_props.add(key=GRAPH_DTYPE_KEY, value=dtype)
     with atomic_path(path) as tmp:
         # graphs past protobuf's 2 GiB limit (ViT-bigG) keep their weights in a file beside them
         large = graph.ByteSize() > LARGE_GRAPH_BYTES
         onnx.save_model(graph, str(tmp), save_as_external_data=large, location=f"{path.name}.data")
+
+
+def check_out_dir(out: PathLike, towers: Sequence[str], what: str = "out_dir") -> None:
+    """Refuse, before any work, an output folder holding files that publishing would delete or
+    replace and that no earlier harma_fast export there lists (a user's own text.onnx or
+    harma.json was deleted by an image-only export)."""
+    from .families import HF_TOKENIZER_FILE
+
+    out = Path(out)
+    if not out.is_dir():
+        return
+    replaced = ["harma.json", *TOWER_FILES.values(), *(f"{n}.data" for n in TOWER_FILES.values())]
+    if "text" in towers:
+        replaced += [VOCAB_FILE, HF_TOKENIZER_FILE]
+    ours = _earlier_export_files(out)
+    foreign = [name for name in replaced if (out / name).exists() and name not in ours]
+    if foreign:
+        raise OutputPathError(f"{what} {out} holds {', '.join(foreign)}, not from a harma_fast export (an export there "
+                              "would replace or delete them); export to another folder, or move them away")
+
+
+def _earlier_export_files(out: Path) -> set:
+    """The files the harma.json of an earlier harma_fast export in ``out`` lists (none if it has none)."""
+    try:
+        meta = json.loads((out / "harma.json").read_text())
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return set()
+    towers = meta.get("towers") if isinstance(meta.get("towers"), dict) else {}
+    text = meta.get("text") if isinstance(meta.get("text"), dict) else {}
+    tokenizer = text.get("tokenizer") if isinstance(text.get("tokenizer"), dict) else {}
+    graphs = [name for name in towers.values() if isinstance(name, str)]
+    return {"harma.json", *graphs, *(f"{name}.data" for name in graphs), tokenizer.get("vocab"), tokenizer.get("file")}
 
 
 def _publish(stage: Path, out: Path) -> None:
@@ -165,9 +212,13 @@ def opset_range() -> Tuple[int, int]:
 
 
 def check_export_options(towers: Sequence[str], dtype: str, opset: Optional[int], batch_size: Optional[int],
-                         fused: bool, check_file: Optional[PathLike], image_root: Optional[PathLike]) -> tuple:
+                         fused: bool, check_file: Optional[PathLike], image_root: Optional[PathLike],
+                         flags: bool = False) -> tuple:
     """Refuse options :func:`export_onnx` cannot honour, before any work (the CLI calls it before
-    loading the model); returns ``towers`` as a tuple."""
+    loading the model, with ``flags``: the messages then name its flags); returns ``towers`` as a tuple."""
+    def name(argument: str, flag: str) -> str:
+        return flag if flags else argument
+
     if dtype not in _DTYPES:
         raise ConfigError(f"dtype must be 'fp32', 'fp16' or 'int8', got {dtype!r}")
     towers = tuple(towers)
@@ -176,14 +227,15 @@ def check_export_options(towers: Sequence[str], dtype: str, opset: Optional[int]
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                    or batch_size < 1):
         raise ConfigError(f"batch_size must be a positive integer (or None for a free batch axis), got {batch_size!r}")
+    int8 = name("dtype='int8'", "--dtype int8")
     if dtype == "int8" and not fused:
-        raise ConfigError("dtype='int8' quantizes the fused graphs; drop fused=False (--plain-onnx)")
+        raise ConfigError(f"{int8} quantizes the fused graphs; drop {name('fused=False (--plain-onnx)', '--plain-onnx')}")
     if check_file is not None and (dtype != "int8" or image_root is None or set(towers) != {"image", "text"}):
-        raise ConfigError("check_file (--check-file) judges int8 retrieval: it needs dtype='int8', both towers and "
-                          "image_root (--image-root)")
+        raise ConfigError(f"{name('check_file (--check-file)', '--check-file')} judges int8 retrieval: it needs {int8}, "
+                          f"both towers and {name('image_root (--image-root)', '--image-root')}")
     low, high = opset_range()
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high):
-        raise ConfigError(f"opset must be an integer from {low} to {high} (what torch {torch.__version__}'s ONNX "
+        raise ConfigError(f"{name('opset', '--opset')} must be an integer from {low} to {high} (what torch {torch.__version__}'s ONNX "
                           f"exporter writes), got {opset!r}; leave it out for the exporter's default")
     return towers
 
@@ -220,6 +272,8 @@ def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("i
 
     say = progress or (lambda message: None)
     towers = check_export_options(towers, dtype, opset, batch_size, fused, check_file, image_root)
+    check_out_dir(out_dir, towers)
+    _check_finite(model)
     check_records = None
     if check_file:  # its records and images read now, not after minutes of export and quantization
         from ..data.annotations import load_eval_records
@@ -271,7 +325,7 @@ def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("i
                         module, name = TextTower(work), "tokens"
                         example = torch.randint(1, min(vocab_size(work), 49406),
                                                 (batch_size or 2, int(work.context_length)))
-                    _export_tower(module.eval(), example, path, name, opset, batch_size, fused)
+                    _export_tower(module.eval(), example, path, name, opset, batch_size, fused, float_dtype)
         finally:
             torch.backends.mha.set_fastpath_enabled(previous)
         if tokenizer:

@@ -18,16 +18,20 @@ tested on the CPU provider, the CUDA options by inspection (README: Serving).
 from __future__ import annotations
 
 import json
+import math
+import os
 import threading
+import warnings
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ..errors import HarmaError
+from ..errors import ConfigError, HarmaError, InputPathError
 from .families import load_tokenizer
 
 FORMAT = "harma_fast.onnx/1"
+GRAPH_DTYPE_KEY = "harma_fast.dtype"  # in each float graph's metadata_props (export_onnx writes it)
 ImageLike = Union[str, Path, "PIL.Image.Image"]  # noqa: F821
 # fp16 graphs crash ONNX Runtime's CPU provider at session creation in this layout pass (NCHWc
 # blocking of the patch Conv); everything else of the full optimisation level is kept.
@@ -47,7 +51,9 @@ def read_metadata(onnx_dir: Union[str, Path]) -> Dict:
     directory = Path(onnx_dir)
     path = directory / "harma.json"
     if not directory.is_dir():
-        raise ExportDirError(f"ONNX export directory {directory} does not exist")
+        state = "is a file, not a folder (give the export folder holding harma.json)" if directory.exists() \
+            else "does not exist"
+        raise ExportDirError(f"ONNX export directory {directory} {state}")
     if not path.is_file():
         raise ExportDirError(f"{directory} has no harma.json: not an export of harma_fast.export.export_onnx "
                                 "(run `harma-fast export` to make one)")
@@ -58,7 +64,7 @@ def read_metadata(onnx_dir: Union[str, Path]) -> Dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ExportFileError(f"{path} has format {meta.get('format') if isinstance(meta, dict) else None!r}; this "
                          f"harma_fast reads {FORMAT!r} (re-export with this version)")
-    missing = [k for k in ("towers", "dtype", "embed_dim", "image", "text") if k not in meta]
+    missing = [k for k in ("export_id", "towers", "dtype", "embed_dim", "image", "text") if k not in meta]
     if missing:
         raise ExportFileError(f"{path} lacks {', '.join(missing)}; the export is incomplete (re-export it)")
     problem = _metadata_type_problem(meta)
@@ -68,6 +74,11 @@ def read_metadata(onnx_dir: Union[str, Path]) -> Dict:
         if not (directory / name).is_file():
             raise ExportDirError(f"{path} lists the {tower} tower as {name}, which is missing from {directory} "
                                  "(re-export with `harma-fast export`)")
+    tokenizer = meta["text"].get("tokenizer") or {}
+    name = tokenizer.get("file" if tokenizer.get("type") == "hf_tokenizers" else "vocab")
+    if name and not (directory / name).is_file():
+        raise ExportDirError(f"{path} lists the tokenizer file {name}, which is missing from {directory}: the export "
+                             "is damaged (re-export with `harma-fast export`)")
     return meta
 
 
@@ -76,6 +87,8 @@ def _metadata_type_problem(meta: Dict) -> Optional[str]:
     def positive_int(value) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
+    if not isinstance(meta["export_id"], str) or not meta["export_id"]:
+        return f"'export_id' is {meta['export_id']!r}, not a string"
     if not isinstance(meta["towers"], dict) or not meta["towers"] or not set(meta["towers"]) <= {"image", "text"} \
             or not all(isinstance(v, str) for v in meta["towers"].values()):
         return "'towers' must map 'image' and/or 'text' to graph file names"
@@ -89,19 +102,45 @@ def _metadata_type_problem(meta: Dict) -> Optional[str]:
     if "image" in meta["towers"]:
         if not positive_int(image.get("size")):
             return f"'image.size' is {image.get('size')!r}, not a positive integer"
-        for key in ("mean", "std"):
+        for key in ("mean", "std"):  # JSON reads NaN and Infinity too: every embedding would be NaN
             value = image.get(key)
-            if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value)):
-                return f"'image.{key}' is {value!r}, not three numbers"
-        if any(v == 0 for v in image["std"]):
-            return "'image.std' holds a zero"
+            if not (isinstance(value, list) and len(value) == 3 and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
+                return f"'image.{key}' is {value!r}, not three finite numbers"
+        if any(v <= 0 for v in image["std"]):
+            return f"'image.std' holds a zero or a negative value ({image['std']!r})"
     if "text" in meta["towers"] and not positive_int(text.get("context_length")):
         return f"'text.context_length' is {text.get('context_length')!r}, not a positive integer"
+    problem = _tokenizer_problem(text.get("tokenizer"), text.get("context_length"), positive_int)
+    if problem:
+        return problem
     if text.get("vocab_size") is not None and not positive_int(text["vocab_size"]):
         return f"'text.vocab_size' is {text['vocab_size']!r}, not a positive integer"
     if not meta.get("dynamic_batch", True) and meta.get("batch_size") is not None \
             and not positive_int(meta["batch_size"]):
         return f"'batch_size' is {meta['batch_size']!r}, not a positive integer"
+    return None
+
+
+def _tokenizer_problem(spec, context_length, positive_int) -> Optional[str]:
+    """What is ill-typed in harma.json's ``text.tokenizer`` (None: the export has no tokenizer)."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        return f"'text.tokenizer' is {spec!r}, not an object"
+    kind = spec.get("type", "clip_bpe")
+    if kind not in ("clip_bpe", "hf_tokenizers"):
+        return f"'text.tokenizer.type' is {kind!r}, not 'clip_bpe' or 'hf_tokenizers'"
+    key = "file" if kind == "hf_tokenizers" else "vocab"
+    if not isinstance(spec.get(key), str) or not spec[key]:
+        return f"'text.tokenizer.{key}' is {spec.get(key)!r}, not a file name"
+    if not positive_int(spec.get("context_length")):
+        return f"'text.tokenizer.context_length' is {spec.get('context_length')!r}, not a positive integer"
+    if kind == "hf_tokenizers" and (isinstance(spec.get("pad_id"), bool) or not isinstance(spec.get("pad_id"), int)):
+        return f"'text.tokenizer.pad_id' is {spec.get('pad_id')!r}, not an integer"
+    if context_length is not None and spec["context_length"] != context_length:
+        return (f"the export is inconsistent: the tokenizer makes {spec['context_length']} tokens "
+                f"('text.tokenizer.context_length'), the text graph reads {context_length} ('text.context_length')")
     return None
 
 
@@ -112,6 +151,37 @@ def default_providers(dtype: str = "fp32") -> List[str]:
     available = ort.get_available_providers()
     wanted = ("CPUExecutionProvider",) if dtype == "int8" else ("CUDAExecutionProvider", "CPUExecutionProvider")
     return [p for p in wanted if p in available]
+
+
+def usable_providers(providers: Union[str, Sequence[str], None], dtype: str) -> List[str]:
+    """``providers`` (one name or a list; default :func:`default_providers`) that this onnxruntime
+    has, in order: the first is the one sessions run on, so session options and the fixed-batch
+    buffers are planned for it (an unavailable CUDA listed first made the buffers CUDA memory on a
+    CPU-only onnxruntime). int8 graphs (dynamic quantization, a CPU format) run on the CPU provider."""
+    import onnxruntime as ort
+
+    if providers is None:
+        return default_providers(dtype)
+    wanted = [providers] if isinstance(providers, str) else list(providers)  # a string is one provider
+    if not all(isinstance(p, str) for p in wanted):
+        raise ConfigError(f"providers must be ONNX Runtime provider names, got {providers!r}")
+    others = [p for p in wanted if p != "CPUExecutionProvider"]
+    if dtype == "int8" and others:
+        warnings.warn(f"int8 graphs run on the CPU provider only: {', '.join(others)} not used", stacklevel=3)
+        wanted = ["CPUExecutionProvider"]
+    available = ort.get_available_providers()
+    usable = [p for p in wanted if p in available]
+    if not usable:
+        raise ConfigError(f"none of the providers {wanted} is available in this onnxruntime "
+                          f"{ort.__version__} (it has: {', '.join(available)})")
+    return usable
+
+
+def check_batch_size(batch_size) -> int:
+    """A positive integer batch size (0 returned nothing, a negative one raised from range())."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    return batch_size
 
 
 def provider_list(providers: Sequence[str], fixed_batch: Optional[int]) -> List:
@@ -137,19 +207,24 @@ def session_options(dtype: str, provider: str, threads: Optional[int] = None):
 class OrtEncoder:
     """Image and caption embeddings (L2-normalised float32) from an export directory."""
 
-    def __init__(self, onnx_dir: Union[str, Path], providers: Optional[Sequence[str]] = None,
+    def __init__(self, onnx_dir: Union[str, Path], providers: Union[str, Sequence[str], None] = None,
                  threads: Optional[int] = None):
         self.dir = Path(onnx_dir)
         self.meta = read_metadata(self.dir)
-        self.providers = list(providers or default_providers(self.meta["dtype"]))
+        self.providers = usable_providers(providers, self.meta["dtype"])
         self.threads = threads
         self._sessions: Dict = {}
         self._bindings: Dict = {}
         # one lock per tower: a fixed-batch tower's bound buffers are shared by every call, and
         # sessions are created lazily; free-batch runs need no lock (InferenceSession.run is thread-safe)
         self._locks = {tower: threading.Lock() for tower in ("image", "text")}
-        spec = self.meta["text"].get("tokenizer")
-        self.tokenizer = load_tokenizer(self.dir, spec)  # CLIP BPE, a HF tokenizer.json, or None
+        try:
+            self.tokenizer = load_tokenizer(self.dir, self.meta["text"].get("tokenizer"))  # CLIP BPE, HF, or None
+        except ImportError:
+            raise
+        except Exception as err:  # noqa: BLE001 - gzip, zlib, UTF-8 and tokenizers' own errors: a damaged file
+            raise ExportFileError(f"the tokenizer file of the export in {self.dir} cannot be read ({type(err).__name__}: "
+                                  f"{str(err)[:200]}): the export is damaged; re-export it with `harma-fast export`") from err
 
     @property
     def embed_dim(self) -> int:
@@ -198,10 +273,15 @@ class OrtEncoder:
         from ..io import open_rgb, to_rgb
 
         spec = self.meta["image"]
+        if not isinstance(image, (Image.Image, str, os.PathLike)):
+            raise ConfigError(f"an image must be a file path or a PIL image, got {type(image).__name__}; pass "
+                              "arrays as PIL.Image.fromarray(array), or normalised pixels to encode_pixels")
         if not isinstance(image, Image.Image):
             path = Path(image)
+            if path.is_dir():
+                raise InputPathError(f"image {path} is a folder, not an image file")
             if not path.is_file():
-                raise FileNotFoundError(f"image {path} does not exist")
+                raise InputPathError(f"image {path} does not exist")
             # a ValueError (ImageReadError) for an undecodable, too large, 16-bit or float image
             image = open_rgb(path)
         else:
@@ -228,8 +308,13 @@ class OrtEncoder:
                              "infinite; check the image decoding or normalisation that made them")
         return self._run("image", "pixels", pixels)
 
-    def encode_images(self, images: Iterable[ImageLike], batch_size: int = 32) -> np.ndarray:
-        images = list(images)
+    def encode_images(self, images: Union[ImageLike, Iterable[ImageLike]], batch_size: int = 32) -> np.ndarray:
+        """Embeddings of images (file paths or PIL images; one image or several)."""
+        from PIL import Image
+
+        check_batch_size(batch_size)
+        # one path or image, as encode_texts takes one string (a path string was iterated by character)
+        images = [images] if isinstance(images, (str, os.PathLike, Image.Image)) else list(images)
         out = [self.encode_pixels(np.stack([self.preprocess(im) for im in images[i:i + batch_size]]))
                for i in range(0, len(images), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
@@ -273,7 +358,9 @@ class OrtEncoder:
         import onnxruntime as ort
 
         if tower not in self._bindings:
-            device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+            # the provider the session runs on (it may have fallen back from the first one listed)
+            session_provider = self._sessions[tower].get_providers()[0]
+            device = "cuda" if session_provider == "CUDAExecutionProvider" else "cpu"
             # buffers of ONNX Runtime's own: an OrtValue made from a numpy array would share the
             # caller's memory on the CPU, and the next batch's update would overwrite their input
             x = ort.OrtValue.ortvalue_from_shape_and_type(chunk.shape, chunk.dtype, device, 0)
@@ -300,7 +387,11 @@ class OrtEncoder:
         measured on the demo model, a query with both shared 5 of its top 10 hits with its cleaned
         form). ``clean=False`` tokenizes the texts as given."""
         self.require_text()
+        check_batch_size(batch_size)
         texts = [texts] if isinstance(texts, str) else list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise ConfigError(f"texts[{i}] is {text!r}, not a string; encode_texts takes captions (strings)")
         if clean:
             texts = [clean_query(t) for t in texts]
         out = [self.encode_tokens(self.tokenizer(texts[i:i + batch_size])) for i in range(0, len(texts), batch_size)]
@@ -330,16 +421,29 @@ def check_graph(session, meta: Dict, tower: str, path: Path, fixed_batch: Option
     if len(inputs) != 1 or inputs[0].name != name or inputs[0].type != dtype:
         found = ", ".join(f"{i.name!r} {i.type}" for i in inputs)
         problems.append(f"its input is {found}, harma.json describes {expect}")
-    elif list(inputs[0].shape[1:]) != per_item or (fixed_batch is not None and inputs[0].shape[0] != fixed_batch):
+    elif list(inputs[0].shape[1:]) != per_item or inputs[0].shape[0] != (fixed_batch or inputs[0].shape[0]) \
+            or (fixed_batch is None and isinstance(inputs[0].shape[0], int)):  # a fixed-batch graph in a free-batch export
         problems.append(f"its input has shape {tuple(inputs[0].shape)}, harma.json describes {expect}"
-                        + (f" with batch {fixed_batch}" if fixed_batch is not None else ""))
+                        + (f" with batch {fixed_batch}" if fixed_batch is not None else " with a free batch axis"))
     width = outputs[0].shape[-1] if outputs and outputs[0].shape else None
     if not outputs or outputs[0].name != "embeddings" or (isinstance(width, int) and width != meta["embed_dim"]):
         found = ", ".join(f"{o.name!r} {tuple(o.shape)}" for o in outputs)
         problems.append(f"its output is {found}, harma.json says 'embeddings' of width {meta['embed_dim']}")
+    graph_dtype = graph_dtype_of(session)
+    if graph_dtype and graph_dtype != meta["dtype"]:
+        problems.append(f"it is an {graph_dtype} graph, harma.json says dtype {meta['dtype']}")
     if problems:
         raise ExportFileError(f"{path} does not match {path.parent / 'harma.json'}: {'; '.join(problems)}. The "
                               "graph or harma.json was edited or comes from another export: re-export the model")
+
+
+def graph_dtype_of(session) -> Optional[str]:
+    """The dtype a graph was exported in, from its metadata (None for graphs of older exports):
+    int8 graphs are ONNX Runtime quantizer's ("onnx.quantize"), float graphs record their dtype."""
+    model = session.get_modelmeta()
+    if model.producer_name == "onnx.quantize":
+        return "int8"
+    return model.custom_metadata_map.get(GRAPH_DTYPE_KEY)
 
 
 def open_session(path: Path, options, providers: Sequence[str]):

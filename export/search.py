@@ -1,9 +1,10 @@
 """Text-to-image search over a folder of images, with an on-disk embedding index.
 
 The folder is embedded once; the index (``.npz``: embeddings + a manifest of each file's
-relative path, size and modification time + the export's id) is reused while nothing changed
-and updated incrementally when files are added, changed or removed, or rebuilt for another
-export. Images that cannot be read are skipped and reported, never silently embedded.
+relative path, size, modification and change times and inode + the export's id) is reused
+while nothing changed and updated incrementally when files are added, changed or removed, or
+rebuilt for another export. Images that cannot be read are skipped and reported, never silently
+embedded; the index remembers them, so they are not read again until they change.
 """
 from __future__ import annotations
 
@@ -34,11 +35,19 @@ class Hit:
     path: Path
 
 
+def cache_dir() -> Path:
+    """$HARMA_FAST_CACHE, or ~/.cache/harma_fast when it is unset or empty (an empty value made the
+    index a relative path: ./gallery/ appeared in whatever folder search ran in)."""
+    return Path(os.environ.get("HARMA_FAST_CACHE") or Path.home() / ".cache" / "harma_fast")
+
+
 def default_index_path(folder: Path, encoder: OrtEncoder, root: Optional[Path] = None) -> Path:
     """``<root>/<key>.npz``, one index per image folder and export (root: the user's cache)."""
     if root is None:
-        root = Path(os.environ.get("HARMA_FAST_CACHE", Path.home() / ".cache" / "harma_fast")) / "gallery"
-    key = hashlib.sha1(f"{folder.resolve()}|{encoder.meta['export_id']}".encode()).hexdigest()[:20]
+        root = cache_dir() / "gallery"
+    # surrogateescape: a folder name that is not UTF-8 (its bytes come back as lone surrogates)
+    key = hashlib.sha1(f"{folder.resolve()}|{encoder.meta['export_id']}".encode("utf-8", "surrogateescape"))
+    key = key.hexdigest()[:20]
     return root / f"{key}.npz"
 
 
@@ -48,12 +57,18 @@ def resolve_index_path(index: Optional[os.PathLike], folder: Path, encoder: OrtE
     cache otherwise. Checked writable here, before anything is embedded."""
     from ..io import check_output_file
 
-    if index is None:
-        return default_index_path(folder, encoder)
+    if index is None:  # the cache: checked too, naming the variable that sets it
+        try:
+            return check_output_file(default_index_path(folder, encoder), "the search index")
+        except OutputPathError as err:
+            where = f"HARMA_FAST_CACHE is {os.environ['HARMA_FAST_CACHE']}" if os.environ.get("HARMA_FAST_CACHE") \
+                else f"the default cache {cache_dir()}"
+            raise OutputPathError(f"{err} ({where}; set HARMA_FAST_CACHE to a folder you may write, or give "
+                                  "--index)") from None
     path = Path(index)
     if path.is_dir() or (not path.exists() and (str(index).endswith(("/", os.sep)) or not path.suffix)):
         path = default_index_path(folder, encoder, path)
-    elif path.suffix != ".npz":  # refused before it is written too: a file search then refused to read back
+    elif path.suffix.lower() != ".npz":  # refused before it is written too: a file search then refused to read back
         raise OutputPathError(f"--index {path} is not a .npz file name; give a .npz file or a folder")
     elif path.is_file() and not _is_index(path):
         raise OutputPathError(f"--index {path} is a .npz file but not a harma_fast search index (it would be "
@@ -78,11 +93,18 @@ def _is_index(path: Path) -> bool:
 
 
 def check_query(query: str) -> str:
-    """The query, refused if blank (it would rank the gallery by nothing)."""
-    if not isinstance(query, str) or not query.strip():
-        raise ConfigError(f"the query {query!r} is empty; give a caption to search for, e.g. \"a river crossing "
-                          "farmland\"")
-    return query
+    """The query, refused if blank once cleaned as ``encode_texts`` cleans it (punctuation alone is
+    removed to nothing): it would rank the gallery by an empty caption."""
+    if not isinstance(query, str):
+        what = "not a string"
+    elif not query.strip():
+        what = "empty"
+    elif not clean_query(query).strip():
+        what = "empty once cleaned (punctuation is removed, as training removed it from captions)"
+    else:
+        return query
+    raise ConfigError(f"the query {query!r} is {what}; give a caption to search for, e.g. \"a river crossing "
+                      "farmland\"")
 
 
 def truncation_warning(encoder: OrtEncoder, query: str) -> Optional[str]:
@@ -97,14 +119,16 @@ def truncation_warning(encoder: OrtEncoder, query: str) -> Optional[str]:
             f"last {length - room} tokens are ignored (shorten the query to keep them)")
 
 
-def scan(folder: Path) -> Dict[str, Tuple[int, int]]:
-    """{relative path: (size, mtime_ns)} of every image file below ``folder``."""
+def scan(folder: Path) -> Dict[str, Tuple[int, ...]]:
+    """{relative path: (size, mtime_ns, inode, ctime_ns)} of every image file below ``folder``.
+    Size and mtime alone miss a file replaced by one of the same size with its mtime kept (cp -p,
+    rsync -a, tar): the replacement has another inode, or a new change time (utime sets it)."""
     require_dir(folder, "image folder")
     found = {}
     for path in sorted(folder.rglob("*")):
         if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
             st = path.stat()
-            found[path.relative_to(folder).as_posix()] = (st.st_size, st.st_mtime_ns)
+            found[path.relative_to(folder).as_posix()] = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
     return found
 
 
@@ -120,29 +144,36 @@ class GalleryIndex:
         self._sync()
 
     def _load(self):
+        """({name: (stats, embedding)}, {name: (stats, why unreadable)}, why the index is unusable or None).
+        Stats of an older index (size and mtime only) never equal scan()'s: its images are embedded again."""
         if not self.path.is_file():
-            return {}, None
+            return {}, {}, None
         try:
             with np.load(self.path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
                 if not isinstance(meta, dict):
                     raise ValueError("its manifest is not an object")
                 if meta.get("export_id") != self.encoder.meta["export_id"]:
-                    return {}, "the index was built with another export"
+                    return {}, {}, "the index was built with another export"
                 emb = data["embeddings"]
-            return {n: (tuple(m), emb[i]) for i, (n, m) in enumerate(zip(meta["names"], meta["stats"], strict=True))}, None
+            cached = {n: (tuple(m), emb[i]) for i, (n, m) in enumerate(zip(meta["names"], meta["stats"], strict=True))}
+            unreadable = {n: (tuple(m), str(why)) for n, m, why in meta.get("unreadable", [])}
+            return cached, unreadable, None
         except (OSError, ValueError, KeyError, IndexError, TypeError, EOFError,
                 zipfile.BadZipFile) as err:  # truncated, corrupt, or a lone array (np.load gives no archive)
-            return {}, f"the index file was unreadable ({type(err).__name__}: {err})"
+            return {}, {}, f"the index file was unreadable ({type(err).__name__}: {err})"
 
     def _sync(self) -> None:
         current = scan(self.folder)
         if not current:
             raise ConfigError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {self.folder}")
-        cached, why = self._load()
-        keep = {n: cached[n][1] for n, st in current.items() if n in cached and cached[n][0] == tuple(st)}
-        todo = [n for n in current if n not in keep]
-        removed = [n for n in cached if n not in current]
+        cached, unreadable, why = self._load()
+        keep = {n: cached[n][1] for n, st in current.items() if n in cached and cached[n][0] == st}
+        # unreadable images are not read again until they change (they were retried, and the index
+        # rewritten, on every search)
+        self.skipped = {n: unreadable[n][1] for n, st in current.items() if n in unreadable and unreadable[n][0] == st}
+        todo = [n for n in current if n not in keep and n not in self.skipped]
+        removed = [n for n in {**cached, **unreadable} if n not in current]
         from tqdm.auto import tqdm
 
         from ..progress import bar_wanted
@@ -168,19 +199,21 @@ class GalleryIndex:
         self.names = [n for n in current if n in keep]
         self.embeddings = np.stack([keep[n] for n in self.names]).astype(np.float32) if self.names else self.embeddings
         if todo or removed or why:
-            unreadable = len(todo) - embedded
+            failed = len(todo) - embedded
             self.status = (f"index {'rebuilt' if why or not cached else 'updated'}: {embedded} embedded, "
-                           + (f"{unreadable} unreadable, " if unreadable else "")
+                           + (f"{failed} unreadable, " if failed else "")
                            + f"{len(removed)} removed, {len(self.names)} in all" + (f" ({why})" if why else ""))
             self._save(current)
         else:
-            self.status = f"index reused: {len(self.names)} images unchanged"
+            self.status = f"index reused: {len(self.names)} images unchanged" + (
+                f", {len(self.skipped)} unreadable (not read again until they change)" if self.skipped else "")
 
     def _save(self, current) -> None:
         from ..io import atomic_path
 
         meta = {"export_id": self.encoder.meta["export_id"], "folder": str(self.folder.resolve()),
-                "names": self.names, "stats": [list(current[n]) for n in self.names]}
+                "names": self.names, "stats": [list(current[n]) for n in self.names],
+                "unreadable": [[n, list(current[n]), why] for n, why in self.skipped.items()]}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.path) as tmp:
             with open(tmp, "wb") as f:
@@ -209,20 +242,36 @@ def _thumbnail(path: Path, size: int = 256) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def shown(text) -> str:
+    """``text`` (a path) encodable as UTF-8 on any stream: a file name that is not UTF-8 (its
+    bytes decoded as lone surrogates) is shown with those bytes as \\xff escapes (the search
+    page and a strict UTF-8 stdout raised UnicodeEncodeError on it)."""
+    text = str(text)
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # the name's own bytes
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _html_text(text) -> str:
+    return html.escape(shown(text))
+
+
 def write_html(path, query: str, hits: List[Hit]) -> None:
     """A self-contained page: the query and the retrieved images (embedded thumbnails) with scores."""
     from ..io import atomic_path
 
     cards = "\n".join(
-        f'<figure><img src="{_thumbnail(h.path)}" alt="{html.escape(h.path.name)}"><figcaption>#{h.rank} · '
-        f'cosine {h.score:.3f}<br><small>{html.escape(str(h.path))}</small></figcaption></figure>' for h in hits)
+        f'<figure><img src="{_thumbnail(h.path)}" alt="{_html_text(h.path.name)}"><figcaption>#{h.rank} · '
+        f'cosine {h.score:.3f}<br><small>{_html_text(h.path)}</small></figcaption></figure>' for h in hits)
     page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>harma-fast search: {html.escape(query)}</title>
+<html lang="en"><head><meta charset="utf-8"><title>harma-fast search: {_html_text(query)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2rem;background:#fafafa}}
 .grid{{display:flex;flex-wrap:wrap;gap:1rem}}figure{{margin:0;background:#fff;padding:.5rem;border-radius:6px;
 box-shadow:0 1px 3px #0002;width:256px}}img{{width:256px;height:256px;object-fit:cover}}
 figcaption{{font-size:.9rem;word-break:break-all}}</style></head>
-<body><h1>“{html.escape(query)}”</h1>
+<body><h1>“{_html_text(query)}”</h1>
 <p>top {len(hits)} images, by cosine similarity of image and query embeddings</p><div class="grid">
 {cards}
 </div></body></html>

@@ -37,6 +37,8 @@ class BPETokenizer:
 
         lines = gzip.open(vocab_path).read().decode("utf-8").split("\n")[1:N_MERGES + 1]
         merges = [tuple(line.split()) for line in lines]
+        if len(merges) != N_MERGES or any(len(m) != 2 for m in merges):  # cut short or another file: other ids
+            raise ValueError(f"{vocab_path} is not CLIP's BPE merge file ({N_MERGES} merges of two symbols)")
         symbols = list(_byte_symbols().values())
         vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + list(_SPECIAL)
         self.ids = {tok: i for i, tok in enumerate(vocab)}

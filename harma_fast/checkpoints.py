@@ -85,6 +85,10 @@ def _read_adapter_file(path: PathLike):
     if "checksum" in metadata and tensor_checksum(tensors) != metadata["checksum"]:
         raise CheckpointError(f"adapter file {path} is corrupt: its tensors do not match the checksum written with "
                               "them (a bit flipped on disk or in a copy). Use another copy, or the run's last.pt.")
+    for name, t in tensors.items():  # NaN adapters embed everything as NaN (an export blamed ONNX for it)
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"adapter file {path} holds NaN or infinite values in {name} (saved from a diverged "
+                                  "training run?); use adapters saved before it diverged")
     return path, metadata, tensors
 
 
@@ -300,7 +304,11 @@ def load_released_checkpoint(model: nn.Module, path_or_state_dict: Union[PathLik
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # pickle errors come in many types
-            raise ValueError(f"cannot load {source} with torch.load(weights_only=True): {err}") from err
+            from .models import _unreadable_reason
+
+            # one line: torch's own message for a file that is no checkpoint is nine about weights_only
+            why = _unreadable_reason(path, err, "the .pth file the released HarMA code saved")
+            raise CheckpointError(f"cannot read {source}: {why}") from err
         if not isinstance(checkpoint, Mapping):
             raise ValueError(f"{source} holds a {type(checkpoint).__name__}, not a state dict")
     state = _released_state_dict(checkpoint)

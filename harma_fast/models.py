@@ -67,7 +67,7 @@ def cached_pretrained_path(name: str, tag: str, cache_dir: Optional[str] = None)
     return None
 
 
-def _unreadable_reason(path: Path, err: Exception) -> str:
+def _unreadable_reason(path: Path, err: Exception, wanted: str = "the .pt/.bin/.safetensors weights file of the model") -> str:
     """Why torch could not read ``path``, in the user's terms (torch's own message for a file that
     is no checkpoint at all talks about ``weights_only`` and suggests an unsafe retry)."""
     import zipfile
@@ -76,7 +76,7 @@ def _unreadable_reason(path: Path, err: Exception) -> str:
         head = f.read(2)
     if not (zipfile.is_zipfile(path) or head[:1] == b"\x80"):  # torch.save's zip, or a legacy pickle
         return ("it is not a PyTorch checkpoint (truncated, corrupt or of another format); "
-                "pass the .pt/.bin/.safetensors weights file of the model")
+                f"pass {wanted}")
     if "weights only" in str(err).lower():
         return ("it holds Python objects besides tensors, which harma_fast does not unpickle (that "
                 "could run code from the file); save its weights alone, e.g. "

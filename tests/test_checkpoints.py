@@ -306,3 +306,35 @@ def test_a_flipped_bit_in_an_adapter_file_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=rf"adapter file {path} is corrupt: .*checksum"):
         harma_fast.load_adapters(fresh, path)
     assert not harma_fast.is_patched(fresh)
+
+
+def test_nan_adapters_are_refused_on_loading_and_before_export(tmp_path):
+    # an export ran whole, then blamed ONNX: "does not match PyTorch (max abs nan)"
+    from harma_fast.errors import CheckpointError, ConfigError
+
+    model = randomize_adapters(harma_fast.patch(tiny_model()), seed=3)
+    name, param = next(iter(adapter_state_dict(model).items()))
+    with torch.no_grad():
+        param.view(-1)[0] = float("nan")
+    path = tmp_path / "nan.safetensors"
+    harma_fast.save_adapters(model, path)
+    with pytest.raises(CheckpointError, match=rf"adapter file {path} holds NaN or infinite values in {name}"):
+        harma_fast.load_adapters(harma_fast.patch(tiny_model()), path)
+    pytest.importorskip("onnxruntime")
+    from harma_fast.export import export_onnx
+
+    with pytest.raises(ConfigError, match=rf"the model's {name} holds NaN or infinite values"):
+        export_onnx(model, tmp_path / "onnx", model_name="HarMA-Tiny")
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_a_released_checkpoint_that_is_no_checkpoint_is_one_clear_line(tmp_path, capsys):
+    # torch's nine-line weights_only message was printed verbatim
+    from harma_fast.cli import main
+
+    path = tmp_path / "notes.pth"
+    path.write_text("not a checkpoint")
+    assert main(["export", "--model", "HarMA-Tiny", "--released", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read released checkpoint {path}: it is not a PyTorch checkpoint" in err
+    assert len(err.strip().splitlines()) == 1 and "weights_only" not in err

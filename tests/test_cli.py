@@ -384,10 +384,15 @@ def test_search_labels_scores_as_cosine_similarity(gallery, capsys):
     assert "cosine similarity" in captured.err
 
 
-@pytest.mark.parametrize("query", ["", "   "])
+@pytest.mark.parametrize("query", ["", "   ", "...", "!!! ??? ,,,"])
 def test_search_refuses_an_empty_query(gallery, capsys, query):
+    # punctuation alone is cleaned to '' (as encode_texts cleans queries): it ranked by an empty caption
     assert main(search_argv(gallery, query)) == 2
-    assert "the query" in capsys.readouterr().err
+    assert f"the query {query!r} is empty" in capsys.readouterr().err
+    from harma_fast.export.search import GalleryIndex
+
+    with pytest.raises(ConfigError, match="is empty"):
+        GalleryIndex(gallery, FakeEncoder("unused")).search(query)
 
 
 def test_search_warns_when_the_query_is_truncated(gallery, capsys):
@@ -489,3 +494,48 @@ def test_a_process_left_by_its_peer_under_torchrun_is_not_a_bug(monkeypatch, cap
     assert "Traceback" not in err and "another process of this job stopped (" in err and "bug" not in err
     monkeypatch.setenv("WORLD_SIZE", "1")  # the same error outside a multi-process job is still a bug
     assert main(["data", "check", "x.json", "--image-root", "."]) == 1
+
+
+def test_the_cache_folder_is_checked_before_embedding_and_named(gallery, tmp_path, monkeypatch, capsys):
+    # a file as HARMA_FAST_CACHE: every image was embedded, then "[Errno 20] Not a directory"
+    (tmp_path / "cachefile").write_text("keep me")
+    monkeypatch.setenv("HARMA_FAST_CACHE", str(tmp_path / "cachefile"))
+    monkeypatch.setattr(FakeEncoder, "preprocess", lambda *a: pytest.fail("the gallery was embedded first"))
+    assert main(search_argv(gallery, "a lake")) == 2
+    err = capsys.readouterr().err
+    assert f"cachefile is a file, not a folder (HARMA_FAST_CACHE is {tmp_path / 'cachefile'}; set HARMA_FAST_CACHE" in err
+    assert (tmp_path / "cachefile").read_text() == "keep me"
+
+
+def test_an_empty_cache_variable_means_the_default_cache(gallery, tmp_path, monkeypatch):
+    # HARMA_FAST_CACHE= wrote ./gallery/ into the folder search ran in
+    monkeypatch.setenv("HARMA_FAST_CACHE", "")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(search_argv(gallery, "a lake")) == 0
+    assert not (tmp_path / "gallery").exists()
+    assert len(list((tmp_path / "home" / ".cache" / "harma_fast" / "gallery").glob("*.npz"))) == 1
+
+
+def test_search_html_shows_file_names_that_are_not_utf8(gallery, tmp_path, capsys):
+    # a name with a byte that is not UTF-8 (bad\xff.png) raised UnicodeEncodeError writing the page
+    import os
+    import shutil
+
+    bad = os.fsdecode(b"bad\xff<b>.png")
+    shutil.copy(gallery / "0.png", os.path.join(str(gallery), bad))
+    page = tmp_path / "page.html"
+    assert main(search_argv(gallery, "a red roof", "--top-k", "5", "--html", str(page))) == 0
+    text = page.read_text(encoding="utf-8")
+    assert "bad\\xff&lt;b&gt;.png" in text and text.count("<img ") == 5
+    assert "bad\\xff<b>.png" in capsys.readouterr().out  # stdout may be strict UTF-8 too
+
+
+def test_export_option_errors_name_the_flags(tmp_path, capsys, no_model):
+    # they named the Python arguments (dtype='int8' ... fused=False) on the command line too
+    argv = ["export", "--model", "HarMA-Tiny", "--out", str(tmp_path / "o")]
+    assert main([*argv, "--dtype", "int8", "--plain-onnx"]) == 2
+    assert "error: --dtype int8 quantizes the fused graphs; drop --plain-onnx" in capsys.readouterr().err
+    assert main([*argv, "--check-file", __file__, "--image-root", str(tmp_path)]) == 2
+    assert "error: --check-file judges int8 retrieval: it needs --dtype int8, both towers and --image-root" in \
+        capsys.readouterr().err

@@ -10,7 +10,7 @@ import torch
 
 import harma_fast
 from harma_fast.cli import main
-from harma_fast.errors import ConfigError
+from harma_fast.errors import ConfigError, OutputPathError
 from helpers import randomize_adapters, tiny_model
 
 onnx = pytest.importorskip("onnx")
@@ -224,3 +224,17 @@ def test_search_finds_the_captioned_image_after_demo_training(trained_demo, tmp_
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "index updated: 1 embedded, 1 unreadable, 0 removed, 21 in all" in err and "skipped broken.png" in err
+
+
+def test_export_never_deletes_files_that_are_not_from_a_harma_fast_export(tmp_path, capsys, monkeypatch):
+    # an image-only export deleted a user's own text.onnx, text.onnx.data and harma.json in --out
+    mine = {"text.onnx": b"my graph", "text.onnx.data": b"my weights", "harma.json": b'{"mine": 1}'}
+    for name, data in mine.items():
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(OutputPathError, match="holds harma.json, text.onnx"):
+        export_onnx(tiny_model(), tmp_path, towers=("image",), model_name="HarMA-Tiny", check=False)
+    monkeypatch.setattr(harma_fast, "create_model", lambda *a, **k: pytest.fail("the model was built first"))
+    assert main(["export", "--model", "HarMA-Tiny", "--towers", "image", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path} holds harma.json, text.onnx, text.onnx.data, not from a harma_fast export" in err
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == mine

@@ -277,6 +277,8 @@ def test_reexporting_one_tower_removes_the_other_and_reports_progress(tmp_path, 
     out = tmp_path / "onnx"
     out.mkdir()
     (out / "text.onnx").write_bytes(b"stale graph of an earlier export")
+    # its harma.json: files no harma_fast export lists are refused, never deleted (test_export.py)
+    (out / "harma.json").write_text(json.dumps({"format": "harma_fast.onnx/1", "towers": {"text": "text.onnx"}}))
     args = ["export", "--model", "HarMA-Tiny", "--pretrained", str(tmp_path / "backbone.pt"), "--out", str(out),
             "--towers", "image"]
     assert main(args) == 0

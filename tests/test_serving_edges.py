@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from harma_fast.errors import OutputPathError
+from harma_fast.errors import ConfigError, OutputPathError
 from helpers import tiny_model
 
 pytest.importorskip("onnxruntime")
@@ -132,7 +132,8 @@ def test_16_bit_and_float_images_are_refused_not_clipped(exports, tmp_path):
 
 @pytest.mark.parametrize("edits, match", [
     ({"image__size": 48}, r"its input has shape .*harma.json describes input 'pixels'"),
-    ({"text__context_length": 12}, r"its input has shape .*harma.json describes input 'tokens'"),
+    ({"text__context_length": 12, "text__tokenizer__context_length": 12},
+     r"its input has shape .*harma.json describes input 'tokens'"),
     ({"embed_dim": 7}, r"its output is 'embeddings' .*width 7"),
     ({"towers": {"image": "text.onnx", "text": "image.onnx"}}, "its input is 'tokens'"),
 ])
@@ -147,13 +148,67 @@ def test_a_fixed_batch_that_does_not_match_is_refused(exports, tmp_path):
     bad = OrtEncoder(copy_export(exports["static"], tmp_path / "edited", batch_size=4))
     with pytest.raises(ExportFileError, match=r"with batch 4"):
         bad.encode_texts(["a lake"])
+    # a fixed-batch graph copied into a free-batch export ran, then failed inside ONNX Runtime
+    mixed = copy_export(exports["dynamic"], tmp_path / "mixed")
+    shutil.copy(exports["static"] / "image.onnx", mixed / "image.onnx")
+    with pytest.raises(ExportFileError, match=r"image.onnx does not match .*input has shape \(3, 3, .*with a free "
+                                              r"batch axis.*re-export the model"):
+        OrtEncoder(mixed).encode_images([write_image(tmp_path / "a.png", 16)])
+
+
+def test_a_graph_of_another_dtype_is_refused(exports, tmp_path):
+    # float32 in and out whatever the weights: an int8 or fp16 graph in an fp32 export ran unnoticed
+    mixed = copy_export(exports["dynamic"], tmp_path / "mixed")
+    shutil.copy(exports["int8"] / "text.onnx", mixed / "text.onnx")
+    with pytest.raises(ExportFileError, match="text.onnx does not match .*it is an int8 graph, harma.json says dtype "
+                                              "fp32.*re-export the model"):
+        OrtEncoder(mixed).encode_texts("a lake")
+    with pytest.raises(ExportFileError, match="it is an fp32 graph, harma.json says dtype fp16"):
+        OrtEncoder(copy_export(exports["dynamic"], tmp_path / "fp16", dtype="fp16")).encode_texts("a lake")
+
+
+@pytest.mark.parametrize("edits, match", [
+    ({"text__tokenizer": "clip"}, "'text.tokenizer' is 'clip', not an object"),
+    ({"text__tokenizer__context_length": "32"}, "'text.tokenizer.context_length' is '32', not a positive integer"),
+    ({"text__tokenizer__vocab": None}, "'text.tokenizer.vocab' is None, not a file name"),
+    ({"text__tokenizer__context_length": 9}, "the export is inconsistent: the tokenizer makes 9 tokens"),
+    ({"image__mean": [0.5, float("nan"), 0.5]}, r"'image.mean' is \[0.5, nan, 0.5\], not three finite numbers"),
+    ({"image__std": [0.5, float("inf"), 0.5]}, "'image.std' is .*inf.*, not three finite numbers"),
+    ({"image__std": [0.5, -0.2, 0.5]}, "'image.std' holds a zero or a negative value"),
+    ({"export_id": 7}, "'export_id' is 7, not a string"),
+])
+def test_tampered_metadata_is_refused_on_opening(exports, tmp_path, edits, match):
+    # each was an AttributeError, TypeError or KeyError later on, or NaN embeddings
+    bad = copy_export(exports["dynamic"], tmp_path / "edited", **edits)
+    with pytest.raises(ExportFileError, match=match + ".*edited or damaged"):
+        OrtEncoder(bad)
+
+
+def test_a_missing_or_damaged_tokenizer_file_says_the_export_is_damaged(exports, tmp_path):
+    from harma_fast.export.runtime import ExportDirError
+
+    bad = copy_export(exports["dynamic"], tmp_path / "edited")
+    meta = json.loads((bad / "harma.json").read_text())
+    del meta["export_id"]  # a KeyError in search
+    (bad / "harma.json").write_text(json.dumps(meta))
+    with pytest.raises(ExportFileError, match="lacks export_id"):
+        OrtEncoder(bad)
+    shutil.copy(exports["dynamic"] / "harma.json", bad / "harma.json")
+    vocab = bad / "bpe_simple_vocab_16e6.txt.gz"
+    for damage in (b"", b"not gzip", vocab.read_bytes()[:4000]):
+        vocab.write_bytes(damage)
+        with pytest.raises(ExportFileError, match="tokenizer file of the export .* the export is damaged; re-export"):
+            OrtEncoder(bad)
+    vocab.unlink()
+    with pytest.raises(ExportDirError, match="lists the tokenizer file bpe_simple_vocab_16e6.txt.gz, which is missing"):
+        OrtEncoder(bad)
 
 
 @pytest.mark.parametrize("edits, match", [
     ({"embed_dim": "512"}, "'embed_dim' is '512', not a positive integer"),
     ({"image__size": -3}, "'image.size' is -3"),
     ({"image__std": [0.5, 0, 0.5]}, "'image.std' holds a zero"),
-    ({"image__mean": [0.5]}, r"'image.mean' is \[0.5\], not three numbers"),
+    ({"image__mean": [0.5]}, r"'image.mean' is \[0.5\], not three finite numbers"),
     ({"dtype": "int4"}, "'dtype' is 'int4'"),
     ({"towers": ["image.onnx"]}, "'towers' must map"),
 ])
@@ -243,3 +298,89 @@ def test_graphs_past_protobufs_2_gib_keep_their_weights_beside_them(tmp_path, mo
         graphs = {f.name for f in out.iterdir()} - {"harma.json", "bpe_simple_vocab_16e6.txt.gz"}
         assert graphs == {"image.onnx", "image.onnx.data", "text.onnx", "text.onnx.data"}, dtype
         assert OrtEncoder(out).encode_texts(["a lake"]).shape == (1, meta["embed_dim"])
+
+
+def test_a_fixed_batch_export_runs_on_the_provider_its_session_has(exports):
+    # CUDA listed first on a CPU-only onnxruntime: the bound buffers were CUDA memory ("Can't
+    # allocate memory on the CUDA device"); int8 runs on the CPU provider whatever is listed
+    import onnxruntime as ort
+
+    cuda_first = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    want = OrtEncoder(exports["static"]).encode_texts(["a lake", "a road"])
+    assert np.array_equal(OrtEncoder(exports["static"], providers=cuda_first).encode_texts(["a lake", "a road"]), want)
+    one = OrtEncoder(exports["dynamic"], providers="CPUExecutionProvider")  # one name, not its characters
+    assert one.providers == ["CPUExecutionProvider"] and one.encode_texts("a lake").shape == (1, one.embed_dim)
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        with pytest.warns(UserWarning, match="int8 graphs run on the CPU provider only"):
+            assert OrtEncoder(exports["int8"], providers=cuda_first).providers == ["CPUExecutionProvider"]
+    with pytest.raises(ConfigError, match="none of the providers .*'NoSuchExecutionProvider'.* is available"):
+        OrtEncoder(exports["dynamic"], providers=["NoSuchExecutionProvider"])
+
+
+def test_encoder_arguments_are_refused_naming_what_is_wrong(exports, tmp_path):
+    enc = OrtEncoder(exports["dynamic"])
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ConfigError, match=f"batch_size must be an integer >= 1, got {bad!r}"):
+            enc.encode_texts(["a lake"], batch_size=bad)
+        with pytest.raises(ConfigError, match="batch_size must be an integer >= 1"):
+            enc.encode_images([], batch_size=bad)
+    for text in (None, 3):
+        with pytest.raises(ConfigError, match=rf"texts\[1\] is {text!r}, not a string"):
+            enc.encode_texts(["a lake", text])
+    with pytest.raises(ConfigError, match="an image must be a file path or a PIL image, got ndarray"):
+        enc.encode_images([np.zeros((8, 8, 3), np.uint8)])
+    with pytest.raises(FileNotFoundError, match="is a folder, not an image file"):
+        enc.encode_images([tmp_path])
+    image = write_image(tmp_path / "a.png", 16)
+    assert np.array_equal(enc.encode_images(str(image)), enc.encode_images([image]))  # one path, not characters
+    with pytest.raises(FileNotFoundError, match="harma.json is a file, not a folder"):
+        OrtEncoder(exports["dynamic"] / "harma.json")
+
+
+def test_the_index_sees_a_file_replaced_with_its_size_and_mtime_kept(exports, tmp_path):
+    # cp -p, rsync -a, tar keep size and mtime: the stale embedding of the old image was reused
+    import os
+
+    from PIL import Image
+
+    folder = tmp_path / "gallery"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    tile = folder / "a.bmp"  # uncompressed: every 16x16 image has the same size
+    for name in ("a.bmp", "b.bmp"):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / name)
+    enc, path = OrtEncoder(exports["dynamic"]), tmp_path / "INDEX.NPZ"  # the suffix in any case
+    first = GalleryIndex(folder, enc, path)
+    st = tile.stat()
+    tile.write_bytes((folder / "b.bmp").read_bytes())  # in place, same size
+    os.utime(tile, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime restored, as cp -p does
+    assert (tile.stat().st_size, tile.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    again = GalleryIndex(folder, enc, path)
+    assert again.status.startswith("index updated: 1 embedded"), again.status
+    assert np.array_equal(again.embeddings[0], first.embeddings[1])  # a.bmp is now b.bmp's picture
+    # an index written before inodes and change times were recorded is read, its images embedded again
+    with np.load(path) as data:
+        meta = json.loads(str(data["meta"]))
+        meta["stats"] = [s[:2] for s in meta["stats"]]
+        embeddings = data["embeddings"]
+    with open(path, "wb") as f:  # np.savez(name) would add .npz to INDEX.NPZ
+        np.savez(f, embeddings=embeddings, meta=np.array(json.dumps(meta)))
+    assert GalleryIndex(folder, enc, path).status.startswith("index updated: 2 embedded")
+
+
+def test_unreadable_images_are_not_read_again_until_they_change(exports, tmp_path, monkeypatch):
+    folder = tmp_path / "gallery"
+    folder.mkdir()
+    write_image(folder / "a.png", 16)
+    (folder / "broken.png").write_bytes(b"not a png")
+    enc, path = OrtEncoder(exports["dynamic"]), tmp_path / "index.npz"
+    assert "1 unreadable" in GalleryIndex(folder, enc, path).status
+    written = path.stat().st_mtime_ns
+    read = []
+    monkeypatch.setattr(enc, "preprocess", lambda p: read.append(p) or OrtEncoder.preprocess(enc, p))
+    again = GalleryIndex(folder, enc, path)  # retried and the index rewritten on every search before
+    assert again.status == "index reused: 1 images unchanged, 1 unreadable (not read again until they change)"
+    assert "cannot be read" in again.skipped["broken.png"] and read == [] and path.stat().st_mtime_ns == written
+    (folder / "broken.png").unlink()
+    assert GalleryIndex(folder, enc, path).status.startswith("index updated: 0 embedded, 1 removed")
+    assert GalleryIndex(folder, enc, path).skipped == {}
