@@ -4,7 +4,7 @@ A step is forward through both towers, the loss, backward, AdamW over the adapte
 temperature. Providers:
 
 - ``reference``: adapters on the PyTorch path, the stock block forward, the reference loss
-  (bf16 runs under autocast, features cast to fp32 for the loss);
+  (bf16 runs under autocast, features cast to fp32 for the loss), AdamW as the trainer runs it;
 - ``fused``: Triton adapters and loss, the frozen-backbone fast path (harma_fast.fast), bf16
   features into the loss, AdamW with ``fused=True`` on CUDA (as the trainer uses it);
 - ``fused-compiled`` or ``fused-compiled:MODE``: the same model under ``torch.compile`` with
@@ -42,12 +42,13 @@ def make_train_step(provider: str, batch: int, precision: str, model_name: str,
         enable_fast_path(model)
     loss = harma_fast.HarMALoss(backend="reference" if reference else "triton", check_finite=False).to(device)
     params = [p for p in model.parameters() if p.requires_grad] + list(loss.parameters())
-    fused = not reference and fused_optimizer_ok(params)
+    fused = fused_optimizer_ok(params)  # as the trainer, whatever the backend: the ratio is the model's
     opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.04,
                             **({"fused": True} if fused else {}))
     forward = model
     if name == "fused-compiled":
-        forward = torch.compile(model, mode=None if mode in (None, "default") else mode)
+        # static shapes: a benchmark's earlier compile (another batch) must not leave a symbolic-shape graph
+        forward = torch.compile(model, mode=None if mode in (None, "default") else mode, dynamic=False)
     # CUDA-graph modes replay into the same output buffers: each step must say it starts anew
     mark_step: Optional[Callable[[], None]] = None
     if mode and "cudagraphs" not in mode and mode != "default" and device.type == "cuda":

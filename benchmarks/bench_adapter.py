@@ -33,7 +33,8 @@ def _runner(tower, provider, mode, dtype):
     g = torch.Generator(device=DEVICE).manual_seed(1)
     h = torch.randn(N, length, d, device=DEVICE, generator=g, dtype=DTYPES[dtype], requires_grad=mode != "forward")
     x = torch.randn(N, length, d, device=DEVICE, generator=g, dtype=DTYPES[dtype])
-    fwd = torch.compile(adapter) if provider == "compiled" else adapter
+    # static shapes: the image cases compiled first must not turn the text case's graph symbolic
+    fwd = torch.compile(adapter, dynamic=False) if provider == "compiled" else adapter
     autocast = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
     upstream = torch.randn_like(x)
 
@@ -44,7 +45,11 @@ def _runner(tower, provider, mode, dtype):
         return forward
     if mode == "full":
         return lambda: forward().backward(upstream)
-    out = forward()
+    # backward alone replays one graph (retain_graph): a compiled graph must not donate its saved
+    # buffers to the backward (AOTAutograd's default), or the second backward is refused (seen on
+    # the text tower's graph, compiled after the image tower's)
+    with torch._functorch.config.patch(donated_buffer=False):
+        out = forward()
     return lambda: out.backward(upstream, retain_graph=True)
 
 
