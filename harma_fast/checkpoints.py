@@ -48,6 +48,10 @@ def save_adapters(model: nn.Module, path: PathLike, backbone: Optional[str] = No
     from . import __version__
 
     tensors = {n: p.detach().contiguous().cpu() for n, p in adapter_state_dict(model).items()}
+    bad = [n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:  # loading refuses such a file: say so now, where the diverged weights come from
+        raise CheckpointError(f"not saving {path}: the adapters hold NaN or infinite values in "
+                              f"{', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''} (training diverged?)")
     metadata = {"format": ADAPTER_FORMAT, "harma_config": model.harma_config.to_json(),
                 "architecture": json.dumps(architecture(model)), "harma_fast_version": __version__,
                 "backbone_fingerprint": backbone_fingerprint(model), "checksum": tensor_checksum(tensors)}

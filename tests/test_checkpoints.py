@@ -317,7 +317,20 @@ def test_nan_adapters_are_refused_on_loading_and_before_export(tmp_path):
     with torch.no_grad():
         param.view(-1)[0] = float("nan")
     path = tmp_path / "nan.safetensors"
-    harma_fast.save_adapters(model, path)
+    with pytest.raises(CheckpointError, match=rf"not saving {path}: the adapters hold NaN or infinite values in "
+                       rf"{name}"):
+        harma_fast.save_adapters(model, path)
+    assert not path.exists()
+    # a file holding them all the same (written by other code, with a valid checksum) is refused on loading
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from harma_fast.checkpoints import tensor_checksum
+    good = tmp_path / "good.safetensors"
+    harma_fast.save_adapters(randomize_adapters(harma_fast.patch(tiny_model()), seed=3), good)
+    with safe_open(str(good), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(path), metadata=dict(metadata, checksum=tensor_checksum(tensors)))
     with pytest.raises(CheckpointError, match=rf"adapter file {path} holds NaN or infinite values in {name}"):
         harma_fast.load_adapters(harma_fast.patch(tiny_model()), path)
     pytest.importorskip("onnxruntime")
