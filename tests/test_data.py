@@ -182,3 +182,10 @@ def test_an_image_id_names_one_image_and_an_image_has_one_id(synth, tmp_path, ca
     # several captions of one image under one id, as the released RSITMD/RSICD training files hold them: fine
     good = load_train_records(write(tmp_path / "good.json", records[:2] + records[3:4]), synth["image_root"])
     assert good.image_ids == [0, 0, 1]
+
+
+def test_a_caption_of_the_wrong_type_is_named(synth, tmp_path):
+    # a caption given as a number was reported as "no caption"
+    with pytest.raises(AnnotationError, match="record 0, field 'caption': the caption is 5: expected a string"):
+        load_train_records(write(tmp_path / "t.json", [{"image": "00000.tif", "caption": 5, "image_id": 0}]),
+                           synth["image_root"])

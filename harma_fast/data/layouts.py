@@ -165,8 +165,10 @@ def _parse_harma(data: list, root: Path, max_words: int, out: ParsedFile) -> Non
         captions = [_caption(c, max_words) for c in ([caption] if single else caption or [])] \
             if isinstance(caption, (str, list)) else []
         if not captions or not all(captions):
-            out.problems.append(Problem(out.path, i, "caption", "no caption: a string (training record) or a "
-                                        "non-empty list of strings (evaluation record), each non-empty after "
+            found = (f"the caption is {caption!r}" if not isinstance(caption, (str, list, type(None)))
+                     else "no caption" if not caption else "no caption text")
+            out.problems.append(Problem(out.path, i, "caption", f"{found}: expected a string (training record) or "
+                                        "a non-empty list of strings (evaluation record), each non-empty after "
                                         "clean-up", i))
             continue
         # the image id is only needed of training records; annotations.py asks for it there
