@@ -144,7 +144,7 @@ def test_released_import_errors(tmp_path):
         harma_fast.load_released_checkpoint(model, tmp_path / "missing.pth")
     bad = tmp_path / "corrupt.pth"
     bad.write_bytes(b"\x00not a checkpoint")
-    with pytest.raises(ValueError, match="cannot load released checkpoint .*corrupt.pth"):
+    with pytest.raises(ValueError, match="cannot read released checkpoint .*corrupt.pth: it is not a PyTorch checkpoint"):
         harma_fast.load_released_checkpoint(model, bad)
     plain = {k: v for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="no HarMA adapter keys.*create_model"):
