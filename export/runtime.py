@@ -3,7 +3,8 @@
 ``OrtEncoder(dir)`` reads ``harma.json``, preprocesses images exactly as evaluation does
 (RGB, bicubic resize to the model's square input, scale to [0, 1], normalise) and tokenizes
 captions exactly as training does (cleaned as training cleans them, CLIP BPE), batches, and runs the graphs with
-providers and session options chosen for their dtype (:func:`session_plan`): fp32 and fp16 on
+providers and session options chosen for their dtype (:func:`usable_providers`,
+:func:`session_options`): fp32 and fp16 on
 the CUDA execution provider when onnxruntime-gpu is installed, else the CPU provider; int8
 (dynamic quantization, a CPU format) on the CPU provider. Every graph runs at ONNX Runtime's
 full optimisation level.
@@ -155,9 +156,8 @@ def default_providers(dtype: str = "fp32") -> List[str]:
 
 def usable_providers(providers: Union[str, Sequence[str], None], dtype: str) -> List[str]:
     """``providers`` (one name or a list; default :func:`default_providers`) that this onnxruntime
-    has, in order: the first is the one sessions run on, so session options and the fixed-batch
-    buffers are planned for it (an unavailable CUDA listed first made the buffers CUDA memory on a
-    CPU-only onnxruntime). int8 graphs (dynamic quantization, a CPU format) run on the CPU provider."""
+    has, in order (an unavailable CUDA listed first made the fixed-batch buffers CUDA memory on a
+    CPU-only onnxruntime; the buffers now follow the provider the session has). int8 graphs (dynamic quantization, a CPU format) run on the CPU provider."""
     import onnxruntime as ort
 
     if providers is None:
@@ -190,15 +190,17 @@ def provider_list(providers: Sequence[str], fixed_batch: Optional[int]) -> List:
             for p in providers]
 
 
-def session_options(dtype: str, provider: str, threads: Optional[int] = None):
-    """ONNX Runtime session options for a graph of ``dtype`` run first on ``provider``."""
+def session_options(dtype: str, threads: Optional[int] = None):
+    """ONNX Runtime session options for a graph of ``dtype``, whatever provider runs it."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
-    if dtype == "fp16" and provider == "CPUExecutionProvider":
+    # for fp16 whatever the provider: the pass only touches nodes the CPU provider runs, and a
+    # CUDA provider that fails at session creation falls back to the CPU, where the pass crashes
+    if dtype == "fp16":
         options.add_session_config_entry("optimization.disable_specified_optimizers",
                                          ",".join(FP16_CPU_DISABLED_OPTIMIZERS))
     return options
@@ -252,7 +254,7 @@ class OrtEncoder:
 
     def _open(self, tower: str):
         path = self.dir / self.meta["towers"][tower]
-        options = session_options(self.meta["dtype"], self.providers[0], self.threads)
+        options = session_options(self.meta["dtype"], self.threads)
         providers = provider_list(self.providers, self.fixed_batch)
         try:
             return open_session(path, options, providers)

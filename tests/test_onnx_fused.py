@@ -250,10 +250,14 @@ def test_session_plan_per_dtype():
     assert default_providers("int8") == ["CPUExecutionProvider"]
     assert default_providers("fp16")[-1] == "CPUExecutionProvider"
     for dtype in ("fp32", "int8"):
-        options = session_options(dtype, "CPUExecutionProvider")
+        options = session_options(dtype)
         assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         with pytest.raises(RuntimeError, match="does not have configuration"):  # no pass disabled
             options.get_session_config_entry("optimization.disable_specified_optimizers")
+    # fp16 without the crashing CPU pass even when planned for CUDA: a CUDA provider that fails at
+    # session creation falls back to the CPU one with these options
+    options = session_options("fp16")
+    assert options.get_session_config_entry("optimization.disable_specified_optimizers") == "NchwcTransformer"
 
 
 def test_truncated_graph_is_a_clear_error(fused_export, tmp_path):
