@@ -116,10 +116,12 @@ def _tokenizer_spec(model: nn.Module, name: Optional[str]) -> Optional[Dict]:
 def _check_finite(model: nn.Module) -> None:
     """Refuse NaN or infinite weights before exporting: the export ran for minutes, then parity
     blamed ONNX ("does not match PyTorch, max abs nan")."""
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ConfigError(f"the model's {name} holds NaN or infinite values (adapters of a diverged training run?); "
-                              "export weights that are finite")
+    from ..checkpoints import non_finite
+
+    bad = non_finite(model.state_dict())
+    if bad:
+        raise ConfigError(f"the model's {bad[0]} holds NaN or infinite values (adapters of a diverged training run?); "
+                          "export weights that are finite")
 
 
 def _export_tower(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, opset: Optional[int],

@@ -7,7 +7,7 @@ import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -35,6 +35,11 @@ def architecture(model: nn.Module) -> Dict[str, list]:
             for name, t in find_towers(model).items()}
 
 
+def non_finite(tensors: Mapping[str, torch.Tensor]) -> List[str]:
+    """The names of the floating-point tensors holding NaN or infinite values."""
+    return [n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
 def save_adapters(model: nn.Module, path: PathLike, backbone: Optional[str] = None) -> None:
     """Write the adapters (and the config, as metadata) to a safetensors file, atomically.
 
@@ -48,7 +53,7 @@ def save_adapters(model: nn.Module, path: PathLike, backbone: Optional[str] = No
     from . import __version__
 
     tensors = {n: p.detach().contiguous().cpu() for n, p in adapter_state_dict(model).items()}
-    bad = [n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = non_finite(tensors)
     if bad:  # loading refuses such a file: say so now, where the diverged weights come from
         raise CheckpointError(f"not saving {path}: the adapters hold NaN or infinite values in "
                               f"{', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''} (training diverged?)")
@@ -89,10 +94,10 @@ def _read_adapter_file(path: PathLike):
     if "checksum" in metadata and tensor_checksum(tensors) != metadata["checksum"]:
         raise CheckpointError(f"adapter file {path} is corrupt: its tensors do not match the checksum written with "
                               "them (a bit flipped on disk or in a copy). Use another copy, or the run's last.pt.")
-    for name, t in tensors.items():  # NaN adapters embed everything as NaN (an export blamed ONNX for it)
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CheckpointError(f"adapter file {path} holds NaN or infinite values in {name} (saved from a diverged "
-                                  "training run?); use adapters saved before it diverged")
+    bad = non_finite(tensors)  # NaN adapters embed everything as NaN (an export blamed ONNX for it)
+    if bad:
+        raise CheckpointError(f"adapter file {path} holds NaN or infinite values in {bad[0]} (saved from a diverged "
+                              "training run?); use adapters saved before it diverged")
     return path, metadata, tensors
 
 

@@ -264,14 +264,14 @@ def patch(model: nn.Module, config: Optional[HarMAConfig] = None, backend: str =
     # referenced by the image tower's layer of the same relative depth under share="both".
     # S works at the bottleneck width, so towers of different widths share it unchanged.
     owner = "text" if "text" in adapted else "image"
-    if config.share == "both" and len(adapted) == 2:
-        kinds_of = {t: {(p.dtype, p.device) for b in towers[t].blocks for p in [_reference_weight(b)]} for t in adapted}
-        if len(kinds_of["image"] | kinds_of["text"]) > 1:
-            found = "; ".join(f"{t}: " + ", ".join(sorted(f"{str(d).replace('torch.', '')} on {v}" for d, v in kinds_of[t]))
-                              for t in adapted)
-            raise UnsupportedModelError(f"HarMAConfig(share='both') shares S between the towers, which are in different dtypes "
-                             f"or on different devices ({found}); cast or move the model as a whole first "
-                             "(model.to(dtype)), or use share='text' or 'none'")
+    if config.share == "both" and len(adapted) == 2:  # one S per layer serves both towers
+        placed = {t: sorted({f"{str(w.dtype).replace('torch.', '')} on {w.device}"
+                             for w in map(_reference_weight, towers[t].blocks)}) for t in adapted}
+        if len(set(placed["image"] + placed["text"])) > 1:
+            found = "; ".join(f"{t}: {', '.join(k)}" for t, k in placed.items())
+            raise UnsupportedModelError(f"HarMAConfig(share='both') shares S between the towers, which are in "
+                                        f"different dtypes or on different devices ({found}); cast or move the "
+                                        "model as a whole first (model.to(dtype)), or use share='text' or 'none'")
     shared: List[SharedSubAdapter] = []
     if config.share != "none":
         for block in towers[owner].blocks:
