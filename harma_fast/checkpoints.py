@@ -1,6 +1,7 @@
 """Adapter checkpoints (safetensors, adapters only) and import of released HarMA checkpoints."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import HarMAConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .io import PathLike, atomic_path, require_file
 from .patching import find_towers, is_patched, patch, unpatch
 
@@ -271,19 +272,66 @@ _RELEASED_KEYS = (
 _RELEASED_BLOCK = re.compile(r"^(visual\.transformer|transformer)\.resblocks\.(\d+)\.(gate1|mmadapter\..+)$")
 
 
+_WRAPPERS = ("model", "state_dict", "module")  # {'model': state}, Lightning's {'state_dict': ...}, DDP's
+
+
 def _released_state_dict(checkpoint: Mapping) -> Dict[str, torch.Tensor]:
     state = checkpoint
-    if "model" in state and isinstance(state["model"], Mapping):
-        state = state["model"]
+    while True:  # the weights may sit under one or more wrapper keys
+        inner = next((state[k] for k in _WRAPPERS if isinstance(state.get(k), Mapping)), None)
+        if inner is None:
+            break
+        state = inner
     out = {}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             continue
-        for prefix in ("module.", "model."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
+        while key.startswith(("module.", "model.")):  # DDP's and the HarMA wrapper's, in either order
+            key = key.split(".", 1)[1]
         out[key] = value
     return out
+
+
+def _released_widths(state: Mapping) -> Dict[str, int]:
+    """The adapter widths a released state dict was trained with, read from its weights' shapes."""
+    widths = {}
+    for key, value in state.items():
+        if key.endswith("mmadapter.img_proj_down.weight") and value.ndim == 2:
+            widths.setdefault("bottleneck", int(value.shape[0]))
+        elif key.endswith("mmadapter.BiShareAdapterxx.l1.weight") and value.ndim == 2:
+            widths.setdefault("shared_width", int(value.shape[0]))
+    return widths
+
+
+def _read_released_file(path: Path, source: str):
+    """A released checkpoint from disk: a torch.save file, or a safetensors file (any torch version)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{":  # safetensors: 8-byte header length, then the JSON header
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"cannot read {source}: not a valid safetensors file ({err}); it is truncated "
+                                  "or corrupt") from err
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors come in many types
+        from .models import _unreadable_reason
+
+        # one line: torch's own message for a file that is no checkpoint is nine about weights_only
+        why = _unreadable_reason(path, err, "the .pth file the released HarMA code saved")
+        if why.startswith("it holds Python objects"):
+            # what the released HarMA code writes: {'model': weights, 'config': <ruamel.yaml map>}
+            raise CheckpointError(
+                f"cannot read {source}: it holds Python objects besides tensors (the released HarMA code saves its "
+                "config object with the weights), which harma_fast does not unpickle (that could run code from the "
+                "file). If you trust the file, save its weights alone once: python -c \"import torch; "
+                f"torch.save(torch.load({str(path)!r}, weights_only=False)['model'], 'harma_weights.pth')\", and pass "
+                "harma_weights.pth") from err
+        raise CheckpointError(f"cannot read {source}: {why}") from err
 
 
 def _map_released_key(key: str) -> Optional[str]:
@@ -310,14 +358,7 @@ def load_released_checkpoint(model: nn.Module, path_or_state_dict: Union[PathLik
     else:
         path = require_file(path_or_state_dict, "released checkpoint")
         source = f"released checkpoint {path}"
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickle errors come in many types
-            from .models import _unreadable_reason
-
-            # one line: torch's own message for a file that is no checkpoint is nine about weights_only
-            why = _unreadable_reason(path, err, "the .pth file the released HarMA code saved")
-            raise CheckpointError(f"cannot read {source}: {why}") from err
+        checkpoint = _read_released_file(path, source)
         if not isinstance(checkpoint, Mapping):
             raise ValueError(f"{source} holds a {type(checkpoint).__name__}, not a state dict")
     state = _released_state_dict(checkpoint)
@@ -335,15 +376,22 @@ def load_released_checkpoint(model: nn.Module, path_or_state_dict: Union[PathLik
     if has_image_shared:
         raise ValueError(f"{source} has a shared sub-adapter in the image tower, which the released layout "
                          "does not have; it was not written by the released HarMA code")
-    expected = HarMAConfig.released() if has_shared else HarMAConfig(share="none")
+    # the widths come from the weights (the released code's are 128 and 64, but it can be trained with others)
+    try:
+        expected = dataclasses.replace(HarMAConfig.released() if has_shared else HarMAConfig(share="none"),
+                                       **_released_widths(state))
+    except ConfigError as err:
+        raise CheckpointError(f"{source} has adapters of a width harma_fast cannot build with the released "
+                              f"layout's 8 heads ({err})") from err
     patched_here = not is_patched(model)
     if patched_here:
         patch(model, expected)
-    elif model.harma_config != expected:
+    elif dataclasses.replace(model.harma_config, gate_init=expected.gate_init) != expected:
+        # (the initial gate value does not matter: the checkpoint sets every gate)
         raise ValueError(f"{source} has the released layout (shared sub-adapter "
                          f"{'in the text tower only' if has_shared else 'absent'}), but the model is patched with "
-                         f"{model.harma_config.describe_difference(expected)}; unpatch it, or patch with "
-                         f"HarMAConfig.{'released' if has_shared else 'share=none'}")
+                         f"{model.harma_config.describe_difference(expected)}; pass it unpatched (it is then "
+                         f"patched to fit), or patch it with {expected!r}")
     try:
         _check_fits(model.state_dict(), mapped, source)
         model.load_state_dict(mapped, strict=True)

@@ -151,6 +151,91 @@ def test_released_import_errors(tmp_path):
         harma_fast.load_released_checkpoint(model, plain)
     pickled = tmp_path / "object.pth"
     torch.save({"model": released_state_dict(model), "args": argparse.Namespace(lr=4e-4)}, pickled)
-    with pytest.raises(ValueError, match="holds Python objects besides tensors, which harma_fast does not unpickle"):
+    with pytest.raises(ValueError, match="holds Python objects besides tensors .*which harma_fast does not unpickle"):
         harma_fast.load_released_checkpoint(model, pickled)
     assert not harma_fast.is_patched(model)
+
+
+# ---- wrappers, prefixes, widths, file formats (each used to be refused or misreported) ------
+def _outputs(model):
+    images, tokens = sample_inputs(model, batch=2)
+    with torch.no_grad():
+        return model.encode_image(images), model.encode_text(tokens)
+
+
+@pytest.mark.parametrize("wrap", ["state_dict", "state_dict+model", "model.module."])
+def test_released_import_unwraps_common_checkpoint_layouts(wrap):
+    # Lightning-style {'state_dict': ...} was reported as "no HarMA adapter keys ... use create_model",
+    # and a 'model.module.' prefix (the wrapper's module under DDP) was not stripped
+    base = tiny_model(seed=3)
+    state = released_state_dict(base, seed=5)
+    want = copy.deepcopy(base)
+    harma_fast.load_released_checkpoint(want, state)
+    if wrap == "state_dict":
+        checkpoint = {"state_dict": state, "epoch": 2}
+    elif wrap == "state_dict+model":
+        checkpoint = {"state_dict": {"model": state}}
+    else:
+        checkpoint = {("model.module." + k[len("model."):] if k.startswith("model.") else k): v for k, v in state.items()}
+    model = copy.deepcopy(base)
+    assert harma_fast.load_released_checkpoint(model, checkpoint) == pytest.approx(0.031)
+    for got, exp in zip(_outputs(model), _outputs(want)):
+        assert torch.equal(got, exp)
+
+
+def test_released_import_reads_the_bottleneck_from_the_weights(monkeypatch):
+    # a released checkpoint trained with bottleneck 64 could not be loaded at all: the unpatched model was
+    # patched with 128 (shape mismatches), and one patched with 64 was refused ("patch with HarMAConfig.released")
+    monkeypatch.setattr(__import__(__name__), "R", 64)
+    monkeypatch.setattr(__import__(__name__), "RS", 32)
+    base = tiny_model(seed=3)
+    state = released_state_dict(base, seed=5)
+    model = copy.deepcopy(base)
+    harma_fast.load_released_checkpoint(model, state)
+    assert model.harma_config == HarMAConfig(share="text", bottleneck=64, shared_width=32)
+    images, tokens = sample_inputs(model, batch=2)
+    ref = formula_model(base, state)
+    with torch.no_grad():
+        assert (model.double().encode_text(tokens) - ref.encode_text(tokens)).abs().max() < 1e-10
+    prepatched = harma_fast.patch(copy.deepcopy(base), HarMAConfig(share="text", bottleneck=64, shared_width=32,
+                                                                   gate_init=0.1))  # gates come from the file
+    harma_fast.load_released_checkpoint(prepatched, state)
+    other = harma_fast.patch(copy.deepcopy(base), HarMAConfig.released())
+    with pytest.raises(ValueError, match="bottleneck: 128 vs 64.*pass it unpatched"):
+        harma_fast.load_released_checkpoint(other, state)
+
+
+def test_released_import_reads_safetensors_files_whatever_the_torch_version(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    base = tiny_model(seed=3)
+    state = released_state_dict(base, seed=5)
+    want = copy.deepcopy(base)
+    harma_fast.load_released_checkpoint(want, state)
+    for name in ("released.safetensors", "released.pth"):  # by content, not by name
+        path = tmp_path / name
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        # torch.load reads safetensors only by the .safetensors name, and only in recent torch (pytorch#170592,
+        # 2026): the supported range starts at 2.9
+        monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load used for a safetensors file"))
+        model = copy.deepcopy(base)
+        assert harma_fast.load_released_checkpoint(model, path) == pytest.approx(0.031)
+        for got, exp in zip(_outputs(model), _outputs(want)):
+            assert torch.equal(got, exp)
+        monkeypatch.undo()
+
+
+def test_released_checkpoint_with_its_config_object_says_how_to_extract_the_weights(tmp_path):
+    # what Retrieval.py of the released code saves: {'model': state_dict, 'config': <ruamel.yaml map>}; the
+    # message used to suggest torch.save(model.state_dict(), ...) and "a .safetensors file"
+    model = tiny_model()
+    path = tmp_path / "checkpoint_best.pth"
+    torch.save({"model": released_state_dict(model), "config": argparse.Namespace(lr=4e-4)}, path)
+    with pytest.raises(ValueError, match=r"released HarMA code saves its config object.*torch\.load\('.*"
+                                         r"checkpoint_best\.pth', weights_only=False\)\['model'\]") as info:
+        harma_fast.load_released_checkpoint(model, path)
+    assert "\n" not in str(info.value) and not harma_fast.is_patched(model)
+    # the command it gives works
+    extracted = tmp_path / "harma_weights.pth"
+    torch.save(torch.load(path, weights_only=False)["model"], extracted)
+    assert harma_fast.load_released_checkpoint(model, extracted) == pytest.approx(0.031)
