@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from ..cliargs import add_subparser, positive_int
+from ..errors import require_modules
 from ..io import check_output_dir, check_output_file, require_dir, require_file
 
 
@@ -58,6 +59,7 @@ def run_export(args: argparse.Namespace) -> int:
     if args.image_root:
         require_dir(args.image_root, "--image-root")
     check_output_dir(args.out, "--out")
+    require_modules(("onnx", "onnxscript", "onnxruntime"), "export")  # before the model is built
 
     from .. import create_model, load_adapters, load_released_checkpoint
     from .onnx_export import check_export_options, check_out_dir, export_onnx
@@ -94,6 +96,7 @@ def run_search(args: argparse.Namespace) -> int:
     if args.html:
         check_output_file(args.html, "--html")
     require_dir(args.images, "--images")
+    require_modules(("onnxruntime",), "search")
 
     from .runtime import OrtEncoder
     from .search import GalleryIndex, shown, truncation_warning, write_html

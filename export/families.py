@@ -50,7 +50,10 @@ class TokenizersTokenizer:
         try:
             from tokenizers import Tokenizer
         except ImportError as err:
-            raise ImportError("this export's text tower uses a Hugging Face tokenizer: pip install tokenizers") from err
+            from ..errors import MissingDependencyError
+
+            raise MissingDependencyError("this export's text tower uses a Hugging Face tokenizer, which needs "
+                                         "tokenizers, not installed: pip install tokenizers") from err
         self.tokenizer = Tokenizer.from_file(str(path))
         self.context_length, self.pad_id = context_length, pad_id
         self._counter = None

@@ -28,7 +28,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ..errors import ConfigError, HarmaError, InputPathError
+from ..errors import ConfigError, HarmaError, InputPathError, require_modules
 from .families import load_tokenizer
 
 FORMAT = "harma_fast.onnx/1"
@@ -211,6 +211,7 @@ class OrtEncoder:
 
     def __init__(self, onnx_dir: Union[str, Path], providers: Union[str, Sequence[str], None] = None,
                  threads: Optional[int] = None):
+        require_modules(("onnxruntime",), "OrtEncoder")
         self.dir = Path(onnx_dir)
         self.meta = read_metadata(self.dir)
         self.providers = usable_providers(providers, self.meta["dtype"])

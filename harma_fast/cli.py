@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 from .cliargs import (BACKENDS, HARMA_LAYOUTS, PRECISIONS, HelpFormatter, add_subparser, non_negative_int,
                       positive_float, positive_int)
-from .errors import ConfigError, HarmaError
+from .errors import OPTIONAL_PACKAGES, ConfigError, HarmaError, MissingDependencyError, missing_dependency_message
 from .io import check_output_dir, check_output_file, require_dir, require_file
 
 PRESETS = ("rsitmd-clip", "rsitmd-georsclip", "rsicd-clip", "rsicd-georsclip")
@@ -302,6 +302,16 @@ def peer_lost(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and (isinstance(err, dist_error) or any(m in str(err) for m in _PEER_LOST))
 
 
+def _missing_optional(err: BaseException) -> Optional[MissingDependencyError]:
+    """An optional package (onnx, onnxruntime, transformers, ...) that is not installed: the user's to install."""
+    top = (getattr(err, "name", None) or "").split(".")[0] if isinstance(err, ModuleNotFoundError) else ""
+    if top not in OPTIONAL_PACKAGES:
+        return None
+    missing = MissingDependencyError(missing_dependency_message([top], "this command"))
+    missing.__cause__, missing.__traceback__ = err, err.__traceback__  # HARMA_FAST_DEBUG shows where
+    return missing
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Exit status: 0 done, 2 bad input (one line, no traceback), 1 a bug (traceback), 130 interrupted."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
@@ -322,6 +332,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             pass
         return 141  # 128 + SIGPIPE, as a shell tool killed by it reports
     except Exception as err:  # noqa: BLE001 - the one place every failure is reported
+        err = _missing_optional(err) or err
         if peer_lost(err):
             print(f"{name}: error: another process of this job stopped ({str(err).splitlines()[0][:200]}); its own "
                   "message, above or in its log, says why: fix that and run the job again", file=sys.stderr)

@@ -30,3 +30,31 @@ class CheckpointError(HarmaError, ValueError):
 
 class OutputPathError(HarmaError, ValueError):
     """An output path cannot be written (its parent is a file, it is a folder, no permission)."""
+
+
+class MissingDependencyError(HarmaError, ImportError):
+    """An optional package a command or class needs is not installed (the message says how to install it)."""
+
+
+# optional packages -> the extra of harma-fast that installs them
+OPTIONAL_PACKAGES = {"onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx",
+                     "transformers": "hf", "tokenizers": "hf"}
+
+
+def missing_dependency_message(names, what: str) -> str:
+    """``what`` needs the optional packages ``names``: which, and the pip command that installs them."""
+    extras = sorted({OPTIONAL_PACKAGES[n] for n in names if n in OPTIONAL_PACKAGES})
+    install = f"pip install 'harma-fast[{','.join(extras)}]'" if extras else f"pip install {' '.join(names)}"
+    if list(names) == ["onnxruntime"]:
+        install += " (or just: pip install onnxruntime; onnxruntime-gpu for the CUDA provider)"
+    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    return f"{what} needs {listed}, which {'is' if len(names) == 1 else 'are'} not installed: {install}"
+
+
+def require_modules(names, what: str) -> None:
+    """Raise :class:`MissingDependencyError` unless every module in ``names`` can be imported (not imported here)."""
+    import importlib.util
+
+    missing = [n for n in names if importlib.util.find_spec(n) is None]
+    if missing:
+        raise MissingDependencyError(missing_dependency_message(missing, what))
