@@ -31,6 +31,37 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
+def _find_checkout_subpackages() -> None:
+    """In a source checkout, ``kernels/`` and ``export/`` sit beside this folder; installing maps them
+    to ``harma_fast.kernels`` / ``harma_fast.export`` (an editable install too). Python run in the
+    repository root imports this folder ahead of any installed copy (``python -m pytest``, ``torchrun -m
+    harma_fast.cli``), so after a non-editable ``pip install .`` those two were not found there: map
+    them here, as a last resort the installed layouts never reach."""
+    import sys
+    from importlib.abc import MetaPathFinder
+    from importlib.util import spec_from_file_location
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    folders = {f"{__name__}.{n}": here.parent / n for n in ("kernels", "export")}
+    if (here / "kernels").exists() or not (here.parent / "pyproject.toml").is_file() \
+            or not all((f / "__init__.py").is_file() for f in folders.values()):
+        return
+
+    class CheckoutFinder(MetaPathFinder):
+        def find_spec(self, fullname, path=None, target=None):
+            folder = folders.get(fullname)
+            if folder is None:
+                return None
+            return spec_from_file_location(fullname, folder / "__init__.py", submodule_search_locations=[str(folder)])
+
+    if not any(type(f).__name__ == "CheckoutFinder" for f in sys.meta_path):
+        sys.meta_path.append(CheckoutFinder())
+
+
+_find_checkout_subpackages()
+
+
 def __getattr__(name: str):
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)

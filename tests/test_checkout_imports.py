@@ -22,3 +22,18 @@ def test_the_kernels_folder_steps_aside_for_hugging_faces_kernels_package():
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, capture_output=True, text=True)
     theirs, ours = out.stdout.split()
     assert Path(theirs).parent != ROOT / "kernels" and Path(ours).parent == ROOT / "kernels"
+
+
+def test_a_checkout_finds_its_kernels_and_export_without_an_editable_install():
+    # after `pip install .` (not -e), Python run in the repository root (python -m pytest, torchrun -m
+    # harma_fast.cli) imports harma_fast from the checkout, where harma_fast/kernels and harma_fast/export
+    # do not exist: conftest.py and the CLI failed with "No module named 'harma_fast.kernels'".
+    # -S: no site-packages, so no installed copy (editable or not) can supply them.
+    script = ("import sys; sys.path.insert(0, '.')\n"
+              "import harma_fast.kernels, harma_fast.export\n"
+              "print(harma_fast.__file__); print(harma_fast.kernels.__file__); print(harma_fast.export.__file__)")
+    out = subprocess.run([sys.executable, "-S", "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    package, kernels, export = (Path(p) for p in out.stdout.split())
+    assert package.parent == ROOT / "harma_fast"
+    assert kernels == ROOT / "kernels" / "__init__.py" and export == ROOT / "export" / "__init__.py"
