@@ -63,6 +63,8 @@ def save_adapters(model: nn.Module, path: PathLike, backbone: Optional[str] = No
                 "backbone_fingerprint": backbone_fingerprint(model), "checksum": tensor_checksum(tensors)}
     if backbone:
         metadata["backbone"] = str(backbone)
+    if _has_float16_backbone(model):  # its fingerprint is a float16 one: say so where it fails to match
+        metadata["backbone_dtype"] = "float16"
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
@@ -124,7 +126,7 @@ def load_adapters(model: nn.Module, path: PathLike, check_backbone: bool = True)
                                   f"width {arch[tower][1]}{_family_difference(shape, arch[tower])}")
     if check_backbone:
         check_backbone_fingerprint(model, metadata.get("backbone_fingerprint"), f"adapter file {path}", path,
-                                   metadata.get("backbone"))
+                                   metadata.get("backbone"), saved_float16=metadata.get("backbone_dtype") == "float16")
     patched_here = not is_patched(model)
     if patched_here:
         patch(model, config)
@@ -177,7 +179,7 @@ def backbone_fingerprint(model: nn.Module) -> str:
 
 
 def check_backbone_fingerprint(model: nn.Module, saved: Optional[str], source: str, path: PathLike,
-                               saved_backbone: Optional[str] = None) -> None:
+                               saved_backbone: Optional[str] = None, saved_float16: bool = False) -> None:
     """Refuse adapters (``source``) trained on another backbone than ``model``'s; warn if unknown."""
     if saved is None:
         warnings.warn(f"{source} records no backbone fingerprint (written by an older harma_fast): cannot check "
@@ -195,10 +197,21 @@ def check_backbone_fingerprint(model: nn.Module, saved: Optional[str], source: s
         fix = "pass the --pretrained weights it was trained with"
     built = getattr(model, "harma_pretrained", None)
     ours_from = f"built from {built}" if built else "as given"
+    if _has_float16_backbone(model) != saved_float16:  # maybe the same backbone: float16 rounds elsewhere than bf16
+        saved_as, ours_as = ("float16", "float32 (or bfloat16)") if saved_float16 else ("float32 (or bfloat16)", "float16")
+        raise CheckpointError(
+            f"{source} does not match the model's backbone fingerprint ({saved} vs {ours}), but it was saved from a "
+            f"{saved_as} model and this model's backbone is {ours_as}, which gives another fingerprint even for the "
+            f"same weights: load it into a {saved_as} model (convert after loading), or, if the backbone is the "
+            "right one, pass check_backbone=False.")
     raise CheckpointError(
         f"{source} was trained on another backbone: its backbone fingerprint is {saved}, the model's ({ours_from}) "
         f"is {ours}. Evaluating it on this backbone gives meaningless numbers. To fix it, {fix}. To use it anyway, "
         "pass --ignore-backbone-mismatch (Python: check_backbone=False).")
+
+
+def _has_float16_backbone(model: nn.Module) -> bool:
+    return any(p.dtype == torch.float16 for n, p in model.named_parameters() if _ADAPTER_MARK not in n)
 
 
 def tensor_checksum(value) -> str:

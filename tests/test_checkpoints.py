@@ -165,6 +165,29 @@ def test_adapters_refuse_another_backbone_naming_what_to_pass(tmp_path):
         harma_fast.load_adapters(tiny_model(seed=1), path)
 
 
+def test_a_float16_model_is_not_called_another_backbone(tmp_path):
+    # create_model(..., precision="fp16") or model.half() on the very backbone the adapters were trained on
+    # was refused as "trained on another backbone ... pass the --pretrained weights it was trained with"
+    from harma_fast.errors import CheckpointError
+
+    base = tiny_model(seed=0)
+    path, half_path = tmp_path / "fp32.safetensors", tmp_path / "fp16.safetensors"
+    trained = randomize_adapters(harma_fast.patch(copy.deepcopy(base)))
+    harma_fast.save_adapters(trained, path)
+    harma_fast.save_adapters(copy.deepcopy(trained).half(), half_path)
+    half = copy.deepcopy(base).half()
+    with pytest.raises(CheckpointError, match="saved from a float32 .*model and this model's backbone is float16") as info:
+        harma_fast.load_adapters(half, path)
+    assert "another backbone" not in str(info.value) and not harma_fast.is_patched(half)
+    with pytest.raises(CheckpointError, match="saved from a float16 model and this model's backbone is float32"):
+        harma_fast.load_adapters(copy.deepcopy(base), half_path)
+    # what the messages say to do works, and really another backbone is still called that
+    harma_fast.load_adapters(half, half_path)
+    harma_fast.load_adapters(copy.deepcopy(base), path)
+    with pytest.raises(CheckpointError, match="was trained on another backbone"):
+        harma_fast.load_adapters(tiny_model(seed=1).half(), half_path)
+
+
 def test_adapter_file_without_fingerprint_loads_with_a_warning(tmp_path):
     from safetensors import safe_open
 
