@@ -376,6 +376,9 @@ def load_released_checkpoint(model: nn.Module, path_or_state_dict: Union[PathLik
             raise ValueError(f"{source} holds a {type(checkpoint).__name__}, not a state dict")
     state = _released_state_dict(checkpoint)
     temp = state.pop("temp", None)
+    if temp is not None and (temp.numel() != 1 or not temp.is_floating_point()):  # before anything is changed
+        raise CheckpointError(f"{source} has a 'temp' (loss temperature) of shape {tuple(temp.shape)} and dtype "
+                              f"{temp.dtype}, not one number: it was not written by the released HarMA code")
     mapped, has_shared, has_image_shared = {}, False, False
     for key, value in state.items():
         ours = _map_released_key(key)

@@ -239,3 +239,15 @@ def test_released_checkpoint_with_its_config_object_says_how_to_extract_the_weig
     extracted = tmp_path / "harma_weights.pth"
     torch.save(torch.load(path, weights_only=False)["model"], extracted)
     assert harma_fast.load_released_checkpoint(model, extracted) == pytest.approx(0.031)
+
+
+def test_a_temperature_that_is_not_one_number_is_refused_before_anything_changes():
+    # was: torch's "only one element tensors can be converted to Python scalars", raised after the weights
+    # were loaded, leaving the model patched and loaded
+    base = tiny_model(seed=3)
+    state = released_state_dict(base, seed=5)
+    state["temp"] = torch.tensor([0.05, 0.07])
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=r"'temp' \(loss temperature\) of shape \(2,\).*not one number"):
+        harma_fast.load_released_checkpoint(model, state)
+    assert not harma_fast.is_patched(model)
