@@ -87,7 +87,8 @@ def _read_adapter_file(path: PathLike):
         if zipfile.is_zipfile(path):  # what torch.save writes: a training checkpoint such as last.pt
             raise CheckpointError(f"adapter file {path} is a PyTorch checkpoint, not a safetensors adapter file: "
                                   "for a training checkpoint (last.pt) use --checkpoint (harma-fast eval), or its "
-                                  "run's best.safetensors / final.safetensors") from err
+                                  "run's best.safetensors / final.safetensors; for a checkpoint of the released "
+                                  "HarMA code, --released (Python: load_released_checkpoint)") from err
         raise CheckpointError(f"cannot read adapter file {path}: not a valid safetensors file ({err}); it is "
                               "truncated, corrupt or of another format. Use another adapter file or train "
                               "again.") from err
@@ -374,7 +375,14 @@ def load_released_checkpoint(model: nn.Module, path_or_state_dict: Union[PathLik
         checkpoint = _read_released_file(path, source)
         if not isinstance(checkpoint, Mapping):
             raise ValueError(f"{source} holds a {type(checkpoint).__name__}, not a state dict")
+    ours_instead = ("it was written by harma_fast, not by the released HarMA code: pass a training checkpoint "
+                    "(last.pt) as --checkpoint, an adapter file (.safetensors) as --adapters (Python: load_adapters)")
+    if str(checkpoint.get("format", "")).startswith("harma_fast."):  # a training checkpoint (last.pt)
+        raise CheckpointError(f"{source}: {ours_instead}")
     state = _released_state_dict(checkpoint)
+    if any(_ADAPTER_MARK in k for k in state) and not any(".mmadapter." in k for k in state):
+        raise CheckpointError(f"{source} holds harma_fast's adapter keys (…resblocks.N.harma.*), not the released "
+                              f"code's (…resblocks.N.mmadapter.*): {ours_instead}")
     temp = state.pop("temp", None)
     if temp is not None and (temp.numel() != 1 or not temp.is_floating_point()):  # before anything is changed
         raise CheckpointError(f"{source} has a 'temp' (loss temperature) of shape {tuple(temp.shape)} and dtype "
@@ -388,7 +396,8 @@ def load_released_checkpoint(model: nn.Module, path_or_state_dict: Union[PathLik
         mapped[ours or key] = value
     if not any(".harma." in k for k in mapped):
         raise ValueError(f"{source} has no HarMA adapter keys (…resblocks.N.mmadapter.*); "
-                         "for a plain CLIP checkpoint use harma_fast.create_model(name, pretrained=path)")
+                         "for a plain CLIP checkpoint use harma_fast.create_model(name, pretrained=path) "
+                         "(--pretrained on the command line)")
     if has_image_shared:
         raise ValueError(f"{source} has a shared sub-adapter in the image tower, which the released layout "
                          "does not have; it was not written by the released HarMA code")

@@ -251,3 +251,27 @@ def test_a_temperature_that_is_not_one_number_is_refused_before_anything_changes
     with pytest.raises(ValueError, match=r"'temp' \(loss temperature\) of shape \(2,\).*not one number"):
         harma_fast.load_released_checkpoint(model, state)
     assert not harma_fast.is_patched(model)
+
+
+def test_harma_fast_files_given_as_released_checkpoints_are_named_as_such(tmp_path):
+    # an adapter file was reported as "does not fit this model: N keys missing", a training checkpoint as
+    # "has no HarMA adapter keys ... for a plain CLIP checkpoint use create_model"
+    from harma_fast.trainstate import FORMAT
+
+    base = tiny_model()
+    adapters = tmp_path / "best.safetensors"
+    harma_fast.save_adapters(harma_fast.patch(copy.deepcopy(base)), adapters)
+    last = tmp_path / "last.pt"
+    torch.save({"format": FORMAT, "adapters": {k: v for k, v in harma_fast.patch(copy.deepcopy(base)).state_dict().items()
+                                               if ".harma." in k}}, last)
+    for path in (adapters, last):
+        model = copy.deepcopy(base)
+        with pytest.raises(ValueError, match="written by harma_fast, not by the released HarMA code: pass a training "
+                                             "checkpoint .* as --checkpoint, an adapter file .* as --adapters"):
+            harma_fast.load_released_checkpoint(model, path)
+        assert not harma_fast.is_patched(model)
+    # and the other way round: a released checkpoint given as an adapter file names --released
+    released = tmp_path / "released.pth"
+    torch.save(released_state_dict(base), released)
+    with pytest.raises(ValueError, match="for a checkpoint of the released HarMA code, --released"):
+        harma_fast.load_adapters(copy.deepcopy(base), released)
