@@ -35,7 +35,8 @@ def test_the_sdist_carries_what_its_tests_import(tmp_path):
     name = out.stdout.split()[-1]
     with tarfile.open(src / "out" / name) as tar:
         shipped = {Path(*Path(m).parts[1:]).as_posix() for m in tar.getnames()}
-    wanted = {p.relative_to(ROOT).as_posix() for folder in ("tests", "benchmarks") for p in (ROOT / folder).glob("*.py")}
+    wanted = {p.relative_to(ROOT).as_posix() for folder in ("tests", "benchmarks") for p in (ROOT / folder).iterdir()
+              if p.is_file() and p.suffix in (".py", ".md", ".sh", ".png")}  # RESULTS.md shows its .png
     assert wanted - shipped == set()
     assert {"README.md", "pyproject.toml", "MANIFEST.in"} <= shipped
     assert not [m for m in shipped if "__pycache__" in m or m.endswith(".pyc")]
