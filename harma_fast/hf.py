@@ -90,17 +90,44 @@ def with_clip_api(model: nn.Module, preprocess: Optional[Dict] = None) -> nn.Mod
     return model
 
 
+def _read_json_object(path: Path) -> Dict:
+    """A JSON file of a model folder, or a :class:`ConfigError` naming it (not json's own traceback)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"cannot read {path}: {err}; it is damaged (save the model folder again with "
+                          "save_pretrained)") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a JSON {type(data).__name__}, not an object; save the model folder again "
+                          "with save_pretrained")
+    return data
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def read_preprocess(folder: Union[str, Path]) -> Dict:
     """``{"mean", "std", "size"}`` from the folder's ``preprocessor_config.json`` (empty if absent)."""
     path = Path(folder) / _PROCESSOR_FILE
     if not path.is_file():
         return {}
-    cfg = json.loads(path.read_text())
-    out = {k: tuple(cfg[n]) for k, n in (("mean", "image_mean"), ("std", "image_std")) if n in cfg}
+    cfg = _read_json_object(path)
+    out = {}
+    for key, name in (("mean", "image_mean"), ("std", "image_std")):
+        if name in cfg:
+            value = cfg[name]
+            value = [value] * 3 if _is_number(value) else value  # one number for every channel, as HF allows
+            if not (isinstance(value, list) and len(value) == 3 and all(_is_number(v) for v in value)):
+                raise ConfigError(f"{path}: '{name}' is {value!r}; it must be three numbers (one per RGB channel)")
+            out[key] = tuple(value)
     size = cfg.get("crop_size") or cfg.get("size")  # CLIP resizes, then crops to crop_size
     if isinstance(size, dict):
         size = size.get("height", size.get("shortest_edge"))
     if size:
+        if not (_is_number(size) and int(size) == size and size > 0):
+            raise ConfigError(f"{path}: the image size ('crop_size' or 'size') is {size!r}; it must be a positive "
+                              "whole number of pixels")
         out["size"] = int(size)
     return out
 
@@ -134,10 +161,11 @@ class HFTokenizer:
         if not path.is_file():
             raise ConfigError(f"{folder} has no tokenizer.json; save the model's fast tokenizer there "
                               "(AutoTokenizer.from_pretrained(...).save_pretrained(folder))")
-        config = json.loads((folder / "tokenizer_config.json").read_text()) \
+        config = _read_json_object(folder / "tokenizer_config.json") \
             if (folder / "tokenizer_config.json").is_file() else {}
         pad = config.get("pad_token")
         pad = pad.get("content") if isinstance(pad, dict) else pad
+        pad = pad if isinstance(pad, str) else None  # a token, by its text
         self.tokenizer = TokenizersTokenizer(path, context_length, pad_id=0)
         pad_id = self.tokenizer.tokenizer.token_to_id(pad) if pad else None
         self.tokenizer.pad_id = self.pad_id = pad_id if pad_id is not None else 0

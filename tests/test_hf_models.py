@@ -1,10 +1,12 @@
 """Local Hugging Face folders: create_model, tokenizer, preprocessing, training through the CLI."""
 import json
+import re
 
 import pytest
 import torch
 
 import harma_fast
+import harma_fast.cli
 import family_models
 from family_models import MEAN, STD
 from harma_fast.checkpoints import architecture
@@ -88,3 +90,26 @@ def test_training_through_the_cli_lowers_the_loss_and_evaluates(tmp_path, data):
                str(out / "best.safetensors"), "--test-file", str(data["test"]), "--image-root",
                str(data["image_root"]), "--output", str(tmp_path / "m.json")])
     assert rc == 0 and json.loads((tmp_path / "m.json").read_text())["r_mean"] >= 0
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("preprocessor_config.json", "{not json", r"cannot read .*preprocessor_config\.json: Expecting property name"),
+    ("tokenizer_config.json", "{not json", r"cannot read .*tokenizer_config\.json: Expecting property name"),
+    ("preprocessor_config.json", "[1, 2]", r"preprocessor_config\.json holds a JSON list, not an object"),
+    ("preprocessor_config.json", '{"image_mean": [0.5, 0.5]}', r"'image_mean' is \[0\.5, 0\.5\]; it must be three numbers"),
+    ("preprocessor_config.json", '{"image_std": 5}', None),  # one number for every channel, as HF allows
+    ("preprocessor_config.json", '{"size": {"height": "224"}}', r"image size .* is '224'; it must be a positive whole"),
+])
+def test_a_damaged_folder_file_is_one_line_not_a_bug(tmp_path, data, capsys, name, text, message):
+    # json's JSONDecodeError and "TypeError: 'int' object is not iterable" ended in "This is a bug in harma-fast"
+    folder, _ = hf_folder(tmp_path, data)
+    (folder / name).write_text(text)
+    capsys.readouterr()
+    status = harma_fast.cli.main(["eval", "--test-file", str(data["test"]), "--image-root", str(data["image_root"]),
+                                  "--model", str(folder), "--no-progress"])
+    err = capsys.readouterr().err
+    if message is None:
+        assert status == 0, err
+        return
+    assert status == 2 and "Traceback" not in err, err
+    assert re.search(message, err.strip().splitlines()[-1]), err
