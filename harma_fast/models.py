@@ -124,9 +124,23 @@ def load_backbone_file(model: nn.Module, path: PathLike, name: str = "model") ->
             return
         except Exception as err:  # noqa: BLE001 - open_clip asserts, torch raises RuntimeError
             problem = describe_mismatch(model.state_dict(), state) or str(err).strip().splitlines()[-1]
-    hint = (" It looks like a HarMA training checkpoint: use harma_fast.load_released_checkpoint."
-            if any("mmadapter" in k for k in state) else "")
-    raise CheckpointError(f"checkpoint {path} does not fit {name}: {problem}.{hint}")
+    raise CheckpointError(f"checkpoint {path} does not fit {name}: {problem}.{_not_a_backbone_hint(state)}")
+
+
+def _not_a_backbone_hint(state: dict) -> str:
+    """What a checkpoint given as backbone weights is instead, if it is one of the HarMA kinds."""
+    nested = [v for k, v in state.items() if k in ("model", "state_dict") and isinstance(v, dict)]
+    keys = [str(k) for d in [state, *nested] for k in d]
+    if any("mmadapter" in k for k in keys):
+        return (" It is a checkpoint of the released HarMA code (backbone and adapters): pass it as --released "
+                "(Python: harma_fast.load_released_checkpoint), without --pretrained.")
+    if str(state.get("format", "")).startswith("harma_fast."):
+        return (" It is a harma_fast training checkpoint: pass it as --checkpoint, and as --pretrained the backbone "
+                "it was trained on.")
+    if any(".harma." in k for k in keys):
+        return (" It holds harma_fast adapters: pass it as --adapters (Python: harma_fast.load_adapters), and as "
+                "--pretrained the backbone they were trained on.")
+    return ""
 
 
 def create_model(name: str, pretrained: Optional[PathLike] = None, device="cpu",

@@ -275,3 +275,20 @@ def test_harma_fast_files_given_as_released_checkpoints_are_named_as_such(tmp_pa
     torch.save(released_state_dict(base), released)
     with pytest.raises(ValueError, match="for a checkpoint of the released HarMA code, --released"):
         harma_fast.load_adapters(copy.deepcopy(base), released)
+
+
+def test_harma_checkpoints_given_as_backbone_weights_name_the_flag_to_use(tmp_path):
+    # as --pretrained, a released checkpoint saved as {'model': ...} (Retrieval.py's layout) said only
+    # "2 keys the model does not have, e.g. epoch"; an adapter file and a last.pt said no more than that either
+    from harma_fast.trainstate import FORMAT
+
+    base = tiny_model()
+    released = tmp_path / "released.pth"
+    torch.save({"model": released_state_dict(base), "epoch": 1}, released)
+    adapters = tmp_path / "best.safetensors"
+    harma_fast.save_adapters(harma_fast.patch(copy.deepcopy(base)), adapters)
+    last = tmp_path / "last.pt"
+    torch.save({"format": FORMAT, "adapters": {}}, last)
+    for path, flag in ((released, "--released"), (adapters, "--adapters"), (last, "--checkpoint")):
+        with pytest.raises(ValueError, match=rf"does not fit HarMA-Tiny: .* pass it as {flag}"):
+            harma_fast.create_model("HarMA-Tiny", pretrained=path)
