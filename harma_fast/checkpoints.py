@@ -199,7 +199,8 @@ def check_backbone_fingerprint(model: nn.Module, saved: Optional[str], source: s
     built = getattr(model, "harma_pretrained", None)
     ours_from = f"built from {built}" if built else "as given"
     if _has_float16_backbone(model) != saved_float16:  # maybe the same backbone: float16 rounds elsewhere than bf16
-        saved_as, ours_as = ("float16", "float32 (or bfloat16)") if saved_float16 else ("float32 (or bfloat16)", "float16")
+        wide = "float32 (or bfloat16)"
+        saved_as, ours_as = ("float16", wide) if saved_float16 else (wide, "float16")
         raise CheckpointError(
             f"{source} does not match the model's backbone fingerprint ({saved} vs {ours}), but it was saved from a "
             f"{saved_as} model and this model's backbone is {ours_as}, which gives another fingerprint even for the "
