@@ -301,7 +301,9 @@ def _released_state_dict(checkpoint: Mapping) -> Dict[str, torch.Tensor]:
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             continue
-        while key.startswith(("module.", "model.")):  # DDP's and the HarMA wrapper's, in either order
+        # DDP's and the HarMA wrapper's, in either order; the wrapper held the CLIP as `model`, and as `clip` in
+        # the released code of 2024-05-01 to 05-28 (models/model_retrieval.py)
+        while key.startswith(("module.", "model.", "clip.")):
             key = key.split(".", 1)[1]
         out[key] = value
     return out
@@ -339,13 +341,16 @@ def _read_released_file(path: Path, source: str):
         # one line: torch's own message for a file that is no checkpoint is nine about weights_only
         why = _unreadable_reason(path, err, "the .pth file the released HarMA code saved")
         if why.startswith("it holds Python objects"):
-            # what the released HarMA code writes: {'model': weights, 'config': <ruamel.yaml map>}
+            # what the released HarMA code writes: {'model': weights, 'config': <ruamel.yaml CommentedMap>}
+            found = re.search(r"GLOBAL ([\w.]+)", str(err))
+            needs = (f" (it needs the module of {found.group(1)} installed"
+                     f"{': pip install ruamel.yaml' if found.group(1).startswith('ruamel.') else ''})") if found else ""
             raise CheckpointError(
                 f"cannot read {source}: it holds Python objects besides tensors (the released HarMA code saves its "
                 "config object with the weights), which harma_fast does not unpickle (that could run code from the "
                 "file). If you trust the file, save its weights alone once: python -c \"import torch; "
-                f"torch.save(torch.load({str(path)!r}, weights_only=False)['model'], 'harma_weights.pth')\", and pass "
-                "harma_weights.pth") from err
+                f"torch.save(torch.load({str(path)!r}, weights_only=False)['model'], 'harma_weights.pth')\"{needs}, "
+                "and pass harma_weights.pth") from err
         raise CheckpointError(f"cannot read {source}: {why}") from err
 
 

@@ -163,7 +163,7 @@ def _outputs(model):
         return model.encode_image(images), model.encode_text(tokens)
 
 
-@pytest.mark.parametrize("wrap", ["state_dict", "state_dict+model", "model.module."])
+@pytest.mark.parametrize("wrap", ["state_dict", "state_dict+model", "model.module.", "clip."])
 def test_released_import_unwraps_common_checkpoint_layouts(wrap):
     # Lightning-style {'state_dict': ...} was reported as "no HarMA adapter keys ... use create_model",
     # and a 'model.module.' prefix (the wrapper's module under DDP) was not stripped
@@ -175,8 +175,8 @@ def test_released_import_unwraps_common_checkpoint_layouts(wrap):
         checkpoint = {"state_dict": state, "epoch": 2}
     elif wrap == "state_dict+model":
         checkpoint = {"state_dict": {"model": state}}
-    else:
-        checkpoint = {("model.module." + k[len("model."):] if k.startswith("model.") else k): v for k, v in state.items()}
+    else:  # "clip.": the released code of May 2024 kept the CLIP as HarMA.clip, not HarMA.model
+        checkpoint = {(wrap + k[len("model."):] if k.startswith("model.") else k): v for k, v in state.items()}
     model = copy.deepcopy(base)
     assert harma_fast.load_released_checkpoint(model, checkpoint) == pytest.approx(0.031)
     for got, exp in zip(_outputs(model), _outputs(want)):
@@ -232,7 +232,8 @@ def test_released_checkpoint_with_its_config_object_says_how_to_extract_the_weig
     path = tmp_path / "checkpoint_best.pth"
     torch.save({"model": released_state_dict(model), "config": argparse.Namespace(lr=4e-4)}, path)
     with pytest.raises(ValueError, match=r"released HarMA code saves its config object.*torch\.load\('.*"
-                                         r"checkpoint_best\.pth', weights_only=False\)\['model'\]") as info:
+                                         r"checkpoint_best\.pth', weights_only=False\)\['model'\].*\(it needs the module "
+                                         r"of argparse\.Namespace installed\)") as info:
         harma_fast.load_released_checkpoint(model, path)
     assert "\n" not in str(info.value) and not harma_fast.is_patched(model)
     # the command it gives works
