@@ -123,3 +123,16 @@ def test_openai_torchscript_file_gets_quickgelu(tmp_path, monkeypatch):
                       QuickGELU)
     assert not isinstance(harma_fast.create_model("HarMA-Tiny", pretrained=plain).transformer.resblocks[0].mlp.gelu,
                           QuickGELU)
+
+
+@pytest.mark.parametrize("name", ["rsitmd-georsclip", "rsicd-georsclip", "rsitmd-clip", "rsicd-clip"])
+def test_presets_build_the_activation_their_weights_were_trained_with(name):
+    # GeoRSCLIP was tuned from OpenAI's CLIP (QuickGELU); its plain state dict cannot say so, the preset must
+    import open_clip
+
+    from harma_fast.cli import build_parser, train_config
+
+    cfg = train_config(build_parser().parse_args(["train", "--preset", name]))
+    quick = bool(open_clip.get_model_config(cfg.model).get("quick_gelu")) or \
+        bool(open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained).get("quick_gelu"))
+    assert quick, f"{name}: {cfg.model} with {cfg.pretrained} would run GELU on QuickGELU weights"
