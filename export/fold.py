@@ -117,4 +117,7 @@ def fold_adapters(model: nn.Module, fused: bool = True) -> int:
     folded = [(owner, FoldedAdapter(adapter, fused)) for owner, adapter in owners]
     for owner, module in folded:
         owner._modules["harma"] = module
+        mlp = getattr(owner, "mlp", None)
+        if isinstance(getattr(mlp, "_harma_adapter", None), tuple):  # timm / HF: the MLP calls the adapter
+            mlp._harma_adapter = (module,)
     return len(folded)

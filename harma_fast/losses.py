@@ -25,7 +25,8 @@ from .errors import ConfigError
 
 Tensor = torch.Tensor
 
-# the range τ is kept in (as ALBEF-style code, HarMA's included, clamps its ``temp``)
+# the range τ is kept in, as ALBEF-style code clamps its ``temp`` (HarMA's released code has no clamp:
+# there an optimizer step may take τ to zero or below)
 TEMPERATURE_RANGE = (0.001, 0.5)
 
 

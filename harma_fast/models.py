@@ -84,6 +84,16 @@ def _unreadable_reason(path: Path, err: Exception, wanted: str = "the .pt/.bin/.
     return str(err).strip().splitlines()[0]
 
 
+def _is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (OpenAI's original ``ViT-B-32.pt`` and kin)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.split("/", 1)[-1].startswith("code/") for n in archive.namelist())
+
+
 def _read_state_dict(path: Path) -> Tuple[dict, bool]:
     """``(state_dict, is_torchscript)`` of a checkpoint file, or a clear error."""
     import open_clip
@@ -163,7 +173,7 @@ def create_model(name: str, pretrained: Optional[PathLike] = None, device="cpu",
     if is_hf_dir(name):
         return _create_hf_model(name, pretrained, device, precision)
     _check_name(name)
-    path = None
+    path, quick_gelu = None, False
     if pretrained is not None:
         candidate = Path(pretrained)
         looks_like_path = candidate.suffix or os.sep in str(pretrained) or candidate.exists()
@@ -182,8 +192,15 @@ def create_model(name: str, pretrained: Optional[PathLike] = None, device="cpu",
                     f"downloads. Fetch them on a machine with internet (open_clip.create_model({name!r}, "
                     f"pretrained={str(pretrained)!r}) fills the cache) and copy the file here, then pass its path "
                     "as pretrained=...")
+            # weights trained with QuickGELU (OpenAI's, on configs without "-quickgelu"): open_clip
+            # builds such a tag's model with GELU and only warns; the frozen backbone must run the
+            # activation its weights were trained with
+            quick_gelu = bool(open_clip.get_pretrained_cfg(name, str(pretrained)).get("quick_gelu", False))
+    if path is not None and _is_torchscript(path):
+        quick_gelu = True  # OpenAI's original TorchScript releases, all trained with QuickGELU
     with _quiet_open_clip():  # it warns "initialized randomly" although the weights come next
-        model = open_clip.create_model(name, pretrained=None, device="cpu", precision="fp32")
+        model = open_clip.create_model(name, pretrained=None, device="cpu", precision="fp32",
+                                       force_quick_gelu=quick_gelu)
     if path is not None:
         load_backbone_file(model, path, name)
     model.harma_model_name = name  # for the tokenizer at export and evaluation time

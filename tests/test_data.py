@@ -173,7 +173,7 @@ def test_an_image_id_names_one_image_and_an_image_has_one_id(synth, tmp_path, ca
         load_train_records(bad, synth["image_root"])
     assert "3 problem(s)" in str(info.value) and all(e in str(info.value) for e in expected)
     root = ["--image-root", str(synth["image_root"])]
-    assert main(["data", "check", str(bad), *root]) == 1
+    assert main(["data", "check", str(bad), *root]) == 2
     out = capsys.readouterr().out
     assert all(e in out for e in expected)
     assert main(["train", "--train-file", str(bad), *root, "--model", "HarMA-Tiny",

@@ -68,3 +68,22 @@ def test_folded_model_encodes_as_the_patched_model(share, seq_first):
                                    rtol=0, atol=1e-10)
         torch.testing.assert_close(work.encode_text(tokens), model.encode_text(tokens), rtol=0, atol=1e-10)
     assert fold_adapters(torch.nn.Linear(2, 2)) == 0  # nothing to fold
+
+
+@pytest.mark.parametrize("family", ["open_clip-siglip", "hf-clip"])
+def test_mlp_wrapping_families_run_the_folded_adapters(family):
+    # timm and HF blocks reach their adapter through the MLP (``mlp._harma_adapter``), not through
+    # ``block.harma``: folding must re-point that reference too, or the export keeps every
+    # adapter unfolded (and, with the originals out of the module tree, its attention unfused)
+    from family_models import FAMILIES, SMALL, family_inputs
+
+    model, _, _ = FAMILIES[family]()
+    model = randomize_adapters(harma_fast.patch(model, SMALL, backend="reference"), seed=1).double()
+    work = copy.deepcopy(model)
+    assert fold_adapters(work, fused=True) == sum(1 for _ in iter_adapters(model))
+    wrapped = [m for m in work.modules() if hasattr(m, "_harma_adapter")]
+    assert wrapped and all(isinstance(m._harma_adapter[0], FoldedAdapter) for m in wrapped)
+    images, tokens = family_inputs(model)
+    with torch.no_grad():
+        for encode, x in (("encode_image", images.double()), ("encode_text", tokens)):
+            torch.testing.assert_close(getattr(work, encode)(x), getattr(model, encode)(x), rtol=0, atol=1e-10)

@@ -70,8 +70,8 @@ def dataset(tmp_path, names):
 
 
 def assert_reported(test, images, capsys):
-    """data check lists the problems (exit 1), eval says so in one line (exit 2): no traceback."""
-    assert main(["data", "check", str(test), "--image-root", str(images)]) == 1
+    """data check lists the problems (exit 2), eval says so in one line (exit 2): no traceback."""
+    assert main(["data", "check", str(test), "--image-root", str(images)]) == 2
     out = capsys.readouterr()
     assert "Traceback" not in out.out + out.err and "internal error" not in out.out + out.err
     assert main(["eval", "--test-file", str(test), "--image-root", str(images), "--model", "HarMA-Tiny"]) == 2

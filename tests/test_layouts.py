@@ -164,7 +164,7 @@ def test_data_check_summarises_and_reports(synth, tmp_path, capsys):
     shutil.copytree(synth["nwpu"]["image_root"], root)
     victim = next(root.glob("*/*.tif"))
     victim.unlink()
-    assert main(["data", "check", str(synth["nwpu"]["annotations"]), "--image-root", str(root)]) == 1
+    assert main(["data", "check", str(synth["nwpu"]["annotations"]), "--image-root", str(root)]) == 2
     out = capsys.readouterr().out
     assert "NWPU-Captions layout" in out and "missing: 1; unreadable: 0" in out
     assert f"missing: {victim}" in out and f"image '{victim.relative_to(root)}' not found" in out
@@ -209,7 +209,7 @@ def test_a_split_that_is_a_list_or_an_object_is_a_problem_of_its_record(synth, t
         load_splits(bad, bad, bad, synth["image_root"])
     assert "record images[0], field 'split': ['test'] is not one of train, val, test (or restval)" in str(info.value)
     assert "record images[1], field 'split': {'a': 1} is not one of train, val, test" in str(info.value)
-    assert main(["data", "check", str(bad), "--image-root", str(synth["image_root"])]) == 1
+    assert main(["data", "check", str(bad), "--image-root", str(synth["image_root"])]) == 2
     assert "record images[0], field 'split': ['test'] is not one of" in capsys.readouterr().out
     nwpu = json.loads(synth["nwpu"]["annotations"].read_text())
     label, records = next(iter(nwpu.items()))
@@ -233,7 +233,7 @@ def test_data_check_reports_a_file_without_one_usable_record(synth, tmp_path, ca
                                  ({"images": []}, synth["image_root"], "the file holds no records"),
                                  (no_raw, synth["nwpu"]["image_root"], f"record {label}[0], field 'raw': missing")):
         path = write(tmp_path / "dataset.json", data)
-        assert main(["data", "check", str(path), "--image-root", str(root)]) == 1
+        assert main(["data", "check", str(path), "--image-root", str(root)]) == 2
         out, err = capsys.readouterr()
         assert "problem(s) in annotation file" in out and expected in out and "internal error" not in err, expected
 

@@ -90,3 +90,49 @@ def test_precision_and_device():
     assert model.visual.conv1.weight.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="precision must be"):
         harma_fast.create_model("HarMA-Tiny", precision="int8")
+
+
+@pytest.mark.parametrize("tag, quick", [("openai", True), ("laion2b_s34b_b79k", False)])
+def test_weights_trained_with_quickgelu_get_quickgelu(tmp_path, monkeypatch, tag, quick):
+    # open_clip's "openai" weights of ViT-B-32 were trained with QuickGELU (its pretrained config says
+    # so; open_clip itself only warns); built with GELU, the frozen backbone computes another function
+    import harma_fast.models as models
+    from open_clip.transformer import QuickGELU
+
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"")
+    monkeypatch.setattr(models, "cached_pretrained_path", lambda *a, **k: weights)
+    monkeypatch.setattr(models, "load_backbone_file", lambda *a, **k: None)  # the activation is the point
+    model = harma_fast.create_model("ViT-B-32", pretrained=tag)
+    for block in (model.visual.transformer.resblocks[0], model.transformer.resblocks[-1]):
+        assert isinstance(block.mlp.gelu, QuickGELU) == quick
+
+
+def test_openai_torchscript_file_gets_quickgelu(tmp_path, monkeypatch):
+    # OpenAI's original ViT-B-32.pt (a TorchScript archive) holds QuickGELU weights; a plain state dict
+    # says nothing about its activation and keeps the model config's
+    import harma_fast.models as models
+    from open_clip.transformer import QuickGELU
+
+    monkeypatch.setattr(models, "load_backbone_file", lambda *a, **k: None)
+    scripted = tmp_path / "ViT-B-32.pt"
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(scripted))
+    plain = tmp_path / "plain.pt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), plain)
+    assert isinstance(harma_fast.create_model("HarMA-Tiny", pretrained=scripted).transformer.resblocks[0].mlp.gelu,
+                      QuickGELU)
+    assert not isinstance(harma_fast.create_model("HarMA-Tiny", pretrained=plain).transformer.resblocks[0].mlp.gelu,
+                          QuickGELU)
+
+
+@pytest.mark.parametrize("name", ["rsitmd-georsclip", "rsicd-georsclip", "rsitmd-clip", "rsicd-clip"])
+def test_presets_build_the_activation_their_weights_were_trained_with(name):
+    # GeoRSCLIP was tuned from OpenAI's CLIP (QuickGELU); its plain state dict cannot say so, the preset must
+    import open_clip
+
+    from harma_fast.cli import build_parser, train_config
+
+    cfg = train_config(build_parser().parse_args(["train", "--preset", name]))
+    quick = bool(open_clip.get_model_config(cfg.model).get("quick_gelu")) or \
+        bool(open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained).get("quick_gelu"))
+    assert quick, f"{name}: {cfg.model} with {cfg.pretrained} would run GELU on QuickGELU weights"

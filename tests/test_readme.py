@@ -17,7 +17,7 @@ def quickstart_block() -> str:
 
 def test_readme_quickstart_runs(tmp_path, monkeypatch):
     code = quickstart_block()
-    weights = 'harma_fast.create_model("ViT-B-32", pretrained="RS5M_ViT-B-32_RET-2.pt")'
+    weights = 'harma_fast.create_model("ViT-B-32-quickgelu", pretrained="RS5M_ViT-B-32_RET-2.pt")'
     assert code.count(weights) == 1, "the Quickstart's weights line changed; update this test"
     # nothing can be downloaded here: the same code on a random-initialised small CLIP
     code = code.replace(weights, 'harma_fast.create_model("HarMA-Tiny")').replace('"ViT-B-32"', '"HarMA-Tiny"')

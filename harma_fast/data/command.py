@@ -5,7 +5,8 @@
 
 ``data check`` validates a dataset as training would and summarises it (layout, images and
 captions per split, captions per image, missing or unreadable images) without building a
-model; it exits 1 when the dataset has problems. ``--data`` names one Karpathy/NWPU file
+model; it exits 2 when the dataset has problems (bad input, as every command's refusals; 1 is
+kept for a bug in harma-fast). ``--data`` names one Karpathy/NWPU file
 holding every split: it fills ``--train-file/--val-file/--test-file`` (explicit flags win).
 """
 from __future__ import annotations
@@ -48,7 +49,7 @@ def add_data_parser(sub) -> None:
     c = add_subparser(commands, "check", "validate and summarise an annotation file",
                       "Validate an annotation file as training would (every record, every image) "
                       "and summarise it: layout, images and captions per split, captions per image, missing "
-                      "files. Exits 1 if the dataset has problems.")
+                      "files. Exits 2 if the dataset has problems (0 if none).")
     c.add_argument("file", help="annotation file: HarMA, Karpathy (dataset_rsicd.json, ...) or NWPU layout")
     c.add_argument("--image-root", required=True, help="folder the file's image paths are relative to")
     c.add_argument("--max-words", type=positive_int, default=30, help="captions are cut to this many words")
@@ -108,6 +109,6 @@ def run_data_check(args: argparse.Namespace) -> int:
     print(text)
     if problems:
         print(str(AnnotationError(problems)))
-        return 1
+        return 2  # bad input, as every refusal: exit 1 means a bug in harma-fast (cli.main)
     print("no problems found")
     return 0
