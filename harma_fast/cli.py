@@ -147,7 +147,9 @@ def _add_eval(sub) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--adapters", help="adapter file (.safetensors) from training")
     src.add_argument("--checkpoint", help="training checkpoint (last.pt)")
-    src.add_argument("--released", help="checkpoint of the released HarMA code (backbone + adapters)")
+    src.add_argument("--released", help="checkpoint of the released HarMA code (backbone + adapters); build it "
+                     "with the activation its config ran: --model ViT-B-32-quickgelu for the *_geo.yaml "
+                     "configs (GeoRSCLIP), ViT-B-32 for *_vit.yaml")
     p.add_argument("--harma", choices=HARMA_LAYOUTS,
                    help="adapter layout of --checkpoint (default: the one the checkpoint records)")
     p.add_argument("--ignore-backbone-mismatch", action="store_true",

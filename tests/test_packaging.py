@@ -41,7 +41,7 @@ def test_the_sdist_carries_what_its_tests_import(tmp_path):
     wanted = {p.relative_to(ROOT).as_posix() for folder in ("tests", "benchmarks") for p in (ROOT / folder).iterdir()
               if p.is_file() and p.suffix in (".py", ".md", ".sh", ".png")}  # RESULTS.md shows its .png
     assert wanted - shipped == set()
-    assert {"README.md", "pyproject.toml", "MANIFEST.in"} <= shipped
+    assert {"README.md", "pyproject.toml", "MANIFEST.in", "LICENSE"} <= shipped  # MIT asks its notice to travel
     assert not [m for m in shipped if "__pycache__" in m or m.endswith(".pyc")]
 
 
