@@ -220,7 +220,8 @@ def run_eval(args: argparse.Namespace) -> Dict:
     check_backend_runs(args.backend, device)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     split = _eval_split(args.test_file, args.split)
-    records = load_eval_records(args.test_file, args.image_root, split=split or "test", progress=args.progress)
+    # the weights first (seconds), then every image of the split (minutes on a large one): a
+    # wrong checkpoint is named before the images are read
     model = create_model(args.model, args.pretrained)
     if args.adapters:
         load_adapters(model, args.adapters, check_backbone=not args.ignore_backbone_mismatch)
@@ -236,6 +237,7 @@ def run_eval(args: argparse.Namespace) -> Dict:
         patch(model, layout)
         load_training_state(args.checkpoint, model, args.model, HarMALoss(), restore_rng=False,
                             check_backbone=not args.ignore_backbone_mismatch)
+    records = load_eval_records(args.test_file, args.image_root, split=split or "test", progress=args.progress)
     model.to(device)
     size, mean, std = model_image_spec(model)
     metrics = evaluate(model, records, eval_transform(size, mean, std), get_tokenizer(args.model), device,

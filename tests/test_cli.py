@@ -539,3 +539,18 @@ def test_export_option_errors_name_the_flags(tmp_path, capsys, no_model):
     assert main([*argv, "--check-file", __file__, "--image-root", str(tmp_path)]) == 2
     assert "error: --check-file judges int8 retrieval: it needs --dtype int8, both towers and --image-root" in \
         capsys.readouterr().err
+
+
+def test_eval_reads_the_weights_before_every_image(data, tmp_path, capsys, monkeypatch):
+    # a wrong checkpoint was named only after every image of the split had been opened (minutes
+    # on a large dataset): the weights are read first
+    import harma_fast.data.annotations as annotations
+
+    def no_images(*args, **kwargs):
+        raise AssertionError("the images were read before the checkpoint")
+    monkeypatch.setattr(annotations, "load_eval_records", no_images)
+    not_released = tmp_path / "plain.pt"
+    torch.save({"visual.proj": torch.zeros(2, 2)}, not_released)
+    assert main(eval_argv(data, "--released", str(not_released))) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(not_released) in err and "images were read" not in err
