@@ -16,6 +16,7 @@ from torch import nn
 from .config import HarMAConfig
 from .errors import CheckpointError, ConfigError
 from .io import PathLike, atomic_path, require_file
+from .families import _get
 from .patching import find_towers, is_patched, patch, unpatch
 
 ADAPTER_FORMAT = "harma_fast.adapters/1"
@@ -414,6 +415,12 @@ def load_released_checkpoint(model: nn.Module, path_or_state_dict: Union[PathLik
     except ConfigError as err:
         raise CheckpointError(f"{source} has adapters of a width harma_fast cannot build with the released "
                               f"layout's 8 heads ({err})") from err
+    if not all(_get(model, stack) is not None for stack in ("visual.transformer.resblocks", "transformer.resblocks")):
+        # the keys would only be reported as hundreds missing: say which model the file needs
+        raise CheckpointError(f"{source} holds an open_clip CLIP (visual.transformer.resblocks, transformer."
+                              f"resblocks); the model given is a {type(model).__name__} of another family: build "
+                              "it with harma_fast.create_model('ViT-B-32-quickgelu') (the *_geo.yaml configs) or "
+                              "'ViT-B-32' (the *_vit.yaml ones)")
     patched_here = not is_patched(model)
     if patched_here:
         patch(model, expected)

@@ -293,3 +293,14 @@ def test_harma_checkpoints_given_as_backbone_weights_name_the_flag_to_use(tmp_pa
     for path, flag in ((released, "--released"), (adapters, "--adapters"), (last, "--checkpoint")):
         with pytest.raises(ValueError, match=rf"does not fit HarMA-Tiny: .* pass it as {flag}"):
             harma_fast.create_model("HarMA-Tiny", pretrained=path)
+
+
+def test_a_model_of_another_family_is_named():
+    # a Hugging Face CLIP given a released (open_clip) checkpoint got "N keys missing"
+    from family_models import hf_clip
+
+    model = hf_clip()[0]
+    with pytest.raises(ValueError, match=r"holds an open_clip CLIP .* the model given is a \w+ of another "
+                                         r"family: build it with harma_fast.create_model\('ViT-B-32-quickgelu'\)"):
+        harma_fast.load_released_checkpoint(model, released_state_dict(tiny_model()))
+    assert not harma_fast.is_patched(model)
