@@ -44,7 +44,14 @@ def focal_cost(c: Tensor, gamma: float) -> Tensor:
 
 def harma_loss_ref(image: Tensor, text: Tensor, temperature: Tensor, image_ids: Optional[Tensor] = None,
                    margin: float = 0.2, gamma: float = 2.0, max_violation: bool = False) -> LossOutput:
-    """The objective of DESIGN §2 on one (gathered) batch, computed in at least float32."""
+    """The objective of DESIGN §2 on one (gathered) batch, computed in at least float32 (also
+    under autocast, which would otherwise run ``I Tᵀ`` in its own low-precision dtype)."""
+    with torch.autocast(image.device.type, enabled=False):
+        return _harma_loss_ref(image, text, temperature, image_ids, margin, gamma, max_violation)
+
+
+def _harma_loss_ref(image: Tensor, text: Tensor, temperature: Tensor, image_ids: Optional[Tensor],
+                    margin: float, gamma: float, max_violation: bool) -> LossOutput:
     dtype = torch.promote_types(image.dtype, torch.float32)
     scores = image.to(dtype) @ text.to(dtype).t()
     b = scores.shape[0]
@@ -85,6 +92,12 @@ def _check_features(image: Tensor, text: Tensor, image_ids: Optional[Tensor], ch
         raise ValueError("HarMALoss got an empty batch")
     if image_ids is not None and (image_ids.ndim != 1 or image_ids.shape[0] != image.shape[0]):
         raise ValueError(f"image_ids must have shape ({image.shape[0]},), got {tuple(image_ids.shape)}")
+    if image_ids is not None and (image_ids.dtype == torch.bool or image_ids.is_floating_point()
+                                  or image_ids.is_complex()):
+        # a mask or float ids compare by value: a bool mask makes two classes of the whole batch,
+        # float32 ids past 2**24 merge distinct images; both silently train on wrong positives
+        raise TypeError(f"image_ids must be integers (one image id per pair), got dtype {image_ids.dtype}; "
+                        "pass image_ids.long() if they are whole numbers")
     if check_finite:
         for name, t in (("image_features", image), ("text_features", text)):
             if not torch.isfinite(t).all():

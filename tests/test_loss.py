@@ -307,3 +307,27 @@ def test_triton_loss_promotes_mixed_dtypes(gen):
     assert got[1].dtype == torch.float32 and got[2].dtype == torch.bfloat16
     assert_close(got[1], want[1], atol=1e-6, rtol=1e-6, name="d_image")
     assert torch.equal(got[2], want[2].bfloat16())
+
+
+def test_reference_loss_under_autocast_computes_in_float32(gen):
+    # a user's loop calls the loss inside its autocast region: the reference (the spec, and the
+    # CPU path) ran I Tᵀ in bf16 there (loss 2.6e-3 off on B=32), while the fused loss stays fp32
+    i, t = features(32, 64, gen, noise=1.5)
+    loss = harma_fast.HarMALoss(backend="reference")
+    want = loss(i, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss(i, t)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == torch.float32
+        assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_image_ids_that_are_not_integers_are_refused(gen):
+    # a bool mask made two classes of the whole batch; float ids past 2**24 merge images
+    loss = harma_fast.HarMALoss(backend="reference")
+    i, t = features(4, 8, gen)
+    for ids in (torch.tensor([True, False, True, False]), torch.tensor([0.0, 1.0, 1.0, 2.0]), [0.5, 1.0, 1.0, 2.0]):
+        with pytest.raises(TypeError, match=r"image_ids must be integers .* got dtype torch\.(bool|float32|float64)"):
+            loss(i, t, ids)
+    for dtype in (torch.int32, torch.int64, torch.uint8):
+        loss(i, t, torch.tensor([0, 1, 1, 2], dtype=dtype))
