@@ -34,6 +34,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .families import mlp_activation
 from .patching import HarMABlockMixin, HarMAMLPMixin, find_towers, is_patched
@@ -63,6 +64,11 @@ class FrozenMLP(torch.autograd.Function):
         return grad_y.to(y.dtype), None, None, None, None, None
 
 
+# weight -> (key, copy): held beside the weight, not on it, so a pickled model (torch.save(model))
+# does not carry the copies and they go with the weight; unpatch drops a model's (drop_casts)
+_CASTS = WeakIdKeyDictionary()
+
+
 def frozen_cast(weight: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     """``weight.to(dtype)``, made once per weight and kept beside it while the weight is unchanged.
 
@@ -77,11 +83,20 @@ def frozen_cast(weight: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor
     if torch.compiler.is_compiling() or weight.requires_grad or weight.is_inference():
         return weight.to(dtype)
     key = (weight.data_ptr(), weight.device, weight._version, dtype)
-    cached = getattr(weight, "_harma_cast", None)
+    cached = _CASTS.get(weight)
     if cached is None or cached[0] != key:
-        cached = (key, weight.detach().to(dtype))
-        weight._harma_cast = cached
+        # made outside inference mode: a copy made under torch.inference_mode() (an evaluation
+        # before training) is an inference tensor, which the next training step cannot save for backward
+        with torch.inference_mode(False):
+            cached = (key, weight.detach().to(dtype))
+        _CASTS[weight] = cached
     return cached[1]
+
+
+def drop_casts(model: nn.Module) -> None:
+    """Forget the low-precision copies of ``model``'s weights (their memory comes back)."""
+    for p in model.parameters():
+        _CASTS.pop(p, None)
 
 
 def _frozen_linears(fc1: nn.Linear, fc2: nn.Linear, act, y: Tensor) -> Tensor:

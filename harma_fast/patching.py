@@ -327,6 +327,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Remove every adapter and restore the original blocks and ``requires_grad`` flags."""
     if not is_patched(model):
         raise RuntimeError("model is not patched with HarMA adapters; nothing to unpatch")
+    _fast().drop_casts(model)  # the fast path's bf16 copies of the backbone weights
     for _, module in list(model.named_modules()):
         if _adapter_of(module) is None:
             continue
