@@ -32,6 +32,10 @@ def gather_batch(image: Tensor, text: Tensor, image_ids: Optional[Tensor]) -> Tu
     hook (``harma_fast.train``). Every rank must pass the same batch size (``drop_last=True``).
 
     Without ``image_ids`` each pair is its own class: ids become global row indices.
+
+    Under ``DistributedDataParallel``, whose default averages the ranks' gradients, parameter
+    gradients are then the single-process ones divided by the world size; register
+    :func:`sum_gradients_hook` to get them exactly.
     """
     rank, size = world()
     if size == 1:
@@ -43,3 +47,15 @@ def gather_batch(image: Tensor, text: Tensor, image_ids: Optional[Tensor]) -> Tu
         images, texts, ids = _all_gather(image.detach()), _all_gather(text.detach()), _all_gather(image_ids)
     images[rank], texts[rank] = image, text
     return torch.cat(images), torch.cat(texts), torch.cat(ids)
+
+
+def sum_gradients_hook(state, bucket):
+    """A DDP communication hook that sums the ranks' gradients instead of averaging them.
+
+    ``ddp.register_comm_hook(None, sum_gradients_hook)``: with :class:`harma_fast.HarMALoss`
+    gathering the batch (its default), every parameter gradient is then exactly the gradient of
+    a one-process run on the concatenated batch (averaging, DDP's default, gives it divided by
+    the world size). Keep the loss (its temperature) outside the wrapped module: each rank
+    already holds the whole temperature gradient, which summing would multiply by the world size.
+    """
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])

@@ -121,7 +121,8 @@ class HarMALoss(nn.Module):
             inside it. Training loops call :meth:`clamp_temperature_` after each optimizer step.
         gather_distributed: under ``torch.distributed``, compute the loss over the batch
             gathered from every rank (DESIGN §2); each rank's gradient is then the gradient of
-            the loss on the concatenated batch with respect to its own rows.
+            the loss on the concatenated batch with respect to its own rows (under DDP, register
+            ``harma_fast.distributed.sum_gradients_hook``: DDP's averaging divides it by the world size).
         check_finite: raise a clear error on NaN/Inf features (one host synchronisation;
             training loops that check the loss themselves turn it off).
 

@@ -44,6 +44,7 @@ from .checkpoints import adapter_state_dict, load_adapters, save_adapters
 from .data.annotations import load_splits
 from .data.datasets import EpochBatches, TrainCollate, TrainDataset
 from .data.transforms import eval_transform, model_image_spec, train_transform
+from .distributed import sum_gradients_hook
 from .errors import ConfigError, OutputPathError
 from .evaluate import check_backend_runs, evaluate, format_metrics
 from .fast import enable_fast_path
@@ -108,10 +109,9 @@ def _precision(config: TrainConfig, device: torch.device) -> str:
     return config.precision
 
 
-def _sum_gradients_hook(state, bucket):
-    # The loss already covers the gathered batch: summing (not averaging) the ranks' gradients
-    # gives exactly the single-process gradient (harma_fast.distributed.gather_batch).
-    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
+# The loss already covers the gathered batch: summing (not averaging) the ranks' gradients
+# gives exactly the single-process gradient (harma_fast.distributed.gather_batch).
+_sum_gradients_hook = sum_gradients_hook
 
 
 def fused_optimizer_ok(params) -> bool:

@@ -58,3 +58,29 @@ def skewed_clock_train_worker(rank, world_size, port, config):
             return time.monotonic() + (0 if len(calls) == 1 else 1e9)
         trainer.time = type("Clock", (), {"monotonic": staticmethod(late_clock)})
     train_worker(rank, world_size, port, config)
+
+
+def user_ddp_worker(rank, world_size, tmp, images, tokens, ids, sum_hook, find_unused):
+    """A researcher's own loop: a patched model in their own DDP, HarMALoss outside it; saves the
+    adapter gradients and τ's."""
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    import harma_fast
+    from harma_fast.distributed import sum_gradients_hook
+    from helpers import randomize_adapters, tiny_model
+    init(rank, world_size, tmp)
+    try:
+        torch.set_num_threads(1)
+        model = randomize_adapters(harma_fast.patch(tiny_model()), seed=3)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused)
+        if sum_hook:
+            ddp.register_comm_hook(None, sum_gradients_hook)
+        loss = harma_fast.HarMALoss(backend="reference")
+        b = images.shape[0] // world_size
+        rows = slice(rank * b, (rank + 1) * b)
+        image_f, text_f, _ = ddp(images[rows], tokens[rows])
+        loss(image_f, text_f, ids[rows]).total.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        torch.save({"grads": grads, "d_tau": loss.temperature.grad}, f"{tmp}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()

@@ -30,3 +30,31 @@ def test_two_process_loss_gradients_equal_single_process(tmp_path, gen, with_ids
         assert_close(got["d_image"], i.grad[rows], atol=1e-6, rtol=1e-4, name=f"rank {rank} d_image")
         assert_close(got["d_text"], t.grad[rows], atol=1e-6, rtol=1e-4, name=f"rank {rank} d_text")
         assert_close(got["d_tau"], single.temperature.grad, atol=1e-5, rtol=1e-5, name=f"rank {rank} d_tau")
+
+
+@pytest.mark.parametrize("sum_hook,find_unused", [(True, False), (True, True), (False, False)])
+def test_users_own_ddp_loop_gets_the_single_process_gradients_with_the_summing_hook(tmp_path, sum_hook,
+                                                                                   find_unused):
+    # HarMALoss gathers the batch, so each rank already holds the gradient of the whole loss for its
+    # rows: DDP's averaging halves it on 2 ranks, harma_fast.distributed.sum_gradients_hook makes it exact
+    from dist_workers import user_ddp_worker
+    from helpers import randomize_adapters, sample_inputs, tiny_model
+    world = 2
+    model = randomize_adapters(harma_fast.patch(tiny_model()), seed=3)
+    images, tokens = sample_inputs(model, batch=8)
+    ids = torch.tensor([0, 1, 1, 2, 3, 0, 4, 5])  # image 0's captions on both ranks
+    loss = harma_fast.HarMALoss(backend="reference")
+    image_f, text_f, _ = model(images, tokens)
+    loss(image_f, text_f, ids).total.backward()
+    want = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    mp.spawn(user_ddp_worker, args=(world, str(tmp_path), images, tokens, ids, sum_hook, find_unused),
+             nprocs=world, join=True)
+    scale = 1.0 if sum_hook else 1.0 / world
+    for rank in range(world):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert set(got["grads"]) == set(want)
+        for n, g in want.items():
+            assert_close(got["grads"][n], scale * g, atol=1e-6 * g.abs().max().item() + 1e-9, rtol=1e-3,
+                         name=f"rank {rank} {n}")
+        assert_close(got["d_tau"], loss.temperature.grad, atol=1e-5, rtol=1e-5, name=f"rank {rank} d_tau")
