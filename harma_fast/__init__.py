@@ -62,11 +62,20 @@ def _find_checkout_subpackages() -> None:
 _find_checkout_subpackages()
 
 
+# submodules the documentation names as ``harma_fast.<module>.<name>`` (harma_fast.fast.enable_fast_path,
+# harma_fast.distributed.sum_gradients_hook, harma_fast.data.transforms...): imported on first use,
+# as ``import harma_fast`` alone does not import them
+_SUBMODULES = ("checkpoints", "config", "data", "distributed", "evaluate", "export", "fast", "functional",
+               "kernels", "losses", "metrics", "models", "modules", "patching", "train")
+
+
 def __getattr__(name: str):
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
         globals()[name] = value
         return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'harma_fast' has no attribute {name!r}")
 
 

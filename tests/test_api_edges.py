@@ -35,3 +35,17 @@ def test_triton_backend_under_the_interpreter_is_right_in_bf16_without_test_setu
     exact, torch_bf16, got = map(float, run.stdout.split())
     # within twice torch's own bf16 error (the raw interpreter was off by 1e13)
     assert abs(got - exact) <= 2 * abs(torch_bf16 - exact) + 1e-3, (exact, torch_bf16, got)
+
+
+def test_submodules_the_readme_names_are_reachable_after_import_harma_fast():
+    # README: harma_fast.fast.enable_fast_path(model), harma_fast.data.transforms.train_transform,
+    # harma_fast.distributed.sum_gradients_hook -- after a bare `import harma_fast` each raised
+    # AttributeError (module 'harma_fast' has no attribute 'fast')
+    code = ("import harma_fast\n"
+            "print(harma_fast.fast.enable_fast_path.__name__, harma_fast.distributed.sum_gradients_hook.__name__,"
+            " harma_fast.data.transforms.train_transform.__name__)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["enable_fast_path", "sum_gradients_hook", "train_transform"]
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        __import__("harma_fast").nonexistent
