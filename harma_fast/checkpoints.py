@@ -17,7 +17,7 @@ from .config import HarMAConfig
 from .errors import CheckpointError, ConfigError
 from .io import PathLike, atomic_path, require_file
 from .families import _get
-from .patching import find_towers, is_patched, patch, unpatch
+from .patching import find_towers, is_patched, patch, unpatch, unwrap
 
 ADAPTER_FORMAT = "harma_fast.adapters/1"
 _ADAPTER_MARK = ".harma."
@@ -25,6 +25,7 @@ _ADAPTER_MARK = ".harma."
 
 def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """Every adapter parameter of a patched model, each shared tensor once."""
+    model = unwrap(model)
     if not is_patched(model):
         raise RuntimeError("model is not patched with HarMA adapters; call harma_fast.patch(model) first")
     return {n: p for n, p in model.named_parameters() if _ADAPTER_MARK in n}
@@ -54,6 +55,7 @@ def save_adapters(model: nn.Module, path: PathLike, backbone: Optional[str] = No
 
     from . import __version__
 
+    model = unwrap(model)
     tensors = {n: p.detach().contiguous().cpu() for n, p in adapter_state_dict(model).items()}
     bad = non_finite(tensors)
     if bad:  # loading refuses such a file: say so now, where the diverged weights come from
@@ -114,6 +116,7 @@ def load_adapters(model: nn.Module, path: PathLike, check_backbone: bool = True)
     ``check_backbone=False`` loads adapters onto a backbone other than the one they were
     trained on (they will not do what they were trained to).
     """
+    model = unwrap(model)
     path, metadata, tensors = _read_adapter_file(path)
     config = HarMAConfig.from_json(metadata["harma_config"])
     saved_arch = json.loads(metadata.get("architecture", "{}"))
@@ -373,6 +376,7 @@ def load_released_checkpoint(model: nn.Module, path_or_state_dict: Union[PathLik
     with ``HarMAConfig.released()``) or one already patched with that layout. Returns the loss
     temperature ``temp`` (also stored as ``model.harma_temperature``), or None if absent.
     """
+    model = unwrap(model)
     source = "released checkpoint"
     if isinstance(path_or_state_dict, Mapping):
         checkpoint = path_or_state_dict

@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .families import mlp_activation
-from .patching import HarMABlockMixin, HarMAMLPMixin, find_towers, is_patched
+from .patching import HarMABlockMixin, HarMAMLPMixin, find_towers, is_patched, unwrap
 
 Tensor = torch.Tensor
 
@@ -209,6 +209,7 @@ def _mask_is_causal(mask: Optional[Tensor], length: int) -> bool:
 
 def enable_fast_path(model: nn.Module, enabled: bool = True) -> int:
     """Route every standard patched block through ``fast_block_forward``; returns how many."""
+    model = unwrap(model)
     if not is_patched(model):
         raise RuntimeError("the fast path is for patched models; call harma_fast.patch(model) first")
     towers = find_towers(model)

@@ -200,8 +200,22 @@ def _reference_weight(block: nn.Module):
     return next(block.mlp.parameters())
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a user's wrappers: ``DistributedDataParallel`` / ``DataParallel`` (``.module``)
+    and ``torch.compile`` (``._orig_mod``), whose parameter names carry a prefix (``module.``,
+    ``_orig_mod.``) that adapter files and backbone fingerprints must not."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module) and \
+                type(model).__name__ == "OptimizedModule":
+            model = model._orig_mod
+        else:
+            return model
+
+
 def is_patched(model: nn.Module) -> bool:
-    return getattr(model, "harma_config", None) is not None
+    return getattr(unwrap(model), "harma_config", None) is not None
 
 
 def _adapter_of(module: nn.Module) -> Optional[HarMAAdapter]:
@@ -232,6 +246,12 @@ def patch(model: nn.Module, config: Optional[HarMAConfig] = None, backend: str =
     """
     config = config or HarMAConfig.paper()
     check_backend(backend)
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        # DDP registered the parameters it synchronises when it was built: adapters added now
+        # would train apart on every rank
+        raise RuntimeError(f"harma_fast.patch got a {type(model).__name__}: patch the model first, then wrap "
+                           "it (harma_fast.patch(model); ddp = DistributedDataParallel(model, ...))")
+    model = unwrap(model)
     if is_patched(model):
         raise RuntimeError("model is already patched with HarMA adapters "
                            f"({model.harma_config}); call harma_fast.unpatch(model) first, or "
@@ -315,6 +335,7 @@ def patch(model: nn.Module, config: Optional[HarMAConfig] = None, backend: str =
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
     """Switch every adapter of a patched model to ``"auto"``, ``"triton"`` or ``"reference"``."""
     check_backend(backend)
+    model = unwrap(model)
     if not is_patched(model):
         raise RuntimeError("model is not patched; call harma_fast.patch(model, backend=...) first")
     for _, adapter in iter_adapters(model):
@@ -325,6 +346,7 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Remove every adapter and restore the original blocks and ``requires_grad`` flags."""
+    model = unwrap(model)
     if not is_patched(model):
         raise RuntimeError("model is not patched with HarMA adapters; nothing to unpatch")
     _fast().drop_casts(model)  # the fast path's bf16 copies of the backbone weights

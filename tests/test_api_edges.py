@@ -49,3 +49,37 @@ def test_submodules_the_readme_names_are_reachable_after_import_harma_fast():
     assert run.stdout.split() == ["enable_fast_path", "sum_gradients_hook", "train_transform"]
     with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
         __import__("harma_fast").nonexistent
+
+
+def test_the_api_takes_a_model_wrapped_in_ddp_or_torch_compile(tmp_path):
+    # save_adapters(ddp) said "model is not patched"; save_adapters(torch.compile(model)) wrote keys
+    # and a backbone fingerprint under '_orig_mod.': a file the plain model refused ("trained on
+    # another backbone"). patch(ddp) would add adapters DDP does not synchronise.
+    import torch
+    import torch.distributed as dist
+
+    import harma_fast
+    from harma_fast.checkpoints import adapter_state_dict
+    from harma_fast.fast import enable_fast_path
+    from helpers import randomize_adapters, tiny_model
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError, match="patch the model first, then wrap it"):
+            harma_fast.patch(torch.nn.parallel.DistributedDataParallel(tiny_model()))
+        model = randomize_adapters(harma_fast.patch(tiny_model()), seed=2)
+        wrappers = {"ddp": torch.nn.parallel.DistributedDataParallel(model), "compiled": torch.compile(model)}
+        wrappers["compiled ddp"] = torch.compile(wrappers["ddp"])
+        for name, wrapped in wrappers.items():
+            assert harma_fast.is_patched(wrapped), name
+            assert list(adapter_state_dict(wrapped)) == list(adapter_state_dict(model)), name
+            harma_fast.set_backend(wrapped, "reference")
+            assert enable_fast_path(wrapped) == 4, name
+            path = tmp_path / f"{name}.safetensors"
+            harma_fast.save_adapters(wrapped, path)
+            plain = harma_fast.load_adapters(tiny_model(), path)
+            for key, value in adapter_state_dict(model).items():
+                assert torch.equal(adapter_state_dict(plain)[key], value), f"{name}: {key}"
+            harma_fast.load_adapters(wrapped, path)  # back into the wrapped model, mid-training
+    finally:
+        dist.destroy_process_group()
