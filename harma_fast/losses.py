@@ -123,6 +123,7 @@ class HarMALoss(nn.Module):
             gathered from every rank (DESIGN §2); each rank's gradient is then the gradient of
             the loss on the concatenated batch with respect to its own rows (under DDP, register
             ``harma_fast.distributed.sum_gradients_hook``: DDP's averaging divides it by the world size).
+            Every rank must call it, with the same batch size (``drop_last=True``).
         check_finite: raise a clear error on NaN/Inf features (one host synchronisation;
             training loops that check the loss themselves turn it off).
 
