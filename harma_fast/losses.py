@@ -75,8 +75,12 @@ def _harma_loss_ref(image: Tensor, text: Tensor, temperature: Tensor, image_ids:
 
 def _as_ids(image_ids, device: torch.device) -> Optional[Tensor]:
     """``image_ids`` as a tensor on ``device``: lists and arrays too, as ``retrieval_metrics`` takes them."""
-    if image_ids is None or isinstance(image_ids, Tensor):
-        return image_ids
+    if image_ids is None:
+        return None
+    if isinstance(image_ids, Tensor):
+        # ids a loader left on the CPU while the features are on the GPU: the reference path
+        # (and NCCL's gather of them) needs them beside the features, as the fused path moves them
+        return image_ids.to(device, non_blocking=True)
     try:
         return torch.as_tensor(image_ids, device=device)
     except (TypeError, ValueError, RuntimeError) as e:

@@ -331,3 +331,14 @@ def test_image_ids_that_are_not_integers_are_refused(gen):
             loss(i, t, ids)
     for dtype in (torch.int32, torch.int64, torch.uint8):
         loss(i, t, torch.tensor([0, 1, 1, 2], dtype=dtype))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_image_ids_left_on_the_cpu_meet_features_on_the_gpu(gen):
+    # the reference path built its positive mask on the ids' device: CPU ids, CUDA features raised
+    i, t = features(6, 16, gen)
+    ids = torch.tensor([0, 1, 1, 2, 3, 3])
+    want = harma_fast.HarMALoss(backend="reference")(i, t, ids)
+    for backend in ("reference", "auto"):
+        got = harma_fast.HarMALoss(backend=backend).cuda()(i.cuda(), t.cuda(), ids)
+        assert_close(got.total, want.total, atol=1e-5, rtol=1e-5, name=backend)
