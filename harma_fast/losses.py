@@ -163,9 +163,13 @@ class HarMALoss(nn.Module):
     def forward(self, image_features: Tensor, text_features: Tensor,
                 image_ids: Union[Tensor, Sequence[int], None] = None) -> LossOutput:
         image_ids = _as_ids(image_ids, image_features.device)
-        _check_features(image_features, text_features, image_ids, self.check_finite)
+        _check_features(image_features, text_features, image_ids, False)
         if self.gather_distributed:
             image_features, text_features, image_ids = gather_batch(image_features, text_features, image_ids)
+        if self.check_finite:
+            # on the gathered batch: every rank raises, where a rank raising alone left the others
+            # waiting in its gather (2 hours, the collective timeout)
+            _check_features(image_features, text_features, image_ids, True)
         # clamped in value, not in gradient (torch's clamp passes none at or past a bound, where τ
         # would then stay for good): the gradient ALBEF-style code gets by clamping the parameter
         # in place before using it, which clamp_temperature_ does after each optimizer step

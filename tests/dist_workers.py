@@ -84,3 +84,22 @@ def user_ddp_worker(rank, world_size, tmp, images, tokens, ids, sum_hook, find_u
         torch.save({"grads": grads, "d_tau": loss.temperature.grad}, f"{tmp}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def nan_loss_worker(rank, world_size, tmp):
+    """Rank 1's features hold a NaN: every rank must raise (not wait for rank 1 in the gather)."""
+    import harma_fast
+    init(rank, world_size, tmp)
+    try:
+        image = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
+        if rank == 1:
+            image[2, 0] = float("nan")
+        try:
+            harma_fast.HarMALoss(backend="reference")(image, image.clone())
+            message = "no error"
+        except ValueError as e:
+            message = str(e)
+        with open(f"{tmp}/rank{rank}.txt", "w") as f:
+            f.write(message)
+    finally:
+        dist.destroy_process_group()

@@ -58,3 +58,20 @@ def test_users_own_ddp_loop_gets_the_single_process_gradients_with_the_summing_h
             assert_close(got["grads"][n], scale * g, atol=1e-6 * g.abs().max().item() + 1e-9, rtol=1e-3,
                          name=f"rank {rank} {n}")
         assert_close(got["d_tau"], loss.temperature.grad, atol=1e-5, rtol=1e-5, name=f"rank {rank} d_tau")
+
+
+def test_nan_features_on_one_rank_raise_on_every_rank(tmp_path):
+    # the NaN check ran before the gather: rank 1 raised, rank 0 waited in the gather for good
+    from dist_workers import nan_loss_worker
+    context = mp.spawn(nan_loss_worker, args=(2, str(tmp_path)), nprocs=2, join=False)
+    deadline = 60
+    import time
+    start = time.monotonic()
+    while not context.join(timeout=1):
+        if time.monotonic() - start > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail("a rank is still waiting in the loss's gather after 60 s")
+    for rank in range(2):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "image_features has NaN/Inf values (rows [5])" in message, f"rank {rank}: {message}"
