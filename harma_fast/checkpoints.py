@@ -116,7 +116,7 @@ def load_adapters(model: nn.Module, path: PathLike, check_backbone: bool = True)
     ``check_backbone=False`` loads adapters onto a backbone other than the one they were
     trained on (they will not do what they were trained to).
     """
-    model = unwrap(model)
+    given, model = model, unwrap(model)  # a wrapper given is returned
     path, metadata, tensors = _read_adapter_file(path)
     config = HarMAConfig.from_json(metadata["harma_config"])
     saved_arch = json.loads(metadata.get("architecture", "{}"))
@@ -134,7 +134,7 @@ def load_adapters(model: nn.Module, path: PathLike, check_backbone: bool = True)
                                    metadata.get("backbone"), saved_float16=metadata.get("backbone_dtype") == "float16")
     patched_here = not is_patched(model)
     if patched_here:
-        patch(model, config)
+        patch(given, config)  # refuses a DDP wrapper: its adapters would not be synchronised
     elif model.harma_config != config:
         raise CheckpointError(f"adapter file {path} was saved with a different HarMAConfig than this model is "
                               f"patched with ({config.describe_difference(model.harma_config)})")
@@ -144,7 +144,7 @@ def load_adapters(model: nn.Module, path: PathLike, check_backbone: bool = True)
         if patched_here:  # leave the model as we found it
             unpatch(model)
         raise
-    return model
+    return given
 
 
 # --------------------------------------------------------------------------------------------

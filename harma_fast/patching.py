@@ -251,7 +251,7 @@ def patch(model: nn.Module, config: Optional[HarMAConfig] = None, backend: str =
         # would train apart on every rank
         raise RuntimeError(f"harma_fast.patch got a {type(model).__name__}: patch the model first, then wrap "
                            "it (harma_fast.patch(model); ddp = DistributedDataParallel(model, ...))")
-    model = unwrap(model)
+    given, model = model, unwrap(model)  # a wrapper given is returned
     if is_patched(model):
         raise RuntimeError("model is already patched with HarMA adapters "
                            f"({model.harma_config}); call harma_fast.unpatch(model) first, or "
@@ -329,24 +329,24 @@ def patch(model: nn.Module, config: Optional[HarMAConfig] = None, backend: str =
     model.harma_config = config
     model._harma_requires_grad = requires_grad
     set_backend(model, backend)
-    return model
+    return given
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
     """Switch every adapter of a patched model to ``"auto"``, ``"triton"`` or ``"reference"``."""
     check_backend(backend)
-    model = unwrap(model)
+    given, model = model, unwrap(model)  # a wrapper given is returned
     if not is_patched(model):
         raise RuntimeError("model is not patched; call harma_fast.patch(model, backend=...) first")
     for _, adapter in iter_adapters(model):
         adapter.set_backend(backend)
     model.harma_backend = backend
-    return model
+    return given
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Remove every adapter and restore the original blocks and ``requires_grad`` flags."""
-    model = unwrap(model)
+    given, model = model, unwrap(model)  # a wrapper given is returned
     if not is_patched(model):
         raise RuntimeError("model is not patched with HarMA adapters; nothing to unpatch")
     _fast().drop_casts(model)  # the fast path's bf16 copies of the backbone weights
@@ -368,7 +368,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     del model.harma_config, model._harma_requires_grad
     if hasattr(model, "harma_backend"):
         del model.harma_backend
-    return model
+    return given
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,9 @@ def test_the_api_takes_a_model_wrapped_in_ddp_or_torch_compile(tmp_path):
     try:
         with pytest.raises(RuntimeError, match="patch the model first, then wrap it"):
             harma_fast.patch(torch.nn.parallel.DistributedDataParallel(tiny_model()))
+        compiled = torch.compile(tiny_model())
+        assert harma_fast.patch(compiled) is compiled and harma_fast.is_patched(compiled._orig_mod)
+        assert harma_fast.unpatch(compiled) is compiled and not harma_fast.is_patched(compiled)
         model = randomize_adapters(harma_fast.patch(tiny_model()), seed=2)
         wrappers = {"ddp": torch.nn.parallel.DistributedDataParallel(model), "compiled": torch.compile(model)}
         wrappers["compiled ddp"] = torch.compile(wrappers["ddp"])
@@ -80,6 +83,10 @@ def test_the_api_takes_a_model_wrapped_in_ddp_or_torch_compile(tmp_path):
             plain = harma_fast.load_adapters(tiny_model(), path)
             for key, value in adapter_state_dict(model).items():
                 assert torch.equal(adapter_state_dict(plain)[key], value), f"{name}: {key}"
-            harma_fast.load_adapters(wrapped, path)  # back into the wrapped model, mid-training
+            assert harma_fast.load_adapters(wrapped, path) is wrapped  # back into it, mid-training
+        unpatched = torch.nn.parallel.DistributedDataParallel(tiny_model())
+        with pytest.raises(RuntimeError, match="patch the model first, then wrap it"):
+            harma_fast.load_adapters(unpatched, path)  # would patch it inside DDP
+        assert not harma_fast.is_patched(unpatched)
     finally:
         dist.destroy_process_group()
