@@ -283,6 +283,29 @@ def test_truncated_graph_is_a_clear_error(fused_export, tmp_path):
         encoder.encode_pixels(np.zeros((1, 3, 64, 64), np.float32))
 
 
+ORT_1_30_EMPTY_FILE = ("[ONNXRuntimeError] : 1 : FAIL : Load model from {path} failed:/onnxruntime_src/onnxruntime/"
+                       "core/graph/model.cc:187 onnxruntime::Model::Model(onnx::ModelProto&&, const onnxruntime::"
+                       "PathString&, const onnxruntime::IOnnxRuntimeOpSchemaRegistryList*, const onnxruntime::logging::"
+                       "Logger&, const onnxruntime::ModelOptions&) ModelProto does not have a graph.\n")
+
+
+def test_an_empty_graph_is_called_truncated_with_onnx_runtime_1_30s_message_too(tmp_path, monkeypatch):
+    # ONNX Runtime 1.30 fails an empty file with FAIL (1.32: INVALID_ARGUMENT) and a C++ signature
+    # before the reason, which a 300-character cut lost; the file was blamed on contrib ops
+    from onnxruntime.capi import onnxruntime_pybind11_state as C
+
+    from harma_fast.export.runtime import open_session
+    path = tmp_path / "image.onnx"
+    path.write_bytes(b"")
+
+    def session(*args, **kwargs):
+        raise C.Fail(ORT_1_30_EMPTY_FILE.format(path=path))
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    with pytest.raises(HarmaError, match=r"image\.onnx is not a loadable ONNX graph .*re-export it") as info:
+        open_session(path, ort.SessionOptions(), ["CPUExecutionProvider"])
+    assert "failed: ModelProto does not have a graph." in str(info.value) and "onnxruntime::" not in str(info.value)
+
+
 def test_reexporting_one_tower_removes_the_other_and_reports_progress(tmp_path, capsys):
     torch.save(tiny_model().state_dict(), tmp_path / "backbone.pt")
     out = tmp_path / "onnx"
