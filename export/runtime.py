@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import threading
 import warnings
 from pathlib import Path
@@ -456,10 +457,23 @@ def open_session(path: Path, options, providers: Sequence[str]):
 
     try:
         return ort.InferenceSession(str(path), options, providers=list(providers))
-    except (C.InvalidProtobuf, C.InvalidGraph, C.InvalidArgument, C.NoSuchFile) as err:
-        raise ExportFileError(f"{path} is not a loadable ONNX graph (truncated or corrupt?): re-export it with "
-                              f"`harma-fast export` ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from err
-    except (C.Fail, C.NotImplemented) as err:
-        raise ExportFileError(f"ONNX Runtime {ort.__version__} cannot load {path}: {str(err).splitlines()[0][:300]}. "
+    except (C.InvalidProtobuf, C.InvalidGraph, C.InvalidArgument, C.NoSuchFile, C.Fail, C.NotImplemented) as err:
+        reason = ort_reason(err)
+        # an empty or cut file: INVALID_ARGUMENT "No graph was found" (1.32), FAIL "does not have a graph" (1.30)
+        if not isinstance(err, (C.Fail, C.NotImplemented)) or "does not have a graph" in reason:
+            raise ExportFileError(f"{path} is not a loadable ONNX graph (truncated or corrupt?): re-export it with "
+                                  f"`harma-fast export` ({type(err).__name__}: {reason[:200]})") from err
+        raise ExportFileError(f"ONNX Runtime {ort.__version__} cannot load {path}: {reason[:300]}. "
                               "Re-export it with `harma-fast export` (add --plain-onnx for runtimes without "
                               "ONNX Runtime's contrib ops)") from err
+
+
+# "failed:/onnxruntime_src/onnxruntime/core/graph/model.cc:187 onnxruntime::Model::Model(onnx::ModelProto&&, ...) "
+_ORT_SOURCE = re.compile(r"failed:\s*\S+\.(?:cc|cpp|h):\d+ [^\s(]+\([^)]*\)\s*")
+
+
+def ort_reason(err: BaseException) -> str:
+    """ONNX Runtime's message, first line, without the C++ source location and signature some
+    releases (1.30) put before the reason, which pushed the reason past any length we show."""
+    lines = str(err).strip().splitlines()
+    return _ORT_SOURCE.sub("failed: ", lines[0] if lines else "")

@@ -63,9 +63,10 @@ _interpreter_ready = False
 @torch.compiler.disable  # patches Triton's interpreter once, outside any graph being traced
 def _prepare_interpreter() -> None:
     """The interpreter's own bf16 truncates casts and multiplies raw bits in ``tl.dot`` (garbage
-    next to the GPU's): patched once, before a kernel runs through it (idempotent)."""
+    next to the GPU's), and Triton 3.6's cannot index with a scalar under NumPy 2.5: patched
+    once, before a kernel runs through it (idempotent)."""
     global _interpreter_ready
-    from .kernels._interpreter import make_bf16_faithful
+    from .kernels._interpreter import prepare
 
-    make_bf16_faithful()
+    prepare()
     _interpreter_ready = True

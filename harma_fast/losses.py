@@ -64,8 +64,10 @@ def _harma_loss_ref(image: Tensor, text: Tensor, temperature: Tensor, image_ids:
     contrastive = (i2t + t2i) / 2
 
     diag = scores.diagonal()
-    cost_s = focal_cost((margin + scores - diag[:, None]).clamp(min=0), gamma).masked_fill(eye, 0)
-    cost_im = focal_cost((margin + scores - diag[None, :]).clamp(min=0), gamma).masked_fill(eye, 0)
+    # relu, not clamp(min=0): at an exact tie (c = 0, where f'(0) = 1 for γ = 0) torch 2.11's clamp
+    # passes the gradient and 2.14's does not; relu's is 0 in both, as the kernel's (c > 0 is active)
+    cost_s = focal_cost(torch.relu(margin + scores - diag[:, None]), gamma).masked_fill(eye, 0)
+    cost_im = focal_cost(torch.relu(margin + scores - diag[None, :]), gamma).masked_fill(eye, 0)
     if max_violation:
         triplet = (cost_s.max(dim=1)[0].sum() + cost_im.max(dim=0)[0].sum()) / 2
     else:

@@ -103,7 +103,8 @@ def _read_state_dict(path: Path) -> Tuple[dict, bool]:
     except Exception as err:  # noqa: BLE001 - torch.load raises many types
         try:  # OpenAI's original .pt files are TorchScript archives, which weights_only refuses
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+                # torch.jit.load's deprecation notice: a FutureWarning in torch 2.14, a DeprecationWarning in 2.11
+                warnings.filterwarnings("ignore", message=r".*torch\.jit\.load")
                 state = torch.jit.load(str(path), map_location="cpu").state_dict()
         except Exception:  # noqa: BLE001
             raise CheckpointError(f"cannot read checkpoint {path}: {_unreadable_reason(path, err)}") from err

@@ -1,6 +1,7 @@
-"""Make the Triton interpreter's bfloat16 faithful to the GPU, for tests and CPU benchmarks.
+"""Prepare the Triton interpreter for tests and CPU benchmarks: its bfloat16 made faithful to the GPU,
+its scalars usable as indices under NumPy 2.5.
 
-``harma_fast.backend.use_triton`` applies it before the first kernel runs under
+``harma_fast.backend.use_triton`` applies it (``prepare()``) before the first kernel runs under
 ``TRITON_INTERPRET=1``, so the public API is right there without calling it.
 
 The interpreter (numpy) keeps bf16 values as raw uint16: its fp32→bf16 cast truncates where
@@ -14,6 +15,36 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+
+def prepare() -> None:
+    """Everything the interpreter needs before a kernel runs through it (process-wide; idempotent)."""
+    make_bf16_faithful()
+    make_scalar_index_numpy_proof()
+
+
+def make_scalar_index_numpy_proof() -> None:
+    """Let an interpreted scalar be used as an index (``range(0, K, BLOCK)``) under any NumPy.
+
+    The interpreter keeps a scalar as a one-element 1-d array; Triton 3.6 turns it into a Python
+    int with ``int(array)``, which NumPy 2.5 refuses ("only 0-dimensional arrays can be converted
+    to Python scalars": the deprecation of NumPy 1.25 carried out), so every kernel with a loop
+    failed under the interpreter. Triton 3.8 squeezes the array first; this does the same on
+    every Triton (a no-op where it already does).
+    """
+    from triton.runtime import interpreter as interp
+
+    patch_tensor = getattr(interp, "_patch_lang_tensor", None)
+    if patch_tensor is None or getattr(patch_tensor, "_harma_scalar_index", False):
+        return
+
+    def _patch_lang_tensor(tensor, scope):
+        patch_tensor(tensor, scope)
+        # set after Triton's own: the scope restores in reverse order, so both are undone
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    _patch_lang_tensor._harma_scalar_index = True
+    interp._patch_lang_tensor = _patch_lang_tensor
 
 
 def make_bf16_faithful() -> None:

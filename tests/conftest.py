@@ -11,9 +11,9 @@ import logging  # noqa: E402
 from harma_fast.backend import triton_available, triton_interpreting  # noqa: E402
 
 if triton_available() and triton_interpreting():
-    from harma_fast.kernels._interpreter import make_bf16_faithful
+    from harma_fast.kernels._interpreter import prepare
 
-    make_bf16_faithful()  # the interpreter's own bf16 truncates and multiplies raw bits
+    prepare()  # the interpreter's own bf16 truncates and multiplies raw bits; scalars as indices under NumPy 2.5
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

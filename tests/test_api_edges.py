@@ -2,11 +2,17 @@
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from harma_fast.backend import triton_interpreting  # noqa: E402
+from harma_fast.kernels._interpreter import prepare  # noqa: E402
 
 # A fresh process: this one's conftest has made the interpreter's bf16 faithful already.
 BF16_LOSS = """
@@ -35,6 +41,31 @@ def test_triton_backend_under_the_interpreter_is_right_in_bf16_without_test_setu
     exact, torch_bf16, got = map(float, run.stdout.split())
     # within twice torch's own bf16 error (the raw interpreter was off by 1e13)
     assert abs(got - exact) <= 2 * abs(torch_bf16 - exact) + 1e-3, (exact, torch_bf16, got)
+
+
+
+@triton.jit
+def _sum_in_blocks(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """A loop bounded by a runtime scalar, as every GEMM kernel of harma_fast has."""
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(out_ptr, tl.sum(acc, axis=0))
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(not triton_interpreting(), reason="needs TRITON_INTERPRET=1")
+def test_an_interpreted_loop_bound_is_an_index_without_numpys_deprecated_conversion():
+    # the interpreter holds a scalar as a one-element 1-d array; Triton 3.6 made a loop bound of it
+    # with int(array), deprecated since NumPy 1.25 and an error from NumPy 2.5 on (every kernel with
+    # a loop failed there); the prepared interpreter squeezes it first, as Triton 3.8's own does
+    prepare()
+    x, out = torch.arange(10, dtype=torch.float32), torch.zeros(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        _sum_in_blocks[(1,)](x, out, x.numel(), BLOCK=4)
+    assert out.item() == 45.0
 
 
 def test_submodules_the_readme_names_are_reachable_after_import_harma_fast():

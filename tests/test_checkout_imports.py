@@ -37,3 +37,46 @@ def test_a_checkout_finds_its_kernels_and_export_without_an_editable_install():
     package, kernels, export = (Path(p) for p in out.stdout.split())
     assert package.parent == ROOT / "harma_fast"
     assert kernels == ROOT / "kernels" / "__init__.py" and export == ROOT / "export" / "__init__.py"
+
+
+# As if Hugging Face's kernels package were not installed (transformers 5.17 does not require it):
+# its distribution is not found, and the bare name `kernels` is only what the path holds.
+WITHOUT_HF_KERNELS = """
+import importlib.machinery, importlib.metadata, os, sys
+root = sys.argv[1]
+
+class CheckoutOnly:
+    def find_spec(self, name, path=None, target=None):
+        if name != "kernels":
+            return None
+        here = [p for p in sys.path if os.path.abspath(p or os.curdir) == root]
+        spec = importlib.machinery.PathFinder.find_spec(name, here) if here else None
+        if spec is None:
+            raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
+        return spec
+
+sys.meta_path.insert(0, CheckoutOnly())
+version = importlib.metadata.version
+def version_without_kernels(name):
+    if name == "kernels":
+        raise importlib.metadata.PackageNotFoundError(name)
+    return version(name)
+importlib.metadata.version = version_without_kernels
+
+from transformers.utils.import_utils import is_kernels_available
+assert not is_kernels_available()
+from transformers import CLIPModel  # imported ACT2FN, which asks whether kernels is available
+import harma_fast.kernels.retrieval_ranks as ours
+print(ours.__file__)
+"""
+
+
+def test_the_kernels_folder_is_not_taken_for_hugging_faces_kernels_package_where_that_is_not_installed():
+    # transformers finds our folder under the bare name, finds no distribution for it and imports
+    # it to read a version: it stepped aside with an ImportError then, which transformers does not
+    # catch, so every Hugging Face model failed to import from the repository root
+    pytest.importorskip("transformers")
+    out = subprocess.run([sys.executable, "-c", WITHOUT_HF_KERNELS, str(ROOT)], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert Path(out.stdout.split()[-1]).parent == ROOT / "kernels"

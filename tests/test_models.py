@@ -66,6 +66,25 @@ class _NotATensor:
     pass
 
 
+def test_the_torchscript_fallback_shows_no_deprecation_notice_whatever_its_category(tmp_path, monkeypatch):
+    # torch.jit.load warns that it is deprecated: a FutureWarning in torch 2.14, a DeprecationWarning
+    # in torch 2.11, which got past a filter of FutureWarning alone
+    import warnings
+    real_load = torch.jit.load
+
+    def load(*args, **kwargs):
+        warnings.warn("`torch.jit.load` is deprecated. Please switch to `torch.export`.", DeprecationWarning)
+        return real_load(*args, **kwargs)
+    monkeypatch.setattr(torch.jit, "load", load)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00\x01 not torch")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match="cannot read checkpoint"):
+            harma_fast.create_model("HarMA-Tiny", pretrained=corrupt)
+    assert not [w for w in caught if "torch.jit.load" in str(w.message)]
+
+
 def test_uncached_pretrained_tag_never_downloads(tmp_path, monkeypatch):
     import urllib.request
 
