@@ -140,7 +140,8 @@ def test_resume_from_a_checkpoint_of_another_model(data, tmp_path):
 def test_cli_preset_and_flags():
     args = build_parser().parse_args(["train", "--preset", "rsitmd-georsclip", "--epochs", "3", "--image-root", "imgs"])
     cfg = train_config(args)
-    assert (cfg.lr, cfg.epochs, cfg.image_root, cfg.model) == (4e-6, 3, "imgs", "ViT-B-32")
+    # GeoRSCLIP was tuned from OpenAI's CLIP, whose MLPs run QuickGELU
+    assert (cfg.lr, cfg.epochs, cfg.image_root, cfg.model) == (4e-6, 3, "imgs", "ViT-B-32-quickgelu")
     assert cfg.pretrained == "RS5M_ViT-B-32_RET-2.pt" and cfg.batch_size == 214
     with pytest.raises(ValueError, match="unknown preset 'rsitmd'"):
         train_config(build_parser().parse_args(["train", "--preset", "rsitmd"]))
