@@ -1,8 +1,9 @@
 """Backend selection: which implementation of an op runs.
 
 ``"reference"`` is plain PyTorch (the spec, and what ONNX export traces); ``"triton"`` is the
-fused kernels of ``harma_fast.kernels``; ``"auto"`` picks Triton for CUDA tensors when Triton
-is importable and the reference everywhere else. Triton on CPU only works under the Triton
+fused kernels of ``harma_fast.kernels``; ``"auto"`` picks Triton for CUDA tensors of the kernels'
+dtypes (float32, bfloat16, float16) when Triton is importable and the reference everywhere else
+(float64 is the reference's: ``tl.dot`` has no float64). Triton on CPU only works under the Triton
 interpreter (``TRITON_INTERPRET=1``), which the test-suite uses; its bfloat16 is made faithful
 to the GPU's before the first kernel runs (``harma_fast.kernels._interpreter``).
 """
@@ -14,6 +15,7 @@ import os
 import torch
 
 BACKENDS = ("auto", "triton", "reference")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_backend(backend: str) -> str:
@@ -41,9 +43,10 @@ def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
     # Tracing for ONNX (torch.onnx / torch.jit) must see plain ops: always the reference.
     if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
         return False
-    on_cuda = all(t.is_cuda for t in tensors if t is not None)
+    present = [t for t in tensors if t is not None]
+    on_cuda = all(t.is_cuda for t in present)
     if backend == "auto":
-        use = on_cuda and triton_available()
+        use = on_cuda and triton_available() and all(t.dtype in KERNEL_DTYPES for t in present)
     elif not triton_available():
         raise RuntimeError("backend='triton' needs the triton package (pip install triton); "
                            "use backend='reference' or 'auto' on this machine")

@@ -121,3 +121,19 @@ def test_the_api_takes_a_model_wrapped_in_ddp_or_torch_compile(tmp_path):
         assert not harma_fast.is_patched(unpatched)
     finally:
         dist.destroy_process_group()
+
+
+def test_auto_runs_the_reference_for_dtypes_the_kernels_do_not_take(monkeypatch):
+    # float64 features or a float64 model on CUDA under backend="auto" went to the Triton kernels
+    # (tl.dot has no float64) and raised, where "auto" promises whichever implementation can run
+    from types import SimpleNamespace
+
+    import harma_fast.backend as backend
+
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    cuda = lambda dtype: SimpleNamespace(is_cuda=True, dtype=dtype)  # noqa: E731 - what use_triton reads
+    assert backend.use_triton("auto", cuda(torch.float32), cuda(torch.bfloat16), None)
+    assert backend.use_triton("auto", cuda(torch.float16))
+    assert not backend.use_triton("auto", cuda(torch.float64), cuda(torch.float64))
+    assert not backend.use_triton("auto", cuda(torch.bfloat16), cuda(torch.float64))  # a float64 weight
+    assert not backend.use_triton("auto", cuda(torch.int64))

@@ -346,3 +346,13 @@ def test_fp16_through_every_adapter_kernel():
     qkv = torch.randn(8, 77, 384, device=DEV, generator=g)
     compare(lambda t: adapter_attention.attention_core(t, 8, False), lambda t: HF.attention_core_ref(t, 8, False),
             [qkv], torch.float16, name="attention fp16")
+
+
+def test_auto_takes_float64_to_the_reference():
+    # tl.dot has no float64: "auto" must route such features to the reference, not raise
+    torch.manual_seed(0)
+    image, text = (F.normalize(torch.randn(37, 24, dtype=torch.float64, device=DEV), dim=-1) for _ in range(2))
+    ids = torch.arange(37, device=DEV) // 2
+    got = harma_fast.HarMALoss(backend="auto").to(DEV)(image, text, ids)
+    want = harma_fast.HarMALoss(backend="reference").to(DEV)(image, text, ids)
+    assert torch.equal(got.total, want.total) and got.total.dtype == torch.float64
