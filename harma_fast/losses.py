@@ -96,6 +96,10 @@ def _check_features(image: Tensor, text: Tensor, image_ids: Optional[Tensor], ch
                          f"{tuple(image.shape)} and {tuple(text.shape)}")
     if image.shape[0] == 0:
         raise ValueError("HarMALoss got an empty batch")
+    if not (image.is_floating_point() and text.is_floating_point()):
+        # integer features reached the kernels' dot (a deep interpreter/compiler error) or matmul
+        raise TypeError(f"HarMALoss expects floating-point features, got {image.dtype} and {text.dtype}; "
+                        "pass the encoders' outputs (float32/bfloat16/float16/float64)")
     if image_ids is not None and (image_ids.ndim != 1 or image_ids.shape[0] != image.shape[0]):
         raise ValueError(f"image_ids must have shape ({image.shape[0]},), got {tuple(image_ids.shape)}")
     if image_ids is not None and (image_ids.dtype == torch.bool or image_ids.is_floating_point()

@@ -342,3 +342,11 @@ def test_image_ids_left_on_the_cpu_meet_features_on_the_gpu(gen):
     for backend in ("reference", "auto"):
         got = harma_fast.HarMALoss(backend=backend).cuda()(i.cuda(), t.cuda(), ids)
         assert_close(got.total, want.total, atol=1e-5, rtol=1e-5, name=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_integer_features_are_refused(gen, backend):
+    # the Triton path met them in tl.dot (a deep interpreter/compiler error)
+    i, t = features(4, 8, gen)
+    with pytest.raises(TypeError, match="floating-point features, got torch.int64 and torch.float32"):
+        harma_fast.HarMALoss(backend=backend)((i * 10).long(), t)
