@@ -252,13 +252,32 @@ def run_eval(args: argparse.Namespace) -> Dict:
     return metrics
 
 
+def _named_preset_paths(err: Exception, args: argparse.Namespace, config) -> Exception:
+    """``err``, saying which of the paths it names the --preset filled in (the user never typed them)."""
+    if not args.preset or args.resume:
+        return err
+    named = {str(p) for p in getattr(err, "paths", ())}
+    keys = [k for k in ("train_file", "val_file", "test_file", "image_root")
+            if getattr(args, k, None) is None and not (getattr(args, "data", None) and k.endswith("_file"))
+            and str(getattr(config, k)) in named]
+    if not keys:
+        return err
+    flags = ", ".join("--" + k.replace("_", "-") for k in keys)
+    return ConfigError(f"{err}\n(preset {args.preset} set {flags}: point them at your copy of the data, or give "
+                       "one file holding every split as --data)")
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
+        from .data.annotations import AnnotationError
         from .train import train
 
         config = train_config(args)
         check_output_dir(config.output_dir, "--output-dir")
-        train(config)
+        try:
+            train(config)
+        except AnnotationError as err:
+            raise _named_preset_paths(err, args, config) from err
     elif args.command == "eval":
         run_eval(args)
     elif args.command == "demo":

@@ -554,3 +554,17 @@ def test_eval_reads_the_weights_before_every_image(data, tmp_path, capsys, monke
     assert main(eval_argv(data, "--released", str(not_released))) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and str(not_released) in err and "images were read" not in err
+
+
+def test_paths_a_preset_filled_in_are_named_as_the_presets(tmp_path, capsys, monkeypatch):
+    # "data/rsitmd/rsitmd_val.json: the annotation file does not exist" for a path the user never typed
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "rsitmd" / "images").mkdir(parents=True)
+    assert main(["train", "--preset", "rsitmd-clip", "--train-file", "mine.json"]) == 2
+    err = capsys.readouterr().err
+    assert "mine.json" in err and "data/rsitmd/rsitmd_val.json" in err
+    assert "(preset rsitmd-clip set --val-file, --test-file: point them at your copy" in err
+    # every path given: nothing is blamed on the preset
+    assert main(["train", "--preset", "rsitmd-clip", "--train-file", "a.json", "--val-file", "b.json",
+                 "--test-file", "c.json"]) == 2
+    assert "preset rsitmd-clip set" not in capsys.readouterr().err
