@@ -101,5 +101,8 @@ def nan_loss_worker(rank, world_size, tmp):
             message = str(e)
         with open(f"{tmp}/rank{rank}.txt", "w") as f:
             f.write(message)
+        # both ranks past the gather before either tears down: a rank destroying its group while
+        # the other still received the gather's data aborted that one (gloo: std::terminate)
+        dist.barrier()
     finally:
         dist.destroy_process_group()

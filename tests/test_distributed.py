@@ -64,14 +64,21 @@ def test_nan_features_on_one_rank_raise_on_every_rank(tmp_path):
     # the NaN check ran before the gather: rank 1 raised, rank 0 waited in the gather for good
     from dist_workers import nan_loss_worker
     context = mp.spawn(nan_loss_worker, args=(2, str(tmp_path)), nprocs=2, join=False)
-    deadline = 60
+    deadline = 300  # a hang, not a slow start: spawning and importing torch takes a while on a loaded CI machine
     import time
     start = time.monotonic()
-    while not context.join(timeout=1):
+    while True:
+        try:
+            if context.join(timeout=1):
+                break
+        except mp.ProcessExitedException:
+            # gloo now and then aborts a process in its teardown (std::terminate, SIGABRT), after the
+            # rank wrote what the loss raised (and passed a barrier): the files below say what each did
+            break
         if time.monotonic() - start > deadline:
             for p in context.processes:
                 p.kill()
-            pytest.fail("a rank is still waiting in the loss's gather after 60 s")
+            pytest.fail(f"a rank is still waiting in the loss's gather after {deadline} s")
     for rank in range(2):
         message = (tmp_path / f"rank{rank}.txt").read_text()
         assert "image_features has NaN/Inf values (rows [5])" in message, f"rank {rank}: {message}"
