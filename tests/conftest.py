@@ -36,3 +36,15 @@ def trained_demo(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("demo")
     return run_demo(str(out), minutes=None, progress=False, print_fn=lambda *a, **k: None)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Building a model means the command got past its checks: make that fail loudly."""
+    import harma_fast
+    import harma_fast.models
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the command started work (built a model) before checking its inputs")
+    monkeypatch.setattr(harma_fast, "create_model", boom, raising=False)
+    monkeypatch.setattr(harma_fast.models, "create_model", boom)

@@ -24,15 +24,6 @@ def data(tmp_path_factory):
     return generate(tmp_path_factory.mktemp("data"), n_train=24, n_val=6, n_test=6, image_size=32, seed=3)
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    """Building a model means the command got past its checks: make that fail loudly."""
-    def boom(*args, **kwargs):
-        raise AssertionError("the command started work before checking its inputs")
-    monkeypatch.setattr(harma_fast, "create_model", boom, raising=False)
-    monkeypatch.setattr(harma_fast.models, "create_model", boom)
-
-
 def exits_with_usage_error(argv, capsys) -> str:
     with pytest.raises(SystemExit) as exc:
         main(argv)

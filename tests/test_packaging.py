@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-import harma_fast
 from harma_fast.cli import main
 from harma_fast.data.synthetic import generate
 from harma_fast.errors import HarmaError, MissingDependencyError
@@ -63,14 +62,6 @@ def one_line_error(capsys, argv, command) -> str:
     assert "Traceback" not in err and "bug" not in err and len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"harma-fast {command}: error: ")
     return err
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    def boom(*args, **kwargs):
-        raise AssertionError("the command built a model before finding that a package it needs is missing")
-    monkeypatch.setattr(harma_fast, "create_model", boom, raising=False)
-    monkeypatch.setattr(harma_fast.models, "create_model", boom)
 
 
 def test_export_without_the_onnx_extra_is_one_line(tmp_path, capsys, monkeypatch, no_model):
