@@ -225,6 +225,9 @@ def mix_up_backward(g_gamma: Tensor, z: Tensor, a: Tensor, weight: Tensor, bias:
     g_in = g_gamma.to(z.dtype)
     g_in = g_in if g_in.stride(1) == 1 else g_in.contiguous()
     w = weight.to(z.dtype).contiguous()
+    # the gates kernel reads b with unit stride; autograd saved the bias as the caller passed it
+    # (forward's contiguous copy is its own), and a strided view would give a wrong dg_out
+    bias = bias.contiguous()
     dz, m = (torch.empty(m_rows, k, device=z.device, dtype=z.dtype) for _ in range(2))
     da = torch.empty(m_rows, k, device=z.device, dtype=a.dtype)  # each gradient in its input's dtype
     # one row of partials per program (2 gate terms, then n column sums), sized for the smallest

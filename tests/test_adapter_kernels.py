@@ -216,3 +216,17 @@ def test_strided_bias_and_gamma_are_read_by_stride(gen):
     want = up.mix_up_forward(z, z, w_up, b_up.contiguous(), gate, hh, gate, hh, gamma.contiguous())
     assert torch.equal(got, want)
     assert_close(got, (torch.sigmoid(gate) * (z @ w_up.t() + b_up) + hh) * gamma + hh, **FP32_TOL, name="out")
+
+
+def test_strided_bias_is_read_by_stride_in_backward(gen):
+    # the block gate's gradient needs Σ_n b_n colsum_n: backward read the bias as if contiguous
+    # (the forward launcher makes its own contiguous copy, but autograd saves the bias as given),
+    # so a bias that is a strided view (a slice of a packed parameter) gave a wrong dg_blk
+    m, d, r = 13, 40, 24
+    z, a, h, x = (torch.randn(m, w, generator=gen) for w in (r, r, d, d))
+    w_up = torch.randn(d, r, generator=gen) * r ** -0.5
+    packed = torch.randn(3 * d, generator=gen)
+    check(lambda z, a, w, b, g, h, go, x: up.mix_up_residual(z, a, w, b[::3], g, h, go, x),
+          lambda z, a, w, b, g, h, go, x: HF.mix_up_residual_ref(z, a, w, b[::3], g, h, go, x),
+          [z, a, w_up, packed, torch.tensor(0.6), h, torch.tensor(-0.3), x], torch.float32,
+          ["out", "dz", "da", "dW", "db", "dg_a", "dh", "dg_blk", "dx"])
