@@ -72,7 +72,10 @@ def _prune_bwd(configs, named_args, **kwargs):
     return configs
 
 
-@triton.autotune(configs=_fwd_configs(), key=["N", "K"], prune_configs_by={"early_config_prune": _prune_fwd})
+# DOT_PRECISION in the key: the prunes depend on it, and a config tuned while fp32 was IEEE must not
+# be reused once TF32 is allowed (the tiles it keeps then need more shared memory than sm_90 has)
+@triton.autotune(configs=_fwd_configs(), key=["N", "K", "DOT_PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
 def _mix_up_fwd_kernel(z_ptr, a_ptr, w_ptr, b_ptr, gmix_ptr, gout_ptr, h_ptr, x_ptr, gamma_ptr, out_ptr,
                        M, N, K, stride_zm, stride_am, stride_wn, stride_hm, stride_xm, stride_om,
@@ -108,7 +111,7 @@ def _mix_up_fwd_kernel(z_ptr, a_ptr, w_ptr, b_ptr, gmix_ptr, gout_ptr, h_ptr, x_
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_bwd_configs(), key=["N", "K"], reset_to_zero=["part_ptr", "colsum_ptr"],
+@triton.autotune(configs=_bwd_configs(), key=["N", "K", "DOT_PRECISION"], reset_to_zero=["part_ptr", "colsum_ptr"],
                  prune_configs_by={"early_config_prune": _prune_bwd})
 @triton.jit
 def _mix_up_bwd_kernel(g_ptr, w_ptr, z_ptr, a_ptr, gmix_ptr, gout_ptr, dz_ptr, da_ptr, m_ptr,

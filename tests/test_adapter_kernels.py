@@ -230,3 +230,33 @@ def test_strided_bias_is_read_by_stride_in_backward(gen):
           lambda z, a, w, b, g, h, go, x: HF.mix_up_residual_ref(z, a, w, b[::3], g, h, go, x),
           [z, a, w_up, packed, torch.tensor(0.6), h, torch.tensor(-0.3), x], torch.float32,
           ["out", "dz", "da", "dW", "db", "dg_a", "dh", "dg_blk", "dx"])
+
+
+@pytest.mark.parametrize("which", ["up_fwd", "up_bwd"])
+def test_autotune_cache_tells_tf32_from_ieee(gen, monkeypatch, which):
+    # The mix-up configs are pruned by the fp32 precision (with TF32 allowed, the 128x128 forward
+    # tiles and the BLOCK_N=128 backward tiles need more shared memory than an H100 has), but the
+    # tuner's cache was keyed on (N, K, dtypes) only: a config picked while fp32 was IEEE was reused
+    # after the user allowed TF32, and that launch fails on the GPU (out of shared memory).
+    from harma_fast.kernels._common import fp32_matmul
+    kernel, name = {"up_fwd": (up._mix_up_fwd_kernel, "_fwd_configs"),
+                    "up_bwd": (up._mix_up_bwd_kernel, "_bwd_configs")}[which]
+    configs = gpu_configs(up, name, monkeypatch)
+    big = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 128 if which == "up_fwd" \
+        else c.kwargs["BLOCK_N"] > 64  # noqa: E731  (what each prune drops under TF32)
+    assert any(map(big, configs)) and not all(map(big, configs))
+    monkeypatch.setattr(kernel, "configs", configs)
+    monkeypatch.setattr(kernel, "cache", {})
+    # no GPU to time on: the tuner is told the configs TF32 cannot take are the fastest
+    monkeypatch.setattr(kernel, "_bench", lambda *args, config, **meta: 1.0 if big(config) else 2.0)
+    m, d, r = 5, 24, 16
+    z, a = torch.randn(m, r, generator=gen), torch.randn(m, r, generator=gen)
+    w, b, g = torch.randn(d, r, generator=gen), torch.randn(d, generator=gen), torch.tensor(0.3)
+    h = torch.randn(m, d, generator=gen)
+    for tf32 in (False, True):
+        with fp32_matmul(tf32):
+            if which == "up_fwd":
+                up.mix_up_forward(z, a, w, b, g, h, g, h, None)
+            else:
+                up.mix_up_backward(h, z, a, w, b, g, g)
+        assert big(kernel.best_config) != tf32, f"tf32={tf32}: ran {kernel.best_config}"
