@@ -222,7 +222,8 @@ def loss_forward(image: Tensor, text: Tensor, tau: Tensor, ids: Optional[Tensor]
     image, text = image.contiguous(), text.contiguous()
     bsz = image.shape[0]
     diag = (image.float() * text.float()).sum(1)
-    cnt = _id_counts(ids) if ids is not None else torch.ones(bsz, device=image.device)
+    # float32 named: stats must be float32 whatever the default dtype (the fake op says so)
+    cnt = _id_counts(ids) if ids is not None else torch.ones(bsz, device=image.device, dtype=torch.float32)
     lse_r, pos_r, trip_r, dtrip_r, amax_r = _rows(image, text, ids, diag, tau, margin, gamma, max_violation, blocks)
     lse_c, pos_c, trip_c, dtrip_c, amax_c = _rows(text, image, ids, diag, tau, margin, gamma, max_violation, blocks)
     inv_tau = 1.0 / tau.float()

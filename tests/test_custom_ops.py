@@ -61,3 +61,19 @@ def test_loss_ops():
     torch.library.opcheck(ops().harma_loss_fwd, args, test_utils=CHECKS)
     torch.library.opcheck(ops().harma_loss_bwd, (torch.ones(2), image, text, tau, ids, stats, amax, 0.2, 2.0, False,
                                                 16, 16, 16), test_utils=CHECKS)
+
+
+def test_loss_op_without_ids_under_a_float64_default_dtype():
+    # the pair counts (all ones without ids) were made in the default dtype: under
+    # torch.set_default_dtype(torch.float64) the stats came out float64, where the fake says float32
+    image = torch.nn.functional.normalize(rand(12, 32), dim=1)
+    text = torch.nn.functional.normalize(rand(12, 32, seed=1), dim=1)
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        args = (image, text, torch.tensor(0.07, dtype=torch.float32), None, 0.2, 2.0, False, 16, 16, 16)
+        _, stats, _ = ops().harma_loss_fwd(*args)
+        assert stats.dtype == torch.float32
+        torch.library.opcheck(ops().harma_loss_fwd, args, test_utils=CHECKS)
+    finally:
+        torch.set_default_dtype(saved)
