@@ -185,9 +185,12 @@ def _mix_up_gates_kernel(part_ptr, colsum_ptr, bias_ptr, gmix_ptr, gout_ptr, db_
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
-def _rows(t: Tensor, width: int) -> Tensor:
-    t = t.reshape(-1, width)
+def _unit_cols(t: Tensor) -> Tensor:
     return t if t.stride(1) == 1 else t.contiguous()
+
+
+def _rows(t: Tensor, width: int) -> Tensor:
+    return _unit_cols(t.reshape(-1, width))
 
 
 def mix_up_forward(z: Tensor, a: Tensor, weight: Tensor, bias: Tensor, gate_mix: Tensor, h: Tensor,
@@ -200,6 +203,10 @@ def mix_up_forward(z: Tensor, a: Tensor, weight: Tensor, bias: Tensor, gate_mix:
                          f"z {tuple(z.shape)}, a {tuple(a.shape)}, W {tuple(weight.shape)}, h {tuple(h.shape)}")
     if k > MAX_R:
         raise ValueError(f"mix_up_residual: bottleneck {k} > {MAX_R} is not supported by the fused kernel")
+    # rows are read with unit column stride: a no-op from the wrapper (_rows), needed when the op
+    # itself (torch.ops.harma_fast.mix_up_residual) is called with another layout
+    z, a, h = _unit_cols(z), _unit_cols(a), _unit_cols(h)
+    x = _unit_cols(x) if x is not None else None
     w = weight.to(z.dtype).contiguous()  # a no-op from the wrapper, which casts once
     bias = bias.contiguous()  # bias and γ are read with unit stride
     gamma = gamma.contiguous() if gamma is not None else None
@@ -226,7 +233,8 @@ def mix_up_backward(g_gamma: Tensor, z: Tensor, a: Tensor, weight: Tensor, bias:
     m_rows, k = z.shape
     n = weight.shape[0]
     g_in = g_gamma.to(z.dtype)
-    g_in = g_in if g_in.stride(1) == 1 else g_in.contiguous()
+    g_in = _unit_cols(g_in)
+    z, a = _unit_cols(z), _unit_cols(a)  # saved inputs: as the forward read them (see mix_up_forward)
     w = weight.to(z.dtype).contiguous()
     # the gates kernel reads b with unit stride; autograd saved the bias as the caller passed it
     # (forward's contiguous copy is its own), and a strided view would give a wrong dg_out
