@@ -256,6 +256,8 @@ def loss_backward(grad_losses: Tensor, image: Tensor, text: Tensor, tau: Tensor,
                   blocks=BWD_BLOCKS) -> Tuple[Tensor, Tensor, Tensor]:
     image, text = image.contiguous(), text.contiguous()
     ids = ids.contiguous() if ids is not None else None
+    # the rows of stats and amax are read with unit stride (dense from loss_forward: a no-op then)
+    stats, amax = stats.contiguous(), amax.contiguous()
     w = grad_losses.float().contiguous()
     lse_r, lse_c, dtrip_r, dtrip_c, diag, cnt = stats.unbind(0)
     common = dict(margin=margin, gamma=gamma, max_violation=max_violation, blocks=blocks)

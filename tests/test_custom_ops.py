@@ -122,3 +122,25 @@ def test_ops_read_any_layout_they_are_given():
                                16, 16, 16)
     for i, (gg, ww) in enumerate(zip(got, want)):
         torch.testing.assert_close(gg, ww, msg=f"harma_loss_bwd output {i}")
+
+
+def test_backward_ops_read_saved_tensors_of_any_layout():
+    # the backward ops read what forward saved (stats, amax; out, lse) as if dense: from the
+    # forward ops they are, but the ops take any layout and read another one wrongly
+    image = torch.nn.functional.normalize(rand(12, 32), dim=1)
+    text = torch.nn.functional.normalize(rand(12, 32, seed=1), dim=1)
+    tau, ids = torch.tensor(0.07), torch.arange(12) // 2
+    _, stats, amax = ops().harma_loss_fwd(image, text, tau, ids, 0.2, 2.0, True, 16, 16, 16)
+    want = ops().harma_loss_bwd(torch.ones(2), image, text, tau, ids, stats, amax, 0.2, 2.0, True, 16, 16, 16)
+    got = ops().harma_loss_bwd(torch.ones(2), image, text, tau, ids, _colmajor(stats), _colmajor(amax), 0.2, 2.0,
+                               True, 16, 16, 16)
+    for i, (gg, ww) in enumerate(zip(got, want)):
+        torch.testing.assert_close(gg, ww, msg=f"harma_loss_bwd output {i}")
+
+    def permuted(t):  # same values, last dimension no longer unit-stride
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    qkv, dout = rand(3, 20, 96), rand(3, 20, 32, seed=1)
+    out, lse = ops().attention_core(qkv, 2, False)
+    want = ops().attention_core_bwd(dout, qkv, out, lse, 2, False)
+    got = ops().attention_core_bwd(dout, qkv, permuted(out), permuted(lse), 2, False)
+    torch.testing.assert_close(got, want)
