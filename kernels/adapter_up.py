@@ -203,6 +203,8 @@ def mix_up_forward(z: Tensor, a: Tensor, weight: Tensor, bias: Tensor, gate_mix:
                          f"z {tuple(z.shape)}, a {tuple(a.shape)}, W {tuple(weight.shape)}, h {tuple(h.shape)}")
     if k > MAX_R:
         raise ValueError(f"mix_up_residual: bottleneck {k} > {MAX_R} is not supported by the fused kernel")
+    if gamma is not None and gamma.shape != (n,):  # read at the output columns: anything else out of bounds
+        raise ValueError(f"mix_up_residual: gamma (LayerScale) must have shape ({n},), got {tuple(gamma.shape)}")
     # rows are read with unit column stride: a no-op from the wrapper (_rows), needed when the op
     # itself (torch.ops.harma_fast.mix_up_residual) is called with another layout
     z, a, h = _unit_cols(z), _unit_cols(a), _unit_cols(h)

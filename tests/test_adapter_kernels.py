@@ -260,3 +260,13 @@ def test_autotune_cache_tells_tf32_from_ieee(gen, monkeypatch, which):
             else:
                 up.mix_up_backward(h, z, a, w, b, g, g)
         assert big(kernel.best_config) != tf32, f"tf32={tf32}: ran {kernel.best_config}"
+
+
+def test_mix_up_refuses_a_layerscale_of_another_width(gen):
+    # γ is read at the output columns: one of another width (a scalar γ, say) was read past its
+    # end (out of bounds on a GPU) where the reference broadcasts or raises
+    m, d, r = 5, 24, 16
+    z, h = torch.randn(m, r, generator=gen), torch.randn(m, d, generator=gen)
+    w, b, g = torch.randn(d, r, generator=gen), torch.randn(d, generator=gen), torch.tensor(0.3)
+    with pytest.raises(ValueError, match="gamma"):
+        up.mix_up_forward(z, z, w, b, g, h, g, h, torch.ones(()))
