@@ -131,6 +131,10 @@ def attention_forward(qkv: Tensor, heads: int, seq_first: bool) -> Tuple[Tensor,
 
 def attention_backward(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, heads: int, seq_first: bool) -> Tensor:
     qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
+    # out is read through its strides but with unit stride over channels, lse densely (both are so
+    # from attention_forward: no-ops then); dout is read with out's strides
+    out = out if out.stride(-1) == 1 else out.contiguous()
+    lse = lse.contiguous()
     dout = dout.contiguous() if dout.stride() != out.stride() else dout
     n, length, sb, sl = _layout(qkv, seq_first)
     _, _, ob, ol = _layout(out, seq_first)

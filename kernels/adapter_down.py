@@ -103,7 +103,8 @@ def down_gelu_forward(h2: Tensor, weight: Tensor, bias: Tensor) -> Tuple[Tensor,
 
 
 def down_gelu_backward(dz: Tensor, p: Tensor, h2: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    dz = dz.contiguous()
+    # read flat, element by element in step: both contiguous (p from forward is; a no-op then)
+    dz, p = dz.contiguous(), p.contiguous()
     dp = torch.empty_like(p)
     block = 1024
     with on_device(p):

@@ -72,7 +72,10 @@ def _prune_bwd(configs, named_args, **kwargs):
     return configs
 
 
-@triton.autotune(configs=_fwd_configs(), key=["N", "K"], prune_configs_by={"early_config_prune": _prune_fwd})
+# DOT_PRECISION in the key: the prunes depend on it, and a config tuned while fp32 was IEEE must not
+# be reused once TF32 is allowed (the tiles it keeps then need more shared memory than sm_90 has)
+@triton.autotune(configs=_fwd_configs(), key=["N", "K", "DOT_PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
 def _mix_up_fwd_kernel(z_ptr, a_ptr, w_ptr, b_ptr, gmix_ptr, gout_ptr, h_ptr, x_ptr, gamma_ptr, out_ptr,
                        M, N, K, stride_zm, stride_am, stride_wn, stride_hm, stride_xm, stride_om,
@@ -108,7 +111,7 @@ def _mix_up_fwd_kernel(z_ptr, a_ptr, w_ptr, b_ptr, gmix_ptr, gout_ptr, h_ptr, x_
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_bwd_configs(), key=["N", "K"], reset_to_zero=["part_ptr", "colsum_ptr"],
+@triton.autotune(configs=_bwd_configs(), key=["N", "K", "DOT_PRECISION"], reset_to_zero=["part_ptr", "colsum_ptr"],
                  prune_configs_by={"early_config_prune": _prune_bwd})
 @triton.jit
 def _mix_up_bwd_kernel(g_ptr, w_ptr, z_ptr, a_ptr, gmix_ptr, gout_ptr, dz_ptr, da_ptr, m_ptr,
@@ -182,9 +185,12 @@ def _mix_up_gates_kernel(part_ptr, colsum_ptr, bias_ptr, gmix_ptr, gout_ptr, db_
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
-def _rows(t: Tensor, width: int) -> Tensor:
-    t = t.reshape(-1, width)
+def _unit_cols(t: Tensor) -> Tensor:
     return t if t.stride(1) == 1 else t.contiguous()
+
+
+def _rows(t: Tensor, width: int) -> Tensor:
+    return _unit_cols(t.reshape(-1, width))
 
 
 def mix_up_forward(z: Tensor, a: Tensor, weight: Tensor, bias: Tensor, gate_mix: Tensor, h: Tensor,
@@ -197,6 +203,12 @@ def mix_up_forward(z: Tensor, a: Tensor, weight: Tensor, bias: Tensor, gate_mix:
                          f"z {tuple(z.shape)}, a {tuple(a.shape)}, W {tuple(weight.shape)}, h {tuple(h.shape)}")
     if k > MAX_R:
         raise ValueError(f"mix_up_residual: bottleneck {k} > {MAX_R} is not supported by the fused kernel")
+    if gamma is not None and gamma.shape != (n,):  # read at the output columns: anything else out of bounds
+        raise ValueError(f"mix_up_residual: gamma (LayerScale) must have shape ({n},), got {tuple(gamma.shape)}")
+    # rows are read with unit column stride: a no-op from the wrapper (_rows), needed when the op
+    # itself (torch.ops.harma_fast.mix_up_residual) is called with another layout
+    z, a, h = _unit_cols(z), _unit_cols(a), _unit_cols(h)
+    x = _unit_cols(x) if x is not None else None
     w = weight.to(z.dtype).contiguous()  # a no-op from the wrapper, which casts once
     bias = bias.contiguous()  # bias and γ are read with unit stride
     gamma = gamma.contiguous() if gamma is not None else None
@@ -223,8 +235,12 @@ def mix_up_backward(g_gamma: Tensor, z: Tensor, a: Tensor, weight: Tensor, bias:
     m_rows, k = z.shape
     n = weight.shape[0]
     g_in = g_gamma.to(z.dtype)
-    g_in = g_in if g_in.stride(1) == 1 else g_in.contiguous()
+    g_in = _unit_cols(g_in)
+    z, a = _unit_cols(z), _unit_cols(a)  # saved inputs: as the forward read them (see mix_up_forward)
     w = weight.to(z.dtype).contiguous()
+    # the gates kernel reads b with unit stride; autograd saved the bias as the caller passed it
+    # (forward's contiguous copy is its own), and a strided view would give a wrong dg_out
+    bias = bias.contiguous()
     dz, m = (torch.empty(m_rows, k, device=z.device, dtype=z.dtype) for _ in range(2))
     da = torch.empty(m_rows, k, device=z.device, dtype=a.dtype)  # each gradient in its input's dtype
     # one row of partials per program (2 gate terms, then n column sums), sized for the smallest

@@ -81,6 +81,9 @@ def count_above(queries: Tensor, gallery: Tensor, query_label: Tensor, gallery_o
     dtype = torch.promote_types(queries.dtype, gallery.dtype)  # never round one side to the other's precision
     nq, d = queries.shape
     ng = gallery.shape[0]
+    if gallery.ndim != 2 or gallery.shape[1] != d:  # both read with the queries' width d
+        raise ValueError(f"count_above: queries ({nq}, {d}) and gallery (M, {d}) must have the same width; "
+                         f"got {tuple(queries.shape)} and {tuple(gallery.shape)}")
     out = torch.zeros(nq, dtype=torch.long, device=queries.device)
     if nq == 0 or ng == 0:
         return out

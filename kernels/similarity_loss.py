@@ -220,9 +220,11 @@ def loss_forward(image: Tensor, text: Tensor, tau: Tensor, ids: Optional[Tensor]
     """Returns ``losses = [L_c, L_t]`` (fp32), ``stats`` (6, B) and ``amax`` (2, B) for backward."""
     check_inputs("harma_loss", image, text)
     image, text = image.contiguous(), text.contiguous()
+    ids = ids.contiguous() if ids is not None else None  # read with unit stride (harma_loss passes it so)
     bsz = image.shape[0]
     diag = (image.float() * text.float()).sum(1)
-    cnt = _id_counts(ids) if ids is not None else torch.ones(bsz, device=image.device)
+    # float32 named: stats must be float32 whatever the default dtype (the fake op says so)
+    cnt = _id_counts(ids) if ids is not None else torch.ones(bsz, device=image.device, dtype=torch.float32)
     lse_r, pos_r, trip_r, dtrip_r, amax_r = _rows(image, text, ids, diag, tau, margin, gamma, max_violation, blocks)
     lse_c, pos_c, trip_c, dtrip_c, amax_c = _rows(text, image, ids, diag, tau, margin, gamma, max_violation, blocks)
     inv_tau = 1.0 / tau.float()
@@ -253,6 +255,9 @@ def loss_backward(grad_losses: Tensor, image: Tensor, text: Tensor, tau: Tensor,
                   stats: Tensor, amax: Tensor, margin: float, gamma: float, max_violation: bool,
                   blocks=BWD_BLOCKS) -> Tuple[Tensor, Tensor, Tensor]:
     image, text = image.contiguous(), text.contiguous()
+    ids = ids.contiguous() if ids is not None else None
+    # the rows of stats and amax are read with unit stride (dense from loss_forward: a no-op then)
+    stats, amax = stats.contiguous(), amax.contiguous()
     w = grad_losses.float().contiguous()
     lse_r, lse_c, dtrip_r, dtrip_c, diag, cnt = stats.unbind(0)
     common = dict(margin=margin, gamma=gamma, max_violation=max_violation, blocks=blocks)

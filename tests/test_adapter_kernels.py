@@ -216,3 +216,57 @@ def test_strided_bias_and_gamma_are_read_by_stride(gen):
     want = up.mix_up_forward(z, z, w_up, b_up.contiguous(), gate, hh, gate, hh, gamma.contiguous())
     assert torch.equal(got, want)
     assert_close(got, (torch.sigmoid(gate) * (z @ w_up.t() + b_up) + hh) * gamma + hh, **FP32_TOL, name="out")
+
+
+def test_strided_bias_is_read_by_stride_in_backward(gen):
+    # the block gate's gradient needs Σ_n b_n colsum_n: backward read the bias as if contiguous
+    # (the forward launcher makes its own contiguous copy, but autograd saves the bias as given),
+    # so a bias that is a strided view (a slice of a packed parameter) gave a wrong dg_blk
+    m, d, r = 13, 40, 24
+    z, a, h, x = (torch.randn(m, w, generator=gen) for w in (r, r, d, d))
+    w_up = torch.randn(d, r, generator=gen) * r ** -0.5
+    packed = torch.randn(3 * d, generator=gen)
+    check(lambda z, a, w, b, g, h, go, x: up.mix_up_residual(z, a, w, b[::3], g, h, go, x),
+          lambda z, a, w, b, g, h, go, x: HF.mix_up_residual_ref(z, a, w, b[::3], g, h, go, x),
+          [z, a, w_up, packed, torch.tensor(0.6), h, torch.tensor(-0.3), x], torch.float32,
+          ["out", "dz", "da", "dW", "db", "dg_a", "dh", "dg_blk", "dx"])
+
+
+@pytest.mark.parametrize("which", ["up_fwd", "up_bwd"])
+def test_autotune_cache_tells_tf32_from_ieee(gen, monkeypatch, which):
+    # The mix-up configs are pruned by the fp32 precision (with TF32 allowed, the 128x128 forward
+    # tiles and the BLOCK_N=128 backward tiles need more shared memory than an H100 has), but the
+    # tuner's cache was keyed on (N, K, dtypes) only: a config picked while fp32 was IEEE was reused
+    # after the user allowed TF32, and that launch fails on the GPU (out of shared memory).
+    from harma_fast.kernels._common import fp32_matmul
+    kernel, name = {"up_fwd": (up._mix_up_fwd_kernel, "_fwd_configs"),
+                    "up_bwd": (up._mix_up_bwd_kernel, "_bwd_configs")}[which]
+    configs = gpu_configs(up, name, monkeypatch)
+    big = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 128 if which == "up_fwd" \
+        else c.kwargs["BLOCK_N"] > 64  # noqa: E731  (what each prune drops under TF32)
+    assert any(map(big, configs)) and not all(map(big, configs))
+    monkeypatch.setattr(kernel, "configs", configs)
+    monkeypatch.setattr(kernel, "cache", {})
+    # no GPU to time on: the tuner is told the configs TF32 cannot take are the fastest
+    monkeypatch.setattr(kernel, "_bench", lambda *args, config, **meta: 1.0 if big(config) else 2.0)
+    m, d, r = 5, 24, 16
+    z, a = torch.randn(m, r, generator=gen), torch.randn(m, r, generator=gen)
+    w, b, g = torch.randn(d, r, generator=gen), torch.randn(d, generator=gen), torch.tensor(0.3)
+    h = torch.randn(m, d, generator=gen)
+    for tf32 in (False, True):
+        with fp32_matmul(tf32):
+            if which == "up_fwd":
+                up.mix_up_forward(z, a, w, b, g, h, g, h, None)
+            else:
+                up.mix_up_backward(h, z, a, w, b, g, g)
+        assert big(kernel.best_config) != tf32, f"tf32={tf32}: ran {kernel.best_config}"
+
+
+def test_mix_up_refuses_a_layerscale_of_another_width(gen):
+    # γ is read at the output columns: one of another width (a scalar γ, say) was read past its
+    # end (out of bounds on a GPU) where the reference broadcasts or raises
+    m, d, r = 5, 24, 16
+    z, h = torch.randn(m, r, generator=gen), torch.randn(m, d, generator=gen)
+    w, b, g = torch.randn(d, r, generator=gen), torch.randn(d, generator=gen), torch.tensor(0.3)
+    with pytest.raises(ValueError, match="gamma"):
+        up.mix_up_forward(z, z, w, b, g, h, g, h, torch.ones(()))

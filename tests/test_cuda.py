@@ -258,6 +258,71 @@ def test_rank_count_kernel_against_float64():
     assert exact.float().mean() > 0.5 and torch.equal(got[exact], lo[exact])
 
 
+
+def compare_tf32(fast, ref, inputs, name=""):
+    """fp32 with TF32 allowed (both paths follow torch's switch): within 2x torch's own TF32 error
+    plus bf16's atol (TF32 keeps 10 mantissa bits to bf16's 7), against float64."""
+    want = grads(ref, [t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs])
+    base, got = grads(ref, inputs), grads(fast, inputs)
+    for i, (g, b, w) in enumerate(zip(got, base, want, strict=True)):
+        assert_within_torch_error(g, b, w, atol=2 ** -8 * max(1.0, w.abs().max().item()), name=f"{name}[{i}]")
+
+
+def test_every_kernel_with_tf32_allowed():
+    # Every other GPU test pins fp32 to IEEE; a user who allows TF32 (set_float32_matmul_precision
+    # ("high")) gets other builds (tensor-core tiles staged in shared memory, pruned configs). Each
+    # kernel runs here with TF32 allowed, every mix-up config the TF32 prune keeps included. First
+    # the real tuner, IEEE then TF32 in one process: its cache once reused an IEEE pick (128x128
+    # tiles) under TF32, a launch that needs more shared memory than the chip has.
+    from harma_fast.kernels import adapter_attention, adapter_up
+    from harma_fast.kernels._common import fp32_matmul
+    from harma_fast.kernels.retrieval_ranks import count_above
+    from harma_fast.kernels.similarity_loss import harma_loss
+    from harma_fast.losses import harma_loss_ref
+    g = torch.Generator(DEV).manual_seed(7)
+    z, a = (torch.randn(64, 50, 128, device=DEV, generator=g) for _ in range(2))
+    h, x = (torch.randn(64, 50, 768, device=DEV, generator=g) for _ in range(2))
+    wu, bu = torch.randn(768, 128, device=DEV, generator=g) / 11, torch.randn(768, device=DEV, generator=g) * 0.1
+    gm, go = torch.tensor(0.6, device=DEV), torch.tensor(-0.3, device=DEV)
+    inputs = [z, a, wu, bu, gm, h, go, x]
+    kernels = (adapter_up._mix_up_fwd_kernel, adapter_up._mix_up_bwd_kernel)
+    saved = [k.cache for k in kernels]
+    try:
+        for k in kernels:
+            k.cache = {}
+        for tf32 in (False, True):
+            with fp32_matmul(tf32):
+                grads(adapter_up.mix_up_residual, inputs)  # tunes (each precision on its own)
+    finally:
+        for k, c in zip(kernels, saved):
+            k.cache = c
+    with fp32_matmul(True):
+        tuned = ({"z_ptr": z}, {"DOT_PRECISION": "tf32"})
+        for fwd in each_config(adapter_up._mix_up_fwd_kernel, *tuned[:1], **tuned[1]):
+            for bwd in each_config(adapter_up._mix_up_bwd_kernel, *tuned[:1], **tuned[1]):
+                compare_tf32(adapter_up.mix_up_residual, HF.mix_up_residual_ref, inputs, name=f"fwd {fwd} bwd {bwd}")
+        compare_tf32(HF.down_gelu, HF.down_gelu_ref, [h, wu.t().contiguous(), bu[:128]], name="down")
+        for width in (128, 64):
+            qkv = torch.randn(64, 77, 3 * width, device=DEV, generator=g)
+            compare_tf32(lambda t: adapter_attention.attention_core(t, 8, False),
+                         lambda t: HF.attention_core_ref(t, 8, False), [qkv], name=f"attention {width}")
+        i = F.normalize(torch.randn(1000, 512, device=DEV, generator=g), dim=1)
+        t = F.normalize(i + torch.randn(1000, 512, device=DEV, generator=g), dim=1)
+        ids = torch.arange(1000, device=DEV) // 5
+        compare_tf32(lambda i, t, tau: torch.stack(harma_loss(i, t, tau, ids)).sum(),
+                     lambda i, t, tau: sum(harma_loss_ref(i, t, tau, ids)), [i, t, torch.tensor(0.07, device=DEV)],
+                     name="loss")
+        # ranks: TF32 rounds each operand by up to 2^-10 (relative), so a score of unit vectors moves
+        # by at most ~2e-3; counts must lie between the float64 counts with the threshold moved ±5e-3
+        q, gal = i[:500], t
+        label, owner = torch.arange(500, device=DEV), torch.arange(1000, device=DEV)  # query k's truth: text k
+        got = count_above(q, gal, label, owner)
+    s64 = q.double() @ gal.double().t()
+    thr = s64.gather(1, label[:, None])
+    other = owner[None, :] != label[:, None]
+    lo, hi = ((s64 > thr + 5e-3) & other).sum(1), ((s64 > thr - 5e-3) & other).sum(1)
+    assert ((lo <= got) & (got <= hi)).all(), (got - lo).abs().max()
+
 def test_fast_train_step_matches_reference_path():
     from harma_fast.checkpoints import adapter_state_dict
     from harma_fast.fast import enable_fast_path

@@ -61,3 +61,86 @@ def test_loss_ops():
     torch.library.opcheck(ops().harma_loss_fwd, args, test_utils=CHECKS)
     torch.library.opcheck(ops().harma_loss_bwd, (torch.ones(2), image, text, tau, ids, stats, amax, 0.2, 2.0, False,
                                                 16, 16, 16), test_utils=CHECKS)
+
+
+def test_loss_op_without_ids_under_a_float64_default_dtype():
+    # the pair counts (all ones without ids) were made in the default dtype: under
+    # torch.set_default_dtype(torch.float64) the stats came out float64, where the fake says float32
+    image = torch.nn.functional.normalize(rand(12, 32), dim=1)
+    text = torch.nn.functional.normalize(rand(12, 32, seed=1), dim=1)
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        args = (image, text, torch.tensor(0.07, dtype=torch.float32), None, 0.2, 2.0, False, 16, 16, 16)
+        _, stats, _ = ops().harma_loss_fwd(*args)
+        assert stats.dtype == torch.float32
+        torch.library.opcheck(ops().harma_loss_fwd, args, test_utils=CHECKS)
+    finally:
+        torch.set_default_dtype(saved)
+
+
+def _colmajor(t):
+    """The same values in a column-major (transposed, dense) layout: stride 1 on the rows."""
+    return t.t().contiguous().t()
+
+
+def test_ops_read_any_layout_they_are_given():
+    # The launchers behind the registered ops read rows with unit column stride; the Python
+    # wrappers hand them such rows, but the ops themselves (torch.ops.harma_fast.*, what
+    # torch.compile and export see) took any layout and read a column-major one as row-major.
+    z, a = rand(30, 16), rand(30, 16, seed=1)
+    w, b, g = rand(24, 16, seed=2), rand(24, seed=3), torch.tensor(0.3)
+    h, x = rand(30, 24, seed=4), rand(30, 24, seed=5)
+    want = ops().mix_up_residual(z, a, w, b, g, h, g, x, None)
+    got = ops().mix_up_residual(_colmajor(z), _colmajor(a), w, b, g, _colmajor(h), g, _colmajor(x), None)
+    torch.testing.assert_close(got, want)
+    grad = rand(30, 24, seed=6)
+    want = ops().mix_up_residual_bwd(grad, z, a, w, b, g, g)
+    got = ops().mix_up_residual_bwd(grad, _colmajor(z), _colmajor(a), w, b, g, g)
+    for i, (gg, ww) in enumerate(zip(got, want)):
+        torch.testing.assert_close(gg, ww, msg=f"mix_up_residual_bwd output {i}")
+
+    h2, wd = rand(40, 24, seed=7), rand(16, 24, seed=8)
+    _, p = ops().down_gelu(h2, wd, rand(16, seed=9))
+    dz = rand(40, 16, seed=10)
+    want = ops().down_gelu_bwd(dz, p, h2, wd)
+    got = ops().down_gelu_bwd(_colmajor(dz), _colmajor(p), h2, wd)
+    for i, (gg, ww) in enumerate(zip(got, want)):
+        torch.testing.assert_close(gg, ww, msg=f"down_gelu_bwd output {i}")
+
+    image = torch.nn.functional.normalize(rand(12, 32), dim=1)
+    text = torch.nn.functional.normalize(rand(12, 32, seed=1), dim=1)
+    tau, ids = torch.tensor(0.07), torch.arange(12) // 2
+    strided_ids = torch.stack([ids, -ids - 1], 1)[:, 0]  # the same ids with stride 2
+    want = ops().harma_loss_fwd(image, text, tau, ids, 0.2, 2.0, False, 16, 16, 16)
+    got = ops().harma_loss_fwd(image, text, tau, strided_ids, 0.2, 2.0, False, 16, 16, 16)
+    for i, (gg, ww) in enumerate(zip(got, want)):
+        torch.testing.assert_close(gg, ww, msg=f"harma_loss_fwd output {i}")
+    _, stats, amax = want
+    want = ops().harma_loss_bwd(torch.ones(2), image, text, tau, ids, stats, amax, 0.2, 2.0, False, 16, 16, 16)
+    got = ops().harma_loss_bwd(torch.ones(2), image, text, tau, strided_ids, stats, amax, 0.2, 2.0, False,
+                               16, 16, 16)
+    for i, (gg, ww) in enumerate(zip(got, want)):
+        torch.testing.assert_close(gg, ww, msg=f"harma_loss_bwd output {i}")
+
+
+def test_backward_ops_read_saved_tensors_of_any_layout():
+    # the backward ops read what forward saved (stats, amax; out, lse) as if dense: from the
+    # forward ops they are, but the ops take any layout and read another one wrongly
+    image = torch.nn.functional.normalize(rand(12, 32), dim=1)
+    text = torch.nn.functional.normalize(rand(12, 32, seed=1), dim=1)
+    tau, ids = torch.tensor(0.07), torch.arange(12) // 2
+    _, stats, amax = ops().harma_loss_fwd(image, text, tau, ids, 0.2, 2.0, True, 16, 16, 16)
+    want = ops().harma_loss_bwd(torch.ones(2), image, text, tau, ids, stats, amax, 0.2, 2.0, True, 16, 16, 16)
+    got = ops().harma_loss_bwd(torch.ones(2), image, text, tau, ids, _colmajor(stats), _colmajor(amax), 0.2, 2.0,
+                               True, 16, 16, 16)
+    for i, (gg, ww) in enumerate(zip(got, want)):
+        torch.testing.assert_close(gg, ww, msg=f"harma_loss_bwd output {i}")
+
+    def permuted(t):  # same values, last dimension no longer unit-stride
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    qkv, dout = rand(3, 20, 96), rand(3, 20, 32, seed=1)
+    out, lse = ops().attention_core(qkv, 2, False)
+    want = ops().attention_core_bwd(dout, qkv, out, lse, 2, False)
+    got = ops().attention_core_bwd(dout, qkv, permuted(out), permuted(lse), 2, False)
+    torch.testing.assert_close(got, want)

@@ -203,3 +203,13 @@ def test_features_that_cannot_rank_are_refused_not_scored_100(gen):
         harma_fast.retrieval_metrics(one_zero, text, tti)
     # one image and its captions is a real (if tiny) gallery: a single row is never "all the same"
     assert harma_fast.retrieval_metrics(image[:1], text[tti == 0], tti[tti == 0])["r_mean"] == 100.0
+
+
+def test_triton_count_refuses_features_of_different_widths(gen):
+    # the kernel reads both sides with the queries' width: a narrower gallery was read past its
+    # rows (out of bounds on a GPU) where the reference's matmul raises
+    pytest.importorskip("triton")
+    from harma_fast.kernels.retrieval_ranks import count_above
+    q, gal = torch.randn(5, 32, generator=gen), torch.randn(7, 16, generator=gen)
+    with pytest.raises(ValueError, match="width"):
+        count_above(q, gal, torch.arange(5), torch.arange(7))
