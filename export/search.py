@@ -132,6 +132,29 @@ def scan(folder: Path) -> Dict[str, Tuple[int, ...]]:
     return found
 
 
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, progress: bool):
+    """tqdm's bar over ``total`` images where one is wanted, else (or without tqdm) one that draws
+    nothing: serving needs only numpy, onnxruntime, pillow, regex and ftfy (README), and search
+    failed with an internal error in such an install, for the bar alone."""
+    from ..progress import bar_wanted
+
+    if not total or not bar_wanted(progress):
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc="embedding images", unit="img", leave=False)
+
+
 class GalleryIndex:
     def __init__(self, folder, encoder: OrtEncoder, index_path: Optional[os.PathLike] = None, progress: bool = False):
         self.folder, self.encoder = Path(folder), encoder
@@ -174,12 +197,7 @@ class GalleryIndex:
         self.skipped = {n: unreadable[n][1] for n, st in current.items() if n in unreadable and unreadable[n][0] == st}
         todo = [n for n in current if n not in keep and n not in self.skipped]
         removed = [n for n in {**cached, **unreadable} if n not in current]
-        from tqdm.auto import tqdm
-
-        from ..progress import bar_wanted
-
-        bar = tqdm(total=len(todo), desc="embedding images", unit="img",
-                   disable=not bar_wanted(self.progress) or not todo, leave=False)
+        bar = _progress_bar(len(todo), self.progress)
         embedded = 0
         for start in range(0, len(todo), 64):
             chunk = todo[start:start + 64]

@@ -384,3 +384,41 @@ def test_unreadable_images_are_not_read_again_until_they_change(exports, tmp_pat
     (folder / "broken.png").unlink()
     assert GalleryIndex(folder, enc, path).status.startswith("index updated: 0 embedded, 1 removed")
     assert GalleryIndex(folder, enc, path).skipped == {}
+
+
+# what harma-fast depends on that serving must not need (README: OrtEncoder needs onnxruntime, numpy,
+# pillow, regex, ftfy — not torch)
+NOT_FOR_SERVING = ("torch", "torchvision", "open_clip", "triton", "tqdm", "yaml", "safetensors", "matplotlib",
+                   "onnx", "onnxscript", "transformers")
+
+
+def test_search_and_ort_encoder_run_with_the_serving_packages_alone(exports, tmp_path):
+    # `harma-fast search` needed tqdm to build its parser (the `data` command's module imported it),
+    # then again for its progress bar: an internal error in a serving install without it
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = tmp_path / "gallery"
+    folder.mkdir()
+    for i in range(3):
+        write_image(folder / f"{i}.png", 16 + i)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    argv = ["search", "--onnx", str(exports["static"]), "--images", str(folder), "a lake", "--top-k", "2",
+            "--index", str(tmp_path / "index.npz")]
+    script = (f"import sys\nfor name in {NOT_FOR_SERVING!r}:\n    sys.modules[name] = None\n"
+              "from harma_fast.export import OrtEncoder\n"
+              f"enc = OrtEncoder({str(exports['dynamic'])!r})\n"
+              f"print(enc.encode_images([{str(folder / '0.png')!r}]).shape, enc.encode_texts('a lake').shape)\n"
+              "from harma_fast.cli import main\n"
+              f"code = main({argv!r})\n"
+              "assert not [m for m in sys.modules if sys.modules[m] is not None and m.split('.')[0] in "
+              f"{NOT_FOR_SERVING!r}]\n"
+              "sys.exit(code)")
+    root = Path(__file__).resolve().parent.parent  # a checkout runs as installed (harma_fast.export mapped)
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    dim = OrtEncoder(exports["dynamic"]).embed_dim
+    assert out.stdout.splitlines()[0] == f"(1, {dim}) (1, {dim})"
+    assert len(out.stdout.splitlines()) == 3 and "Traceback" not in out.stderr, out.stdout + out.stderr
+    assert "3 embedded, 1 unreadable" in out.stderr and "skipped broken.jpg" in out.stderr
