@@ -182,7 +182,13 @@ def _earlier_export_files(out: Path) -> set:
 def _publish(stage: Path, out: Path) -> None:
     """Move a finished export from ``stage`` into ``out``, replacing an earlier export there whole
     (its tower graphs and harma.json go first, so no graph outlives its description)."""
-    for name in ("harma.json", *TOWER_FILES.values(), *(f"{n}.data" for n in TOWER_FILES.values())):
+    from .families import HF_TOKENIZER_FILE
+
+    # the earlier export's tokenizer file too, when its harma.json lists it: an image-only export
+    # left it behind, unlisted, and check_out_dir then refused the next text export as foreign
+    tokenizers = {VOCAB_FILE, HF_TOKENIZER_FILE} & _earlier_export_files(out)
+    graphs = (*TOWER_FILES.values(), *(f"{n}.data" for n in TOWER_FILES.values()))
+    for name in ("harma.json", *graphs, *sorted(tokenizers)):
         (out / name).unlink(missing_ok=True)
     files = [f for f in stage.iterdir() if f.is_file()]
     for f in sorted(files, key=lambda f: f.name == "harma.json"):  # the description last

@@ -120,6 +120,18 @@ def test_a_successful_export_replaces_the_earlier_one_whole(tmp_path):
     assert OrtEncoder(tmp_path).meta["export_id"] == meta["export_id"]
 
 
+def test_an_image_only_export_between_two_text_exports_does_not_block_the_second(tmp_path):
+    # the image-only export left the text export's tokenizer file behind, listed by no harma.json:
+    # the next text export refused the folder ("holds bpe_simple_vocab_16e6.txt.gz, not from a
+    # harma_fast export"), for a file harma_fast itself had written there
+    model = tiny_model()
+    export_onnx(model, tmp_path, towers=("text",), model_name="HarMA-Tiny", check=False)
+    export_onnx(model, tmp_path, towers=("image",), model_name="HarMA-Tiny", check=False)
+    assert {f.name for f in tmp_path.iterdir()} == {"harma.json", "image.onnx"}
+    meta = export_onnx(model, tmp_path, model_name="HarMA-Tiny", check=False)
+    assert OrtEncoder(tmp_path).encode_texts("a lake").shape == (1, meta["embed_dim"])
+
+
 def test_scratch_folders_of_killed_exports_are_cleaned_up(tmp_path):
     import subprocess
     import sys
