@@ -34,6 +34,7 @@ from .families import load_tokenizer
 
 FORMAT = "harma_fast.onnx/1"
 GRAPH_DTYPE_KEY = "harma_fast.dtype"  # in each float graph's metadata_props (export_onnx writes it)
+GRAPH_EXPORT_KEY = "harma_fast.export_id"  # in each graph's metadata_props: the export that wrote it
 ImageLike = Union[str, Path, "PIL.Image.Image"]  # noqa: F821
 # fp16 graphs crash ONNX Runtime's CPU provider at session creation in this layout pass (NCHWc
 # blocking of the patch Conv); everything else of the full optimisation level is kept.
@@ -436,6 +437,12 @@ def check_graph(session, meta: Dict, tower: str, path: Path, fixed_batch: Option
     graph_dtype = graph_dtype_of(session)
     if graph_dtype and graph_dtype != meta["dtype"]:
         problems.append(f"it is an {graph_dtype} graph, harma.json says dtype {meta['dtype']}")
+    # a graph of the same shapes copied from an export of other weights ran unnoticed: its embeddings
+    # were compared with the other tower's, and a search index made with the old graph was reused
+    graph_export = session.get_modelmeta().custom_metadata_map.get(GRAPH_EXPORT_KEY)  # None: an older export
+    if graph_export and graph_export != meta["export_id"]:
+        problems.append(f"it was written by another export (export id {graph_export}, harma.json's is "
+                        f"{meta['export_id']})")
     if problems:
         raise ExportFileError(f"{path} does not match {path.parent / 'harma.json'}: {'; '.join(problems)}. The "
                               "graph or harma.json was edited or comes from another export: re-export the model")

@@ -167,6 +167,17 @@ def test_a_graph_of_another_dtype_is_refused(exports, tmp_path):
         OrtEncoder(copy_export(exports["dynamic"], tmp_path / "fp16", dtype="fp16")).encode_texts("a lake")
 
 
+def test_a_graph_of_another_export_with_the_same_shapes_is_refused(exports, tmp_path):
+    # shapes, batch axis and dtype alike: a graph copied from an export of other weights ran unnoticed,
+    # its embeddings compared with the other tower's (and a search index of the old graph reused)
+    other = copy_export(exports["dynamic"], tmp_path / "other", export_id="0" * 32)  # harma.json of another export
+    for encode in (lambda enc: enc.encode_texts("a lake"), lambda enc: enc.encode_images([write_image(
+            tmp_path / "a.png", 16)])):
+        with pytest.raises(ExportFileError, match=r"\.onnx does not match .*it was written by another export \(export "
+                                                  r"id [0-9a-f]{32}, harma.json's is 0{32}\).*re-export the model"):
+            encode(OrtEncoder(other))
+
+
 @pytest.mark.parametrize("edits, match", [
     ({"text__tokenizer": "clip"}, "'text.tokenizer' is 'clip', not an object"),
     ({"text__tokenizer__context_length": "32"}, "'text.tokenizer.context_length' is '32', not a positive integer"),
