@@ -3,6 +3,7 @@ import json
 import os
 import re
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -236,6 +237,18 @@ def test_search_finds_the_captioned_image_after_demo_training(trained_demo, tmp_
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "index updated: 1 embedded, 1 unreadable, 0 removed, 21 in all" in err and "skipped broken.png" in err
+
+
+def test_export_in_a_serving_install_without_torch_is_one_line(tmp_path, capsys, monkeypatch, no_model):
+    # OrtEncoder and search need no torch (README); `export` there died in `import torch`, reported as
+    # "internal error ... This is a bug in harma-fast" with a traceback
+    for name in ("torch", "open_clip"):  # `import` raises ModuleNotFoundError, find_spec returns None
+        monkeypatch.setitem(sys.modules, name, None)
+    assert main(["export", "--model", "HarMA-Tiny", "--out", str(tmp_path / "onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("harma-fast export: error: export needs torch, open_clip_torch, not installed here") \
+        and "pip install 'harma-fast[onnx]'" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "onnx").exists()
 
 
 def test_export_never_deletes_files_that_are_not_from_a_harma_fast_export(tmp_path, capsys, monkeypatch):
