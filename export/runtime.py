@@ -214,6 +214,10 @@ class OrtEncoder:
     def __init__(self, onnx_dir: Union[str, Path], providers: Union[str, Sequence[str], None] = None,
                  threads: Optional[int] = None):
         require_modules(("onnxruntime",), "OrtEncoder")
+        # checked here: a string or float reached ONNX Runtime's SessionOptions only at the first encode,
+        # as a TypeError listing pybind11 signatures
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+            raise ConfigError(f"threads must be an integer >= 1 (0 or None: ONNX Runtime's default), got {threads!r}")
         self.dir = Path(onnx_dir)
         self.meta = read_metadata(self.dir)
         self.providers = usable_providers(providers, self.meta["dtype"])

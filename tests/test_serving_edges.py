@@ -1,6 +1,7 @@
 """Serving and search at the edges: empty batches, threads, huge or integer images, edited
 export metadata, foreign or damaged index files, refused exports (export/runtime.py, search.py)."""
 import json
+import re
 import shutil
 import threading
 
@@ -346,6 +347,16 @@ def test_encoder_arguments_are_refused_naming_what_is_wrong(exports, tmp_path):
     assert np.array_equal(enc.encode_images(str(image)), enc.encode_images([image]))  # one path, not characters
     with pytest.raises(FileNotFoundError, match="harma.json is a file, not a folder"):
         OrtEncoder(exports["dynamic"] / "harma.json")
+
+
+def test_a_bad_thread_count_is_refused_when_the_encoder_is_made(exports):
+    # a string or float passed until the first encode, then failed inside ONNX Runtime (TypeError: "incompatible
+    # function arguments" and its pybind11 signatures)
+    for bad in ("2", 2.5, True, -1):
+        with pytest.raises(ConfigError, match=rf"threads must be an integer >= 1 .*got {re.escape(repr(bad))}"):
+            OrtEncoder(exports["dynamic"], threads=bad)
+    one = OrtEncoder(exports["dynamic"], threads=1)
+    assert one.encode_texts("a lake").shape == (1, one.embed_dim)
 
 
 def test_the_index_sees_a_file_replaced_with_its_size_and_mtime_kept(exports, tmp_path):
