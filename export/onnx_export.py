@@ -29,6 +29,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..data.transforms import model_image_spec
@@ -58,7 +59,8 @@ class ImageTower(nn.Module):
         self.model, self.dtype = model, dtype
 
     def forward(self, pixels):
-        return self.model.encode_image(pixels.to(self.dtype), normalize=True).float()
+        # normalised in float32: an fp16 graph normalised in fp16, its embeddings' norms off by up to 5e-4
+        return F.normalize(self.model.encode_image(pixels.to(self.dtype)).float(), dim=-1)
 
 
 class TextTower(nn.Module):
@@ -70,7 +72,7 @@ class TextTower(nn.Module):
 
     def forward(self, tokens):
         # int32 ids: the end-of-text pooling is an ArgMax, which ONNX Runtime lacks for int64
-        return self.model.encode_text(tokens.to(torch.int32), normalize=True).float()
+        return F.normalize(self.model.encode_text(tokens.to(torch.int32)).float(), dim=-1)  # as ImageTower
 
 
 def _vocab_path() -> Optional[Path]:

@@ -39,6 +39,9 @@ def assert_parity(encoder, model, max_abs, min_cos, seed=0):
             pairs.append((encoder.encode_tokens(tokens), torch_embeddings(model, tokens=tokens)))
         for got, want in pairs:
             assert got.shape == want.shape
+            # unit length in every dtype: fp16 graphs normalised in fp16 were off by up to 5e-4
+            norm_error = np.abs(np.linalg.norm(got.astype(np.float64), axis=1) - 1).max()
+            assert norm_error <= 1e-5, f"embeddings' norms differ from 1 by up to {norm_error:.1e}"
             assert np.abs(got - want).max() <= max_abs
             cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
             assert cos.min() >= min_cos
