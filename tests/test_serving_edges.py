@@ -408,6 +408,29 @@ def test_unreadable_images_are_not_read_again_until_they_change(exports, tmp_pat
     assert GalleryIndex(folder, enc, path).skipped == {}
 
 
+def test_an_interrupted_indexing_keeps_what_it_embedded(exports, tmp_path, monkeypatch):
+    # Ctrl-C while a large folder was embedded lost every embedding made so far: the next search began again
+    folder = tmp_path / "gallery"
+    folder.mkdir()
+    for i in range(70):  # two chunks of the 64 the index embeds at a time
+        write_image(folder / f"{i:02d}.png", 8)
+    enc, path = OrtEncoder(exports["dynamic"]), tmp_path / "index.npz"
+    calls = []
+
+    def interrupted(pixels):
+        calls.append(len(pixels))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return OrtEncoder.encode_pixels(enc, pixels)
+    monkeypatch.setattr(enc, "encode_pixels", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        GalleryIndex(folder, enc, path)
+    monkeypatch.undo()
+    again = GalleryIndex(folder, enc, path)
+    assert again.status == "index updated: 6 embedded, 0 removed, 70 in all", again.status
+    assert np.array_equal(again.embeddings, GalleryIndex(folder, enc, tmp_path / "fresh.npz").embeddings)
+
+
 # what harma-fast depends on that serving must not need (README: OrtEncoder needs onnxruntime, numpy,
 # pillow, regex, ftfy — not torch)
 NOT_FOR_SERVING = ("torch", "torchvision", "open_clip", "triton", "tqdm", "yaml", "safetensors", "matplotlib",
