@@ -294,6 +294,12 @@ class OrtEncoder:
             # a ValueError (ImageReadError) for an undecodable, too large, 16-bit or float image
             image = open_rgb(path)
         else:
+            try:  # PIL decodes lazily: an image whose file was closed first failed with a bare AssertionError
+                image.load()
+            except (AssertionError, OSError, ValueError) as err:
+                why = str(err) or "its file was closed before it was read"
+                raise ConfigError(f"the PIL image given cannot be decoded ({why}); pass its file path, or load it "
+                                  "(image.load()) before closing the file") from err
             image = to_rgb(image)  # 16-bit / float pixels would be clipped by convert("RGB"): refused
         size = spec["size"]
         pixels = np.asarray(image.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0

@@ -359,6 +359,21 @@ def test_a_bad_thread_count_is_refused_when_the_encoder_is_made(exports):
     assert one.encode_texts("a lake").shape == (1, one.embed_dim)
 
 
+def test_a_pil_image_whose_file_was_closed_is_refused_clearly(exports, tmp_path):
+    from PIL import Image
+
+    path = write_image(tmp_path / "a.png", 16)
+    with Image.open(path) as image:  # opened lazily, never decoded: a bare AssertionError from PIL
+        pass
+    enc = OrtEncoder(exports["dynamic"])
+    with pytest.raises(ConfigError, match=r"the PIL image given cannot be decoded \(its file was closed before it was "
+                                          r"read\); pass its file path, or load it"):
+        enc.encode_images([image])
+    with Image.open(path) as image:
+        image.load()
+    assert np.array_equal(enc.encode_images(image), enc.encode_images(path))
+
+
 def test_the_index_sees_a_file_replaced_with_its_size_and_mtime_kept(exports, tmp_path):
     # cp -p, rsync -a, tar keep size and mtime: the stale embedding of the old image was reused
     import os
