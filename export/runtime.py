@@ -476,6 +476,10 @@ def open_session(path: Path, options, providers: Sequence[str]):
         return ort.InferenceSession(str(path), options, providers=list(providers))
     except (C.InvalidProtobuf, C.InvalidGraph, C.InvalidArgument, C.NoSuchFile, C.Fail, C.NotImplemented) as err:
         reason = ort_reason(err)
+        weights = path.parent / f"{path.name}.data"  # where export_onnx keeps the weights of graphs past 2 GiB
+        if "external" in reason.lower() and not weights.is_file():
+            raise ExportDirError(f"{path} keeps its weights in {weights.name}, which is missing from {path.parent}: "
+                                 "copy it there with the graph, or re-export with `harma-fast export`") from err
         # an empty or cut file: INVALID_ARGUMENT "No graph was found" (1.32), FAIL "does not have a graph" (1.30)
         if not isinstance(err, (C.Fail, C.NotImplemented)) or "does not have a graph" in reason:
             raise ExportFileError(f"{path} is not a loadable ONNX graph (truncated or corrupt?): re-export it with "

@@ -312,6 +312,22 @@ def test_graphs_past_protobufs_2_gib_keep_their_weights_beside_them(tmp_path, mo
         assert OrtEncoder(out).encode_texts(["a lake"]).shape == (1, meta["embed_dim"])
 
 
+def test_a_graph_whose_weights_file_is_missing_names_it(exports, tmp_path):
+    # a graph past 2 GiB copied without its <name>.data: ONNX Runtime's "Cannot parse data from external
+    # tensors", and advice to add --plain-onnx
+    onnx = pytest.importorskip("onnx")
+    from harma_fast.export.runtime import ExportDirError
+
+    out = copy_export(exports["dynamic"], tmp_path / "copy")
+    graph = onnx.load(str(out / "text.onnx"))
+    onnx.save_model(graph, str(out / "text.onnx"), save_as_external_data=True, location="text.onnx.data")
+    assert OrtEncoder(out).encode_texts("a lake").shape == (1, OrtEncoder(out).embed_dim)  # with its weights: as before
+    (out / "text.onnx.data").unlink()
+    with pytest.raises(ExportDirError, match=r"text.onnx keeps its weights in text.onnx.data, which is missing from "
+                                             r".*copy it there with the graph, or re-export"):
+        OrtEncoder(out).encode_texts("a lake")
+
+
 def test_a_fixed_batch_export_runs_on_the_provider_its_session_has(exports):
     # CUDA listed first on a CPU-only onnxruntime: the bound buffers were CUDA memory ("Can't
     # allocate memory on the CUDA device"); int8 runs on the CPU provider whatever is listed
