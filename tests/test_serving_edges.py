@@ -57,6 +57,39 @@ def test_empty_batches_give_no_rows(exports, kind):
     assert enc.encode_texts([]).shape == (0, dim) and enc.encode_images([]).shape == (0, dim)
 
 
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_files_and_captions_embed_as_pytorch_evaluates_them(exports, tmp_path, kind):
+    # end to end, as a user calls it: image files of odd sizes and modes, captions with punctuation and
+    # past the context, against evaluation's pipeline in PyTorch (open_rgb, eval_transform, encode_*)
+    import torch
+    from PIL import Image
+
+    from harma_fast.data.layouts import clean_caption
+    from harma_fast.data.transforms import eval_transform, model_image_spec
+    from harma_fast.io import open_rgb
+    from harma_fast.models import get_tokenizer
+
+    model = tiny_model()  # the weights the fixture exported
+    rng = np.random.default_rng(5)
+    paths = []
+    for i, (shape, mode) in enumerate([((31, 57, 3), "RGB"), ((120, 90, 4), "RGBA"), ((9, 9), "L"), ((64, 64, 3), "P")]):
+        array = rng.integers(0, 256, shape, dtype=np.uint8)
+        image = Image.fromarray(array[..., :3] if mode == "P" else array)
+        paths.append(tmp_path / f"{i}.png")
+        (image.convert("P") if mode == "P" else image).save(paths[-1])
+    captions = ["A river, crossing farmland!", " ".join(["many red roofs next to a wide river"] * 12), "lake"]
+    enc = OrtEncoder(exports[kind])
+    transform = eval_transform(*model_image_spec(model))
+    with torch.no_grad():
+        want_images = model.encode_image(torch.stack([transform(open_rgb(p)) for p in paths]), normalize=True)
+        tokens = get_tokenizer("HarMA-Tiny")([clean_caption(c, max_words=None) for c in captions])
+        want_texts = model.encode_text(tokens, normalize=True)
+    for got, want in ((enc.encode_images(paths, batch_size=3), want_images), (enc.encode_texts(captions), want_texts)):
+        assert got.dtype == np.float32 and got.shape == tuple(want.shape)
+        assert np.abs(got - want.numpy()).max() <= 1e-5
+        assert np.abs(np.linalg.norm(got, axis=1) - 1).max() <= 1e-5
+
+
 def test_a_fixed_batch_encoder_can_be_shared_by_threads(exports):
     # the bound input and output buffers are shared: without a lock, threads read each other's rows
     enc = OrtEncoder(exports["static"])
