@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from ..cliargs import add_subparser, positive_int
-from ..errors import require_modules
+from ..errors import MissingDependencyError, require_modules
 from ..io import check_output_dir, check_output_file, require_dir, require_file
 
 
@@ -50,6 +50,24 @@ def add_export_parsers(sub) -> None:
     s.set_defaults(handler=run_search)
 
 
+# what exporting needs of harma-fast's own dependencies (module: package), which a serving install
+# (README: onnxruntime, numpy, pillow, regex, ftfy) lacks
+EXPORT_NEEDS = {"torch": "torch", "torchvision": "torchvision", "open_clip": "open_clip_torch",
+                "safetensors": "safetensors", "tqdm": "tqdm"}
+
+
+def require_export_stack() -> None:
+    """One line naming what is missing: in a serving install `export` died in `import torch`, reported as
+    an internal error (a bug in harma-fast) with a traceback."""
+    import importlib.util
+
+    missing = [package for module, package in EXPORT_NEEDS.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise MissingDependencyError(f"export needs {', '.join(missing)}, not installed here (serving with "
+                                     "OrtEncoder and `search` does not, exporting does): pip install "
+                                     "'harma-fast[onnx]' installs them")
+
+
 def run_export(args: argparse.Namespace) -> int:
     for flag in ("adapters", "released"):
         if getattr(args, flag):
@@ -59,6 +77,7 @@ def run_export(args: argparse.Namespace) -> int:
     if args.image_root:
         require_dir(args.image_root, "--image-root")
     check_output_dir(args.out, "--out")
+    require_export_stack()
     require_modules(("onnx", "onnxscript", "onnxruntime"), "export")  # before the model is built
 
     from .. import create_model, load_adapters, load_released_checkpoint

@@ -29,13 +29,14 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..data.transforms import model_image_spec
 from ..errors import ConfigError, HarmaError, OutputPathError
 from ..io import PathLike, atomic_path
 from . import quantize
-from .runtime import GRAPH_DTYPE_KEY
+from .runtime import GRAPH_DTYPE_KEY, GRAPH_EXPORT_KEY
 
 FORMAT = "harma_fast.onnx/1"
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -58,7 +59,8 @@ class ImageTower(nn.Module):
         self.model, self.dtype = model, dtype
 
     def forward(self, pixels):
-        return self.model.encode_image(pixels.to(self.dtype), normalize=True).float()
+        # normalised in float32: an fp16 graph normalised in fp16, its embeddings' norms off by up to 5e-4
+        return F.normalize(self.model.encode_image(pixels.to(self.dtype)).float(), dim=-1)
 
 
 class TextTower(nn.Module):
@@ -70,7 +72,7 @@ class TextTower(nn.Module):
 
     def forward(self, tokens):
         # int32 ids: the end-of-text pooling is an ArgMax, which ONNX Runtime lacks for int64
-        return self.model.encode_text(tokens.to(torch.int32), normalize=True).float()
+        return F.normalize(self.model.encode_text(tokens.to(torch.int32)).float(), dim=-1)  # as ImageTower
 
 
 def _vocab_path() -> Optional[Path]:
@@ -125,7 +127,7 @@ def _check_finite(model: nn.Module) -> None:
 
 
 def _export_tower(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, opset: Optional[int],
-                  batch_size: Optional[int], fused: bool, dtype: str) -> None:
+                  batch_size: Optional[int], fused: bool, dtype: str, export_id: str) -> None:
     import onnx
 
     from .fuse import fold_initializer_transposes, translation_table
@@ -139,6 +141,7 @@ def _export_tower(module: nn.Module, example: torch.Tensor, path: Path, input_na
     # what the runtime checks against harma.json (an fp16 graph swapped into an fp32 export looks alike
     # from outside: float32 in, float32 out); int8 graphs say so themselves (producer onnx.quantize)
     graph.metadata_props.add(key=GRAPH_DTYPE_KEY, value=dtype)
+    graph.metadata_props.add(key=GRAPH_EXPORT_KEY, value=export_id)  # and which export: harma.json's export_id
     with atomic_path(path) as tmp:
         # graphs past protobuf's 2 GiB limit (ViT-bigG) keep their weights in a file beside them
         large = graph.ByteSize() > LARGE_GRAPH_BYTES
@@ -182,7 +185,13 @@ def _earlier_export_files(out: Path) -> set:
 def _publish(stage: Path, out: Path) -> None:
     """Move a finished export from ``stage`` into ``out``, replacing an earlier export there whole
     (its tower graphs and harma.json go first, so no graph outlives its description)."""
-    for name in ("harma.json", *TOWER_FILES.values(), *(f"{n}.data" for n in TOWER_FILES.values())):
+    from .families import HF_TOKENIZER_FILE
+
+    # the earlier export's tokenizer file too, when its harma.json lists it: an image-only export
+    # left it behind, unlisted, and check_out_dir then refused the next text export as foreign
+    tokenizers = {VOCAB_FILE, HF_TOKENIZER_FILE} & _earlier_export_files(out)
+    graphs = (*TOWER_FILES.values(), *(f"{n}.data" for n in TOWER_FILES.values()))
+    for name in ("harma.json", *graphs, *sorted(tokenizers)):
         (out / name).unlink(missing_ok=True)
     files = [f for f in stage.iterdir() if f.is_file()]
     for f in sorted(files, key=lambda f: f.name == "harma.json"):  # the description last
@@ -307,6 +316,7 @@ def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("i
     made = [d for d in (out, *out.parents) if not d.exists()]  # the folders this export creates, deepest first
     out.mkdir(parents=True, exist_ok=True)
     stage = None
+    export_id = uuid.uuid4().hex  # in harma.json and in every graph, which the runtime compares
     try:
         _remove_abandoned_stages(out)
         stage = Path(tempfile.mkdtemp(prefix=f".export-{os.getpid()}-", dir=out))
@@ -327,7 +337,8 @@ def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("i
                         module, name = TextTower(work), "tokens"
                         example = torch.randint(1, min(vocab_size(work), 49406),
                                                 (batch_size or 2, int(work.context_length)))
-                    _export_tower(module.eval(), example, path, name, opset, batch_size, fused, float_dtype)
+                    _export_tower(module.eval(), example, path, name, opset, batch_size, fused, float_dtype,
+                                  export_id)
         finally:
             torch.backends.mha.set_fastpath_enabled(previous)
         if tokenizer:
@@ -341,7 +352,7 @@ def export_onnx(model: nn.Module, out_dir: PathLike, towers: Sequence[str] = ("i
         import onnxruntime
 
         meta = {
-            "format": FORMAT, "export_id": uuid.uuid4().hex, "model": model_name, "embed_dim": embed_dim,
+            "format": FORMAT, "export_id": export_id, "model": model_name, "embed_dim": embed_dim,
             "towers": {t: TOWER_FILES[t] for t in towers}, "dtype": float_dtype,
             "dynamic_batch": batch_size is None, "batch_size": batch_size,
             "attention": "fused" if fused else "plain",

@@ -34,6 +34,7 @@ from .families import load_tokenizer
 
 FORMAT = "harma_fast.onnx/1"
 GRAPH_DTYPE_KEY = "harma_fast.dtype"  # in each float graph's metadata_props (export_onnx writes it)
+GRAPH_EXPORT_KEY = "harma_fast.export_id"  # in each graph's metadata_props: the export that wrote it
 ImageLike = Union[str, Path, "PIL.Image.Image"]  # noqa: F821
 # fp16 graphs crash ONNX Runtime's CPU provider at session creation in this layout pass (NCHWc
 # blocking of the patch Conv); everything else of the full optimisation level is kept.
@@ -213,6 +214,10 @@ class OrtEncoder:
     def __init__(self, onnx_dir: Union[str, Path], providers: Union[str, Sequence[str], None] = None,
                  threads: Optional[int] = None):
         require_modules(("onnxruntime",), "OrtEncoder")
+        # checked here: a string or float reached ONNX Runtime's SessionOptions only at the first encode,
+        # as a TypeError listing pybind11 signatures
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+            raise ConfigError(f"threads must be an integer >= 1 (0 or None: ONNX Runtime's default), got {threads!r}")
         self.dir = Path(onnx_dir)
         self.meta = read_metadata(self.dir)
         self.providers = usable_providers(providers, self.meta["dtype"])
@@ -289,6 +294,12 @@ class OrtEncoder:
             # a ValueError (ImageReadError) for an undecodable, too large, 16-bit or float image
             image = open_rgb(path)
         else:
+            try:  # PIL decodes lazily: an image whose file was closed first failed with a bare AssertionError
+                image.load()
+            except (AssertionError, OSError, ValueError) as err:
+                why = str(err) or "its file was closed before it was read"
+                raise ConfigError(f"the PIL image given cannot be decoded ({why}); pass its file path, or load it "
+                                  "(image.load()) before closing the file") from err
             image = to_rgb(image)  # 16-bit / float pixels would be clipped by convert("RGB"): refused
         size = spec["size"]
         pixels = np.asarray(image.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
@@ -436,6 +447,12 @@ def check_graph(session, meta: Dict, tower: str, path: Path, fixed_batch: Option
     graph_dtype = graph_dtype_of(session)
     if graph_dtype and graph_dtype != meta["dtype"]:
         problems.append(f"it is an {graph_dtype} graph, harma.json says dtype {meta['dtype']}")
+    # a graph of the same shapes copied from an export of other weights ran unnoticed: its embeddings
+    # were compared with the other tower's, and a search index made with the old graph was reused
+    graph_export = session.get_modelmeta().custom_metadata_map.get(GRAPH_EXPORT_KEY)  # None: an older export
+    if graph_export and graph_export != meta["export_id"]:
+        problems.append(f"it was written by another export (export id {graph_export}, harma.json's is "
+                        f"{meta['export_id']})")
     if problems:
         raise ExportFileError(f"{path} does not match {path.parent / 'harma.json'}: {'; '.join(problems)}. The "
                               "graph or harma.json was edited or comes from another export: re-export the model")
@@ -459,6 +476,10 @@ def open_session(path: Path, options, providers: Sequence[str]):
         return ort.InferenceSession(str(path), options, providers=list(providers))
     except (C.InvalidProtobuf, C.InvalidGraph, C.InvalidArgument, C.NoSuchFile, C.Fail, C.NotImplemented) as err:
         reason = ort_reason(err)
+        weights = path.parent / f"{path.name}.data"  # where export_onnx keeps the weights of graphs past 2 GiB
+        if "external" in reason.lower() and not weights.is_file():
+            raise ExportDirError(f"{path} keeps its weights in {weights.name}, which is missing from {path.parent}: "
+                                 "copy it there with the graph, or re-export with `harma-fast export`") from err
         # an empty or cut file: INVALID_ARGUMENT "No graph was found" (1.32), FAIL "does not have a graph" (1.30)
         if not isinstance(err, (C.Fail, C.NotImplemented)) or "does not have a graph" in reason:
             raise ExportFileError(f"{path} is not a loadable ONNX graph (truncated or corrupt?): re-export it with "

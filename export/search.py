@@ -132,6 +132,29 @@ def scan(folder: Path) -> Dict[str, Tuple[int, ...]]:
     return found
 
 
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, progress: bool):
+    """tqdm's bar over ``total`` images where one is wanted, else (or without tqdm) one that draws
+    nothing: serving needs only numpy, onnxruntime, pillow, regex and ftfy (README), and search
+    failed with an internal error in such an install, for the bar alone."""
+    from ..progress import bar_wanted
+
+    if not total or not bar_wanted(progress):
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc="embedding images", unit="img", leave=False)
+
+
 class GalleryIndex:
     def __init__(self, folder, encoder: OrtEncoder, index_path: Optional[os.PathLike] = None, progress: bool = False):
         self.folder, self.encoder = Path(folder), encoder
@@ -174,30 +197,33 @@ class GalleryIndex:
         self.skipped = {n: unreadable[n][1] for n, st in current.items() if n in unreadable and unreadable[n][0] == st}
         todo = [n for n in current if n not in keep and n not in self.skipped]
         removed = [n for n in {**cached, **unreadable} if n not in current]
-        from tqdm.auto import tqdm
-
-        from ..progress import bar_wanted
-
-        bar = tqdm(total=len(todo), desc="embedding images", unit="img",
-                   disable=not bar_wanted(self.progress) or not todo, leave=False)
+        bar = _progress_bar(len(todo), self.progress)
         embedded = 0
-        for start in range(0, len(todo), 64):
-            chunk = todo[start:start + 64]
-            pixels, ok = [], []
-            for name in chunk:
-                try:
-                    pixels.append(self.encoder.preprocess(self.folder / name))
-                    ok.append(name)
-                except (ValueError, FileNotFoundError) as err:
-                    self.skipped[name] = str(err)
-            if ok:
-                for name, vec in zip(ok, self.encoder.encode_pixels(np.stack(pixels)), strict=True):
-                    keep[name] = vec
-                embedded += len(ok)
-            bar.update(len(chunk))
-        bar.close()
-        self.names = [n for n in current if n in keep]
-        self.embeddings = np.stack([keep[n] for n in self.names]).astype(np.float32) if self.names else self.embeddings
+        try:
+            for start in range(0, len(todo), 64):
+                chunk = todo[start:start + 64]
+                pixels, ok = [], []
+                for name in chunk:
+                    try:
+                        pixels.append(self.encoder.preprocess(self.folder / name))
+                        ok.append(name)
+                    except (ValueError, FileNotFoundError) as err:
+                        self.skipped[name] = str(err)
+                if ok:
+                    for name, vec in zip(ok, self.encoder.encode_pixels(np.stack(pixels)), strict=True):
+                        keep[name] = vec
+                    embedded += len(ok)
+                bar.update(len(chunk))
+        except KeyboardInterrupt:
+            # what was embedded is saved, so the next search embeds only the rest: an interrupted
+            # indexing of a large folder (hours on a CPU) started again from nothing
+            if embedded:
+                self._collect(current, keep)
+                self._save(current)
+            raise
+        finally:
+            bar.close()
+        self._collect(current, keep)
         if todo or removed or why:
             failed = len(todo) - embedded
             self.status = (f"index {'rebuilt' if why or not cached else 'updated'}: {embedded} embedded, "
@@ -207,6 +233,10 @@ class GalleryIndex:
         else:
             self.status = f"index reused: {len(self.names)} images unchanged" + (
                 f", {len(self.skipped)} unreadable (not read again until they change)" if self.skipped else "")
+
+    def _collect(self, current, keep) -> None:
+        self.names = [n for n in current if n in keep]
+        self.embeddings = np.stack([keep[n] for n in self.names]).astype(np.float32) if self.names else self.embeddings
 
     def _save(self, current) -> None:
         from ..io import atomic_path

@@ -1,6 +1,7 @@
 """Serving and search at the edges: empty batches, threads, huge or integer images, edited
 export metadata, foreign or damaged index files, refused exports (export/runtime.py, search.py)."""
 import json
+import re
 import shutil
 import threading
 
@@ -54,6 +55,39 @@ def test_empty_batches_give_no_rows(exports, kind):
     assert enc.encode_pixels(np.zeros((0, 3, size, size), np.float32)).shape == (0, dim)
     assert enc.encode_tokens(np.zeros((0, length), np.int64)).shape == (0, dim)
     assert enc.encode_texts([]).shape == (0, dim) and enc.encode_images([]).shape == (0, dim)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_files_and_captions_embed_as_pytorch_evaluates_them(exports, tmp_path, kind):
+    # end to end, as a user calls it: image files of odd sizes and modes, captions with punctuation and
+    # past the context, against evaluation's pipeline in PyTorch (open_rgb, eval_transform, encode_*)
+    import torch
+    from PIL import Image
+
+    from harma_fast.data.layouts import clean_caption
+    from harma_fast.data.transforms import eval_transform, model_image_spec
+    from harma_fast.io import open_rgb
+    from harma_fast.models import get_tokenizer
+
+    model = tiny_model()  # the weights the fixture exported
+    rng = np.random.default_rng(5)
+    paths = []
+    for i, (shape, mode) in enumerate([((31, 57, 3), "RGB"), ((120, 90, 4), "RGBA"), ((9, 9), "L"), ((64, 64, 3), "P")]):
+        array = rng.integers(0, 256, shape, dtype=np.uint8)
+        image = Image.fromarray(array[..., :3] if mode == "P" else array)
+        paths.append(tmp_path / f"{i}.png")
+        (image.convert("P") if mode == "P" else image).save(paths[-1])
+    captions = ["A river, crossing farmland!", " ".join(["many red roofs next to a wide river"] * 12), "lake"]
+    enc = OrtEncoder(exports[kind])
+    transform = eval_transform(*model_image_spec(model))
+    with torch.no_grad():
+        want_images = model.encode_image(torch.stack([transform(open_rgb(p)) for p in paths]), normalize=True)
+        tokens = get_tokenizer("HarMA-Tiny")([clean_caption(c, max_words=None) for c in captions])
+        want_texts = model.encode_text(tokens, normalize=True)
+    for got, want in ((enc.encode_images(paths, batch_size=3), want_images), (enc.encode_texts(captions), want_texts)):
+        assert got.dtype == np.float32 and got.shape == tuple(want.shape)
+        assert np.abs(got - want.numpy()).max() <= 1e-5
+        assert np.abs(np.linalg.norm(got, axis=1) - 1).max() <= 1e-5
 
 
 def test_a_fixed_batch_encoder_can_be_shared_by_threads(exports):
@@ -165,6 +199,17 @@ def test_a_graph_of_another_dtype_is_refused(exports, tmp_path):
         OrtEncoder(mixed).encode_texts("a lake")
     with pytest.raises(ExportFileError, match="it is an fp32 graph, harma.json says dtype fp16"):
         OrtEncoder(copy_export(exports["dynamic"], tmp_path / "fp16", dtype="fp16")).encode_texts("a lake")
+
+
+def test_a_graph_of_another_export_with_the_same_shapes_is_refused(exports, tmp_path):
+    # shapes, batch axis and dtype alike: a graph copied from an export of other weights ran unnoticed,
+    # its embeddings compared with the other tower's (and a search index of the old graph reused)
+    other = copy_export(exports["dynamic"], tmp_path / "other", export_id="0" * 32)  # harma.json of another export
+    for encode in (lambda enc: enc.encode_texts("a lake"), lambda enc: enc.encode_images([write_image(
+            tmp_path / "a.png", 16)])):
+        with pytest.raises(ExportFileError, match=r"\.onnx does not match .*it was written by another export \(export "
+                                                  r"id [0-9a-f]{32}, harma.json's is 0{32}\).*re-export the model"):
+            encode(OrtEncoder(other))
 
 
 @pytest.mark.parametrize("edits, match", [
@@ -300,6 +345,22 @@ def test_graphs_past_protobufs_2_gib_keep_their_weights_beside_them(tmp_path, mo
         assert OrtEncoder(out).encode_texts(["a lake"]).shape == (1, meta["embed_dim"])
 
 
+def test_a_graph_whose_weights_file_is_missing_names_it(exports, tmp_path):
+    # a graph past 2 GiB copied without its <name>.data: ONNX Runtime's "Cannot parse data from external
+    # tensors", and advice to add --plain-onnx
+    onnx = pytest.importorskip("onnx")
+    from harma_fast.export.runtime import ExportDirError
+
+    out = copy_export(exports["dynamic"], tmp_path / "copy")
+    graph = onnx.load(str(out / "text.onnx"))
+    onnx.save_model(graph, str(out / "text.onnx"), save_as_external_data=True, location="text.onnx.data")
+    assert OrtEncoder(out).encode_texts("a lake").shape == (1, OrtEncoder(out).embed_dim)  # with its weights: as before
+    (out / "text.onnx.data").unlink()
+    with pytest.raises(ExportDirError, match=r"text.onnx keeps its weights in text.onnx.data, which is missing from "
+                                             r".*copy it there with the graph, or re-export"):
+        OrtEncoder(out).encode_texts("a lake")
+
+
 def test_a_fixed_batch_export_runs_on_the_provider_its_session_has(exports):
     # CUDA listed first on a CPU-only onnxruntime: the bound buffers were CUDA memory ("Can't
     # allocate memory on the CUDA device"); int8 runs on the CPU provider whatever is listed
@@ -335,6 +396,31 @@ def test_encoder_arguments_are_refused_naming_what_is_wrong(exports, tmp_path):
     assert np.array_equal(enc.encode_images(str(image)), enc.encode_images([image]))  # one path, not characters
     with pytest.raises(FileNotFoundError, match="harma.json is a file, not a folder"):
         OrtEncoder(exports["dynamic"] / "harma.json")
+
+
+def test_a_bad_thread_count_is_refused_when_the_encoder_is_made(exports):
+    # a string or float passed until the first encode, then failed inside ONNX Runtime (TypeError: "incompatible
+    # function arguments" and its pybind11 signatures)
+    for bad in ("2", 2.5, True, -1):
+        with pytest.raises(ConfigError, match=rf"threads must be an integer >= 1 .*got {re.escape(repr(bad))}"):
+            OrtEncoder(exports["dynamic"], threads=bad)
+    one = OrtEncoder(exports["dynamic"], threads=1)
+    assert one.encode_texts("a lake").shape == (1, one.embed_dim)
+
+
+def test_a_pil_image_whose_file_was_closed_is_refused_clearly(exports, tmp_path):
+    from PIL import Image
+
+    path = write_image(tmp_path / "a.png", 16)
+    with Image.open(path) as image:  # opened lazily, never decoded: a bare AssertionError from PIL
+        pass
+    enc = OrtEncoder(exports["dynamic"])
+    with pytest.raises(ConfigError, match=r"the PIL image given cannot be decoded \(its file was closed before it was "
+                                          r"read\); pass its file path, or load it"):
+        enc.encode_images([image])
+    with Image.open(path) as image:
+        image.load()
+    assert np.array_equal(enc.encode_images(image), enc.encode_images(path))
 
 
 def test_the_index_sees_a_file_replaced_with_its_size_and_mtime_kept(exports, tmp_path):
@@ -384,3 +470,64 @@ def test_unreadable_images_are_not_read_again_until_they_change(exports, tmp_pat
     (folder / "broken.png").unlink()
     assert GalleryIndex(folder, enc, path).status.startswith("index updated: 0 embedded, 1 removed")
     assert GalleryIndex(folder, enc, path).skipped == {}
+
+
+def test_an_interrupted_indexing_keeps_what_it_embedded(exports, tmp_path, monkeypatch):
+    # Ctrl-C while a large folder was embedded lost every embedding made so far: the next search began again
+    folder = tmp_path / "gallery"
+    folder.mkdir()
+    for i in range(70):  # two chunks of the 64 the index embeds at a time
+        write_image(folder / f"{i:02d}.png", 8)
+    enc, path = OrtEncoder(exports["dynamic"]), tmp_path / "index.npz"
+    calls = []
+
+    def interrupted(pixels):
+        calls.append(len(pixels))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return OrtEncoder.encode_pixels(enc, pixels)
+    monkeypatch.setattr(enc, "encode_pixels", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        GalleryIndex(folder, enc, path)
+    monkeypatch.undo()
+    again = GalleryIndex(folder, enc, path)
+    assert again.status == "index updated: 6 embedded, 0 removed, 70 in all", again.status
+    assert np.array_equal(again.embeddings, GalleryIndex(folder, enc, tmp_path / "fresh.npz").embeddings)
+
+
+# what harma-fast depends on that serving must not need (README: OrtEncoder needs onnxruntime, numpy,
+# pillow, regex, ftfy — not torch)
+NOT_FOR_SERVING = ("torch", "torchvision", "open_clip", "triton", "tqdm", "yaml", "safetensors", "matplotlib",
+                   "onnx", "onnxscript", "transformers")
+
+
+def test_search_and_ort_encoder_run_with_the_serving_packages_alone(exports, tmp_path):
+    # `harma-fast search` needed tqdm to build its parser (the `data` command's module imported it),
+    # then again for its progress bar: an internal error in a serving install without it
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = tmp_path / "gallery"
+    folder.mkdir()
+    for i in range(3):
+        write_image(folder / f"{i}.png", 16 + i)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    argv = ["search", "--onnx", str(exports["static"]), "--images", str(folder), "a lake", "--top-k", "2",
+            "--index", str(tmp_path / "index.npz")]
+    script = (f"import sys\nfor name in {NOT_FOR_SERVING!r}:\n    sys.modules[name] = None\n"
+              "from harma_fast.export import OrtEncoder\n"
+              f"enc = OrtEncoder({str(exports['dynamic'])!r})\n"
+              f"print(enc.encode_images([{str(folder / '0.png')!r}]).shape, enc.encode_texts('a lake').shape)\n"
+              "from harma_fast.cli import main\n"
+              f"code = main({argv!r})\n"
+              "assert not [m for m in sys.modules if sys.modules[m] is not None and m.split('.')[0] in "
+              f"{NOT_FOR_SERVING!r}]\n"
+              "sys.exit(code)")
+    root = Path(__file__).resolve().parent.parent  # a checkout runs as installed (harma_fast.export mapped)
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    dim = OrtEncoder(exports["dynamic"]).embed_dim
+    assert out.stdout.splitlines()[0] == f"(1, {dim}) (1, {dim})"
+    assert len(out.stdout.splitlines()) == 3 and "Traceback" not in out.stderr, out.stdout + out.stderr
+    assert "3 embedded, 1 unreadable" in out.stderr and "skipped broken.jpg" in out.stderr

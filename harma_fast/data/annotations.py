@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple, Union
 
-from tqdm.auto import tqdm
-
 from ..errors import ConfigError, HarmaError
 from ..io import ImageReadError, PathLike, open_rgb
 from ..progress import bar_wanted
@@ -201,6 +199,10 @@ def _check_image(path: Path) -> str:
 
 
 def _check_images(paths: Sequence[Path], workers: int = 8, progress: bool = True) -> Dict[Path, str]:
+    # imported here, not at the top: the CLI's parser imports this module (`harma-fast data`), and
+    # `harma-fast search` must build that parser in a serving install without tqdm (README)
+    from tqdm.auto import tqdm
+
     with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL decodes without the GIL
         verdicts = list(tqdm(pool.map(_check_image, paths), total=len(paths), desc="checking images", unit="img",
                              leave=False, disable=len(paths) < 200 or not bar_wanted(progress)))
