@@ -448,6 +448,10 @@ class Trainer:
                     pos.batch += 1
                     sync = pos.batch % config.grad_accum == 0
                     out = self._step(images, tokens, ids, sync=sync)
+                    # every micro-batch's loss, not only the step's last: under --grad-accum a NaN in an
+                    # earlier one reaches the summed gradients all the same, and the step would write NaN
+                    # adapters (and then a checkpoint of them over the last good one)
+                    self._watch_loss(out.total, pos.step + 1)
                     window["pairs"] += images.shape[0] * self.world
                     if not sync:
                         continue
@@ -476,7 +480,6 @@ class Trainer:
 
     def _optimizer_step(self, out) -> None:
         pos = self.position
-        self._watch_loss(out.total, pos.step + 1)
         if self.config.clip_grad_norm:
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.config.clip_grad_norm)

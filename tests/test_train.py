@@ -110,6 +110,26 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(data, tmp_
     assert all(torch.isfinite(v).all() for v in state(out / "last.pt")["adapters"].values())
 
 
+def test_nan_in_an_earlier_micro_batch_of_an_accumulated_step_is_caught(data, tmp_path, monkeypatch):
+    # only the step's last micro-batch was looked at: a NaN in the first one reached the summed
+    # gradients, the step wrote NaN adapters, and the next checkpoint overwrote the last good one
+    calls = {"n": 0}
+    original = harma_fast.losses.HarMALoss.forward
+
+    def poisoned(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the first of step 2's two micro-batches
+            return type(out)(out.total * float("nan"), out.contrastive, out.triplet)
+        return out
+    monkeypatch.setattr(harma_fast.losses.HarMALoss, "forward", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 2 .*Last good checkpoint: .*\(step 1\)"):
+        train(config(data, out, batch_size=8, grad_accum=2, save_every=1, backend="reference"))
+    assert state(out / "last.pt")["position"]["step"] == 1
+    assert all(torch.isfinite(v).all() for v in state(out / "last.pt")["adapters"].values())
+
+
 def test_unwritable_run_directory(data, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
