@@ -111,6 +111,11 @@ class RunLog:
         if self.enabled and self.metrics_path.exists():
             self._rewrite([r for r in self.records() if r.get("step", 0) <= step])
 
+    def rewrite(self, kept: List[Dict]) -> None:
+        """Replace the log with ``kept`` (a resumed run's records, brought into another folder)."""
+        if self.enabled:
+            self._rewrite(kept)
+
     def _rewrite(self, kept: List[Dict]) -> None:
         with atomic_path(self.metrics_path) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import filecmp
 import json
 import os
 import shutil
@@ -183,6 +184,21 @@ def _not_a_killed_start(out: Path) -> List[str]:
     return kept
 
 
+def _another_runs_files(out: Path, source: Path) -> List[str]:
+    """What in ``out`` a resume of the run in ``source`` may not write over: ``out`` is another folder
+    and holds another run's checkpoint, results or trained adapters. What an earlier attempt of this
+    same resume, killed before its first checkpoint there, leaves (copies of the run's best adapters
+    and backbone, its settings, its log) is not counted: the same command again goes on."""
+    if not out.is_dir() or not source.is_dir() or out.samefile(source):
+        return []
+    theirs = [name for name in ("last.pt", "final.safetensors", "result.json") if (out / name).exists()]
+    for name in ("best.safetensors", "backbone.pt"):  # the resume itself copies or writes these
+        mine, there = source / name, out / name
+        if there.exists() and not (mine.is_file() and filecmp.cmp(mine, there, shallow=False)):
+            theirs.append(name)
+    return theirs + [k for k in _not_a_killed_start(out) if k.startswith("a config.json")]
+
+
 # --------------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------------
@@ -217,6 +233,16 @@ class Trainer:
                 raise RunExistsError(f"{self.out} already holds a run (last.pt); pass --resume {self.out} to continue "
                                      "it, --overwrite to start over, or another --output-dir")
             kept = [] if (config.resume or config.overwrite) else _not_a_killed_start(self.out)
+            if config.resume:
+                # resumed into another --output-dir: whatever run is there would be replaced file by file
+                source = Path(config.resume) if Path(config.resume).is_dir() else Path(config.resume).parent
+                theirs = _another_runs_files(self.out, source)
+                if theirs:
+                    raise RunExistsError(
+                        f"{self.out} already holds {', '.join(theirs)}, which resuming {source} there would replace: "
+                        f"resume into the run's own folder (--resume {source} without --output-dir) or into an "
+                        f"empty --output-dir, or move those files away first (a run already resumed into "
+                        f"{self.out} goes on with --resume {self.out})")
             if kept:
                 raise RunExistsError(f"{self.out} holds {', '.join(kept)}, which a new run would remove, and no "
                                      "last.pt to resume from; pass --overwrite to replace them, or another "
@@ -293,7 +319,13 @@ class Trainer:
         leftovers = self.log.temp_files()  # partial writes of a killed run: up to a whole checkpoint each
         self.log.remove(leftovers)
         if self.resume_from is not None:
-            if self.position.records is not None:
+            source = RunLog(self.resume_from.parent)
+            if self.position.records is not None and source.metrics_path.exists() and not (
+                    self.log.metrics_path.exists() and self.log.metrics_path.samefile(source.metrics_path)):
+                # resumed into another --output-dir: the log comes along, cut to what the checkpoint covers,
+                # so the new folder's log (and plots) is the whole run's, and a kill there resumes exactly
+                self.log.rewrite(source.records()[:self.position.records])
+            elif self.position.records is not None:
                 self.log.keep_first(self.position.records)  # exactly what the checkpoint covers
             else:
                 self.log.truncate_after(self.position.step)

@@ -10,6 +10,7 @@ import pytest
 from harma_fast.cli import main
 from harma_fast.data.synthetic import generate
 from harma_fast.errors import ConfigError, OutputPathError
+from harma_fast.runlog import RunLog
 from harma_fast.train import RunExistsError, TrainConfig, linear_warmup_schedule, train
 
 
@@ -79,6 +80,41 @@ def test_a_refused_command_leaves_no_folder_behind(data, tmp_path):
     assert main(["train", "--model", "HarMA-Tiny", "--train-file", str(bad), "--image-root",
                  str(data["image_root"]), "--output-dir", str(out)]) == 2
     assert not (tmp_path / "new").exists()
+
+
+def test_resuming_into_a_folder_that_holds_another_run_is_refused(data, finished, tmp_path):
+    # --resume a --output-dir c replaced c's last.pt, adapters, backbone, settings and log file by file
+    source, other = tmp_path / "a", tmp_path / "c"
+    train(config(data, source, max_steps=1, val_file=None, test_file=None))
+    shutil.copytree(finished, other)
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    with pytest.raises(RunExistsError, match="already holds last.pt, final.safetensors, result.json, "
+                                             "best.safetensors.* would replace"):
+        train(config(data, other, max_steps=2, val_file=None, test_file=None, resume=str(source / "last.pt")))
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: no handler in the trainer catches it."""
+
+
+def test_resumed_into_another_folder_the_log_is_the_whole_runs(data, finished, tmp_path, monkeypatch):
+    # the new folder's log started empty: it lacked the run's first records, and a kill there before
+    # its first checkpoint left records that the same command, run again, kept and then wrote twice
+    source, moved = tmp_path / "a", tmp_path / "b"
+    original = RunLog.log
+
+    def killed_after_the_validation_of_step_2(self, record):  # the checkpoint of step 2 is on disk
+        original(self, record)
+        if (record["kind"], record["step"]) == ("eval", 2):
+            raise Killed
+    with monkeypatch.context() as m:
+        m.setattr(RunLog, "log", killed_after_the_validation_of_step_2)
+        with pytest.raises(Killed):
+            train(config(data, source))
+    train(config(data, moved, resume=str(source / "last.pt")))
+    untimed = lambda run: [{k: v for k, v in r.items() if k != "pairs_per_s"} for r in records(run)]  # noqa: E731
+    assert untimed(moved) == untimed(finished)
 
 
 def test_resumed_into_another_folder_the_test_uses_the_runs_best_adapters(data, finished, tmp_path):
