@@ -286,6 +286,7 @@ class Trainer:
                                                 self.optimizer, self.scheduler)
             self._check_world(self.position.world)
             self.position.world = self.world
+            self._apply_optimizer_settings()
         self.done = self.position.finished and not self._continues_finished_run()
         self.ddp = self.model
         if self.world > 1:
@@ -312,6 +313,23 @@ class Trainer:
             raise ConfigError(f"--resume {self.resume_from}: the run was trained by {trained_by} process(es) "
                               f"(global batch {self.config.batch_size * trained_by}) and this resume runs "
                               f"{self.world}; resume it with {how}, or start a new run in another --output-dir")
+
+    def _apply_optimizer_settings(self) -> None:
+        """After a resume, the optimizer runs with this run's settings (the flags given, as config.json
+        records them), not with the ones its saved state carries: ``load_state_dict`` restores the saved
+        lr, betas, eps and weight decay, so ``--resume --lr`` was recorded and silently not used. The
+        schedule goes on from the step reached, scaled to the peak lr given; unchanged settings give
+        back exactly the saved values (an exact resume stays bit-identical)."""
+        config, scheduler = self.config, self.scheduler
+        before = scheduler.base_lrs[0]
+        for group, decay in zip(self.optimizer.param_groups, (config.weight_decay, 0.0)):
+            group.update(initial_lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=decay)
+        scheduler.base_lrs = [config.lr] * len(self.optimizer.param_groups)
+        for group, factor in zip(self.optimizer.param_groups, scheduler.lr_lambdas):
+            group["lr"] = config.lr * factor(scheduler.last_epoch)  # what LambdaLR computes
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        if before != config.lr:
+            self._say(f"--resume: peak lr {before:g} -> {config.lr:g} from step {self.position.step} on")
 
     # -- the run directory -------------------------------------------------------------------
     def _prepare_directory(self) -> None:

@@ -144,6 +144,19 @@ def test_cli_resume_takes_the_runs_own_settings_and_records_the_flags_given(data
     assert [r["step"] for r in tests] == [3, 4]  # one test evaluation per finished run
 
 
+def test_a_learning_rate_given_on_resume_is_the_one_used(data, tmp_path, capsys):
+    # the optimizer's saved state brought its own lr back: config.json said 0.01, training ran at 0.002
+    out = tmp_path / "run"
+    train(config(data, out, max_steps=2, save_every=None, val_file=None, test_file=None))
+    assert main(["train", "--resume", str(out), "--max-steps", "4", "--lr", "0.01"]) == 0
+    assert "peak lr 0.002 -> 0.01 from step 2 on" in capsys.readouterr().err
+    # 2 steps/epoch x 2 epochs, 1 warm-up step: the schedule goes on from step 2, scaled to the new peak
+    lrs = [r["lr"] for r in records(out) if r["kind"] == "train"]
+    assert lrs == pytest.approx([2e-3, 2e-3, 1e-2 * 2 / 3, 1e-2 / 3], rel=1e-12)
+    groups = torch_load(out / "last.pt")["optimizer"]["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [1e-2, 1e-2]
+
+
 def test_overwrite_starts_a_clean_directory_and_removes_only_the_runs_files(data, straight, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(straight, out)
