@@ -418,10 +418,10 @@ class Trainer:
     def _save_backbone(self) -> None:
         # Randomly initialised weights exist nowhere else: without them the adapters are meaningless.
         # Stock keys only, so `create_model(name, pretrained=".../backbone.pt")` rebuilds this backbone.
-        from .io import atomic_path
+        from .io import atomic_path, failed_writes_named
 
         stock = {k: v.detach().cpu() for k, v in self.model.state_dict().items() if ".harma." not in k}
-        with atomic_path(self.out / "backbone.pt") as tmp:
+        with atomic_path(self.out / "backbone.pt") as tmp, failed_writes_named(self.out / "backbone.pt"):
             torch.save(stock, tmp)
 
     def _autocast(self):

@@ -246,3 +246,33 @@ def test_a_run_resumes_from_another_working_directory(data, tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--resume", str(out), "--max-steps", "2"]) == 0
     assert json.loads((out / "result.json").read_text())["step"] == 2
+
+
+@pytest.mark.parametrize("save_every, culprit", [("1", "last.pt"), (None, "final.safetensors")])
+def test_a_full_disk_while_saving_is_one_line_and_keeps_what_was_written(data, finished, tmp_path, capsys,
+                                                                         save_every, culprit):
+    # torch.save and safetensors report a failed write as a RuntimeError / SafetensorError, which the
+    # CLI took for a bug in harma-fast: a traceback and "internal error ... please report it"
+    import resource
+    import signal
+    out = tmp_path / "run"
+    train(config(data, out, pretrained=str(finished / "backbone.pt"), batch_size=8, max_steps=1, val_file=None,
+                 test_file=None))  # 5 steps per epoch: step 2 ends no epoch, a save there is --save-every's
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # no file may grow past 1 MiB from here on, as on a disk that filled up (last.pt is ~5 MiB, the adapters ~1.6)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing us
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, hard))
+    try:
+        rc = main(["train", "--resume", str(out), "--max-steps", "2"] + (["--save-every", save_every] if save_every
+                                                                         else []))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert f"error: cannot write {out / culprit}: the write failed" in err and "is the disk full" in err
+    assert "Traceback" not in err and "internal error" not in err
+    for name in ("last.pt", "final.safetensors"):  # the files written before are whole and unchanged
+        assert (out / name).read_bytes() == before[name], name
+    assert not list(out.glob(".*.tmp"))
