@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import datetime
 import filecmp
+import hashlib
 import json
 import os
 import shutil
@@ -184,6 +185,18 @@ def _not_a_killed_start(out: Path) -> List[str]:
     return kept
 
 
+def _train_data_summary(records, image_root: str) -> Dict:
+    """What a run's order of batches is drawn over: the captions' images (relative to the image root,
+    so a moved dataset is the same data) and image ids, in file order. Caption texts are left out:
+    a fixed typo changes no batch."""
+    root = Path(image_root).absolute()
+    digest = hashlib.sha256()
+    for image, image_id in zip(records.images, records.image_ids):
+        image = Path(image).absolute()
+        digest.update(f"{image.relative_to(root) if image.is_relative_to(root) else image}\t{image_id}\n".encode())
+    return {"captions": len(records), "images": len(set(records.image_ids)), "sha256": digest.hexdigest()}
+
+
 def _another_runs_files(out: Path, source: Path) -> List[str]:
     """What in ``out`` a resume of the run in ``source`` may not write over: ``out`` is another folder
     and holds another run's checkpoint, results or trained adapters. What an earlier attempt of this
@@ -286,7 +299,9 @@ class Trainer:
                                                 self.optimizer, self.scheduler)
             self._check_world(self.position.world)
             self.position.world = self.world
+            self._check_train_data(self.position.extra.get("train_data"))
             self._apply_optimizer_settings()
+        self.position.extra["train_data"] = _train_data_summary(self.train_records, config.image_root)
         self.done = self.position.finished and not self._continues_finished_run()
         self.ddp = self.model
         if self.world > 1:
@@ -313,6 +328,22 @@ class Trainer:
             raise ConfigError(f"--resume {self.resume_from}: the run was trained by {trained_by} process(es) "
                               f"(global batch {self.config.batch_size * trained_by}) and this resume runs "
                               f"{self.world}; resume it with {how}, or start a new run in another --output-dir")
+
+    def _check_train_data(self, trained_on: Optional[Dict]) -> None:
+        # the saved position (epoch, batches consumed) indexes the order of the training records it was
+        # trained on: other records (an edited or replaced --train-file) would not continue the run but
+        # silently become another one, with another schedule (steps per epoch) and other batches
+        now = _train_data_summary(self.train_records, self.config.image_root)
+        if trained_on is None or trained_on == now:  # None: a checkpoint of an older harma_fast
+            return
+        pos = self.position
+        raise ConfigError(
+            f"--resume {self.resume_from}: the training data differ from the run's ({trained_on['captions']} "
+            f"captions of {trained_on['images']} images then, {now['captions']} of {now['images']} now"
+            + ("" if (trained_on["captions"], trained_on["images"]) != (now["captions"], now["images"]) else
+               ", other images or another order") + f"), and the saved position (epoch {pos.epoch + 1}, batch "
+            f"{pos.batch}) points into the run's own order; resume with the data the run was trained on (its "
+            "config.json records the paths), or start a new run in another --output-dir")
 
     def _apply_optimizer_settings(self) -> None:
         """After a resume, the optimizer runs with this run's settings (the flags given, as config.json

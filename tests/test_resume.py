@@ -157,6 +157,24 @@ def test_a_learning_rate_given_on_resume_is_the_one_used(data, tmp_path, capsys)
     assert [g["initial_lr"] for g in groups] == [1e-2, 1e-2]
 
 
+def test_resume_on_other_training_data_is_refused_and_on_a_moved_copy_goes_on(data, tmp_path, capsys):
+    # the saved position (epoch, batches consumed) indexes the order of the run's own captions: on an
+    # edited --train-file the run went on silently with other batches and another schedule
+    out = tmp_path / "run"
+    train(config(data, out, max_steps=1, save_every=None, val_file=None, test_file=None))
+    saved = (out / "last.pt").read_bytes()
+    other = generate(tmp_path / "other", n_train=12, n_val=1, n_test=1, image_size=48, seed=2)
+    assert main(["train", "--resume", str(out), "--max-steps", "2", "--train-file", str(other["train"]),
+                 "--image-root", str(other["image_root"])]) == 2
+    err = capsys.readouterr().err
+    assert "the training data differ from the run's (40 captions of 8 images then, 60 of 12 now)" in err
+    assert "Traceback" not in err and (out / "last.pt").read_bytes() == saved
+    moved = tmp_path / "moved"  # the same data in another place is the same data
+    shutil.copytree(data["train"].parent, moved)
+    assert main(["train", "--resume", str(out), "--max-steps", "2", "--train-file", str(moved / data["train"].name),
+                 "--image-root", str(moved / data["image_root"].name)]) == 0
+
+
 def test_overwrite_starts_a_clean_directory_and_removes_only_the_runs_files(data, straight, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(straight, out)
