@@ -556,6 +556,7 @@ class Trainer:
             self.save()
         bar.close()
         if stop and self.val_records is not None and pos.validated_step != pos.step:
+            self.save()  # as at an epoch end: the steps since the last checkpoint on disk before a validation
             self._validate()
         return self._finish()
 

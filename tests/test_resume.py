@@ -208,6 +208,28 @@ def test_a_kill_during_validation_keeps_the_epochs_training(data, straight, tmp_
     assert records(out) == records(straight)
 
 
+def test_a_kill_during_the_validation_at_a_step_budget_keeps_the_training_before_it(data, tmp_path, monkeypatch):
+    # a run stopped by --max-steps or max_minutes in the middle of an epoch validated before its next
+    # checkpoint: a kill there (a cluster job's time limit, right after the budget) lost every step
+    # since the last epoch end
+    out = tmp_path / "run"
+    original = Trainer.evaluate
+
+    def killed_at_step_3(self, records):
+        if self.position.step == 3:
+            raise Killed("during the validation after step 3")
+        return original(self, records)
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "evaluate", killed_at_step_3)
+        with pytest.raises(Killed):
+            train(config(data, out, max_steps=3, save_every=None))
+    assert torch_load(out / "last.pt")["position"]["step"] == 3
+    assert train(config(data, out, max_steps=3, save_every=None, resume=str(out)))["step"] == 3
+    assert [(r["kind"], r.get("split"), r["step"]) for r in records(out)] == [
+        ("train", None, 1), ("train", None, 2), ("eval", "val", 2), ("train", None, 3), ("eval", "val", 3),
+        ("eval", "test", 3)]
+
+
 def torch_load(path):
     import torch
     return torch.load(path, map_location="cpu", weights_only=True)
