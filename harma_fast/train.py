@@ -522,6 +522,7 @@ class Trainer:
                 stop = True
                 break
             if pos.batch < per_epoch:
+                step_loss = None  # the step's loss so far: a step starts and ends within one epoch
                 for images, tokens, ids in self._loader(pos.epoch, pos.batch):
                     if pos.batch % config.grad_accum == 0 and self._budget_spent(started):
                         stop = True
@@ -533,13 +534,18 @@ class Trainer:
                     # earlier one reaches the summed gradients all the same, and the step would write NaN
                     # adapters (and then a checkpoint of them over the last good one)
                     self._watch_loss(out.total, pos.step + 1)
+                    # the step's loss is the mean of its micro-batches' (what its summed gradients are the
+                    # gradient of), not the last micro-batch's alone
+                    part = [t.detach() / config.grad_accum for t in out]
+                    step_loss = part if step_loss is None else [a + b for a, b in zip(step_loss, part)]
                     window["pairs"] += images.shape[0] * self.world
                     if not sync:
                         continue
                     self._optimizer_step(out)
                     bar.update(1)
                     if pos.step % config.log_every == 0 or pos.step == 1:
-                        self._log_train(out, window, bar, total)
+                        self._log_train(type(out)(*step_loss), window, bar, total)
+                    step_loss = None
                     if config.save_every and pos.step % config.save_every == 0:
                         self.save()
                     if pos.batch >= per_epoch:

@@ -130,6 +130,25 @@ def test_nan_in_an_earlier_micro_batch_of_an_accumulated_step_is_caught(data, tm
     assert all(torch.isfinite(v).all() for v in state(out / "last.pt")["adapters"].values())
 
 
+def test_the_logged_loss_of_an_accumulated_step_is_the_mean_of_its_micro_batches(data, tmp_path, monkeypatch):
+    # the log showed the step's last micro-batch's loss alone
+    seen = []
+    original = harma_fast.losses.HarMALoss.forward
+
+    def recording(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        seen.append([t.item() for t in out])
+        return out
+    monkeypatch.setattr(harma_fast.losses.HarMALoss, "forward", recording)
+    out = tmp_path / "run"
+    train(config(data, out, batch_size=8, grad_accum=3, max_steps=2, backend="reference"))
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(seen) == 6 and [r["step"] for r in logged] == [1, 2]
+    for record, micro in zip(logged, (seen[:3], seen[3:])):
+        for i, key in enumerate(("loss", "contrastive", "triplet")):
+            assert record[key] == pytest.approx(sum(m[i] for m in micro) / 3, rel=1e-6), (record["step"], key)
+
+
 def test_unwritable_run_directory(data, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
