@@ -34,7 +34,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -50,6 +50,7 @@ from .distributed import sum_gradients_hook
 from .errors import ConfigError, OutputPathError
 from .evaluate import check_backend_runs, evaluate, format_metrics
 from .fast import enable_fast_path
+from .io import ImageReadError
 from .losses import HarMALoss
 from .models import create_model, get_tokenizer
 from .patching import patch, trainable_parameters
@@ -479,11 +480,21 @@ class Trainer:
             dist.barrier()
 
     # -- training ----------------------------------------------------------------------------
-    def _loader(self, epoch: int, start: int) -> DataLoader:
+    def _loader(self, epoch: int, start: int) -> Iterator:
         self.batches.set_epoch(epoch, start)
         self.dataset.set_epoch(epoch)
-        return DataLoader(self.dataset, batch_sampler=self.batches, collate_fn=TrainCollate(self.tokenizer),
-                          num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda")
+        loader = DataLoader(self.dataset, batch_sampler=self.batches, collate_fn=TrainCollate(self.tokenizer),
+                            num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda")
+        try:
+            yield from loader
+        except ImageReadError as err:
+            # an image that went missing or bad after the up-front check (or with --no-check-images): say
+            # what was kept and how to go on; the run's data must stay the same to resume it
+            pos = self.position
+            then = (f"run the command again with --resume {self.out}" if (self.out / "last.pt").exists()
+                    else "run the command again")
+            raise ImageReadError(f"{err}. Training stopped in step {pos.step + 1}. {self._last_good()}. Replace "
+                                 f"the image (at the same path), then {then}", err.why) from err
 
     def _step(self, images, tokens, ids, sync: bool):
         images = images.to(self.device, non_blocking=True)

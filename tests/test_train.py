@@ -149,6 +149,32 @@ def test_the_logged_loss_of_an_accumulated_step_is_the_mean_of_its_micro_batches
             assert record[key] == pytest.approx(sum(m[i] for m in micro) / 3, rel=1e-6), (record["step"], key)
 
 
+def test_an_image_that_goes_bad_mid_epoch_is_named_with_how_to_go_on(data, tmp_path, capsys):
+    import shutil
+    from harma_fast.cli import main
+    root = tmp_path / "data"
+    shutil.copytree(data["train"].parent, root)
+    train_file, images = root / data["train"].name, root / data["image_root"].name
+    from harma_fast.data.datasets import EpochBatches
+    records = json.loads(train_file.read_text())
+    third = list(EpochBatches(len(records), 8, seed=5))[2]  # the captions of step 3 at batch 8, seed 5
+    image = images / records[third[0]]["image"]
+    good = image.read_bytes()
+    image.write_bytes(b"not an image")
+    out = tmp_path / "run"
+    args = ["train", "--model", "HarMA-Tiny", "--train-file", str(train_file), "--image-root", str(images),
+            "--output-dir", str(out), "--batch-size", "8", "--max-steps", "4", "--save-every", "1",
+            "--num-workers", "0", "--backend", "reference", "--no-progress", "--no-check-images", "--seed", "5"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"image {image} cannot be read" in err and "Traceback" not in err
+    assert f"Last good checkpoint: {out / 'last.pt'} (step 2). Replace the image" in err
+    assert err.endswith(f"then run the command again with --resume {out}")
+    image.write_bytes(good)
+    assert main(["train", "--resume", str(out)]) == 0
+    assert state(out / "last.pt")["position"]["step"] == 4
+
+
 def test_unwritable_run_directory(data, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
