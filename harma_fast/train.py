@@ -290,7 +290,10 @@ class Trainer:
                                     self.world)
         self.steps_per_epoch = len(self.batches) // config.grad_accum
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(self.batches)} batches per epoch cannot fill grad_accum={config.grad_accum}")
+            raise ConfigError(f"--grad-accum {config.grad_accum} takes {config.grad_accum} batches per optimizer step, "
+                              f"and an epoch of {len(self.dataset)} captions holds {len(self.batches)} batch(es) of "
+                              f"{config.batch_size * self.world}: lower --grad-accum to at most {len(self.batches)}, "
+                              "or --batch-size")
         total = self.steps_per_epoch * config.epochs
         self.optimizer = _optimizer(self.model, self.loss, config)
         self.scheduler = linear_warmup_schedule(self.optimizer, total, max(1, int(config.warmup * total)))

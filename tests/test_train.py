@@ -175,6 +175,17 @@ def test_an_image_that_goes_bad_mid_epoch_is_named_with_how_to_go_on(data, tmp_p
     assert state(out / "last.pt")["position"]["step"] == 4
 
 
+def test_a_grad_accum_an_epoch_cannot_fill_says_what_to_lower(data, tmp_path, capsys):
+    from harma_fast.cli import main
+    out = tmp_path / "run"
+    assert main(["train", "--model", "HarMA-Tiny", "--train-file", str(data["train"]), "--image-root",
+                 str(data["image_root"]), "--output-dir", str(out), "--batch-size", "64", "--grad-accum", "4",
+                 "--num-workers", "0", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "an epoch of 200 captions holds 3 batch(es) of 64: lower --grad-accum to at most 3, or --batch-size" in err
+    assert not out.exists()
+
+
 def test_unwritable_run_directory(data, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
