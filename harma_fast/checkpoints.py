@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import HarMAConfig
 from .errors import CheckpointError, ConfigError
-from .io import PathLike, atomic_path, require_file
+from .io import PathLike, atomic_path, failed_writes_named, require_file
 from .families import _get
 from .patching import find_towers, is_patched, patch, unpatch, unwrap
 
@@ -68,7 +68,7 @@ def save_adapters(model: nn.Module, path: PathLike, backbone: Optional[str] = No
         metadata["backbone"] = str(backbone)
     if _has_float16_backbone(model):  # its fingerprint is a float16 one: say so where it fails to match
         metadata["backbone_dtype"] = "float16"
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, failed_writes_named(path):  # a full disk: one line, the old file kept
         save_file(tensors, str(tmp), metadata=metadata)
 
 

@@ -47,6 +47,39 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         raise
 
 
+# How torch.save's C++ zip writer and safetensors' Rust writer report a write that failed (a full disk,
+# a quota, a file-size limit): a RuntimeError or SafetensorError, not the OSError Python's own writes raise
+_WRITE_FAILURES = ("inline_container.cc", "PytorchStreamWriter", "file write failed", "iostream error",
+                   "I/O error")
+
+
+@contextlib.contextmanager
+def failed_writes_named(path: PathLike) -> Iterator[None]:
+    """Around a library writer (torch.save, safetensors): a failed write becomes an
+    :class:`OutputPathError` naming the file and the space left on its disk, which the CLI reports
+    in one line, instead of a RuntimeError it takes for a bug in harma-fast. Use it inside
+    :func:`atomic_path`, which then keeps the file that was there before."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as err:  # noqa: BLE001 - only write failures are translated; the rest re-raised
+        text = str(err).strip()
+        if not any(marker in text for marker in _WRITE_FAILURES):
+            raise
+        import shutil
+
+        path = Path(path)
+        try:
+            free = f"{shutil.disk_usage(path.parent if str(path.parent) else '.').free / 2**20:,.0f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        reason = text.splitlines()[0][:200]
+        raise OutputPathError(f"cannot write {path}: the write failed ({reason}; {free} on its disk): is the disk "
+                              "full or over a quota? The file there before, if any, is kept; free some space "
+                              "and run the command again (a training run goes on with --resume)") from err
+
+
 def require_file(path: PathLike, what: str) -> Path:
     """``Path(path)`` if it is an existing file, else an :class:`InputPathError` saying what it was for."""
     path = Path(path)

@@ -6,10 +6,11 @@ sequence of kills and resumes it holds what one uninterrupted run would have wri
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from .errors import OutputPathError
 from .io import PathLike, atomic_path
@@ -30,6 +31,18 @@ def check_writable(directory: PathLike) -> Path:
     except OSError as err:
         raise PermissionError(f"run directory {directory} is not writable: {err.strerror or err}") from err
     return directory
+
+
+@contextlib.contextmanager
+def _named(path: Path) -> Iterator[None]:
+    """A failed write names its file: Python's own (a full disk: "[Errno 28] No space left on device")
+    carries no file name, and the run directory is not the only disk a run writes to."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None or err.errno is None:
+            raise
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from err
 
 
 class RunLog:
@@ -58,14 +71,14 @@ class RunLog:
     # -- metrics -------------------------------------------------------------------------------
     def write_json(self, name: str, data) -> None:
         if self.enabled:
-            with atomic_path(self.dir / name) as tmp:
+            with _named(self.dir / name), atomic_path(self.dir / name) as tmp:
                 tmp.write_text(json.dumps(data, indent=2, default=str))
 
     def log(self, record: Dict) -> None:
         if not self.enabled:
             return
         count = self.count
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
+        with _named(self.metrics_path), open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -110,6 +123,11 @@ class RunLog:
         """On resume from a checkpoint that does not record its line count (older files)."""
         if self.enabled and self.metrics_path.exists():
             self._rewrite([r for r in self.records() if r.get("step", 0) <= step])
+
+    def rewrite(self, kept: List[Dict]) -> None:
+        """Replace the log with ``kept`` (a resumed run's records, brought into another folder)."""
+        if self.enabled:
+            self._rewrite(kept)
 
     def _rewrite(self, kept: List[Dict]) -> None:
         with atomic_path(self.metrics_path) as tmp:

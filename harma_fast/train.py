@@ -26,13 +26,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import filecmp
+import hashlib
 import json
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -48,6 +50,7 @@ from .distributed import sum_gradients_hook
 from .errors import ConfigError, OutputPathError
 from .evaluate import check_backend_runs, evaluate, format_metrics
 from .fast import enable_fast_path
+from .io import ImageReadError
 from .losses import HarMALoss
 from .models import create_model, get_tokenizer
 from .patching import patch, trainable_parameters
@@ -183,6 +186,33 @@ def _not_a_killed_start(out: Path) -> List[str]:
     return kept
 
 
+def _train_data_summary(records, image_root: str) -> Dict:
+    """What a run's order of batches is drawn over: the captions' images (relative to the image root,
+    so a moved dataset is the same data) and image ids, in file order. Caption texts are left out:
+    a fixed typo changes no batch."""
+    root = Path(image_root).absolute()
+    digest = hashlib.sha256()
+    for image, image_id in zip(records.images, records.image_ids):
+        image = Path(image).absolute()
+        digest.update(f"{image.relative_to(root) if image.is_relative_to(root) else image}\t{image_id}\n".encode())
+    return {"captions": len(records), "images": len(set(records.image_ids)), "sha256": digest.hexdigest()}
+
+
+def _another_runs_files(out: Path, source: Path) -> List[str]:
+    """What in ``out`` a resume of the run in ``source`` may not write over: ``out`` is another folder
+    and holds another run's checkpoint, results or trained adapters. What an earlier attempt of this
+    same resume, killed before its first checkpoint there, leaves (copies of the run's best adapters
+    and backbone, its settings, its log) is not counted: the same command again goes on."""
+    if not out.is_dir() or not source.is_dir() or out.samefile(source):
+        return []
+    theirs = [name for name in ("last.pt", "final.safetensors", "result.json") if (out / name).exists()]
+    for name in ("best.safetensors", "backbone.pt"):  # the resume itself copies or writes these
+        mine, there = source / name, out / name
+        if there.exists() and not (mine.is_file() and filecmp.cmp(mine, there, shallow=False)):
+            theirs.append(name)
+    return theirs + [k for k in _not_a_killed_start(out) if k.startswith("a config.json")]
+
+
 # --------------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------------
@@ -217,6 +247,16 @@ class Trainer:
                 raise RunExistsError(f"{self.out} already holds a run (last.pt); pass --resume {self.out} to continue "
                                      "it, --overwrite to start over, or another --output-dir")
             kept = [] if (config.resume or config.overwrite) else _not_a_killed_start(self.out)
+            if config.resume:
+                # resumed into another --output-dir: whatever run is there would be replaced file by file
+                source = Path(config.resume) if Path(config.resume).is_dir() else Path(config.resume).parent
+                theirs = _another_runs_files(self.out, source)
+                if theirs:
+                    raise RunExistsError(
+                        f"{self.out} already holds {', '.join(theirs)}, which resuming {source} there would replace: "
+                        f"resume into the run's own folder (--resume {source} without --output-dir) or into an "
+                        f"empty --output-dir, or move those files away first (a run already resumed into "
+                        f"{self.out} goes on with --resume {self.out})")
             if kept:
                 raise RunExistsError(f"{self.out} holds {', '.join(kept)}, which a new run would remove, and no "
                                      "last.pt to resume from; pass --overwrite to replace them, or another "
@@ -250,7 +290,10 @@ class Trainer:
                                     self.world)
         self.steps_per_epoch = len(self.batches) // config.grad_accum
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(self.batches)} batches per epoch cannot fill grad_accum={config.grad_accum}")
+            raise ConfigError(f"--grad-accum {config.grad_accum} takes {config.grad_accum} batches per optimizer step, "
+                              f"and an epoch of {len(self.dataset)} captions holds {len(self.batches)} batch(es) of "
+                              f"{config.batch_size * self.world}: lower --grad-accum to at most {len(self.batches)}, "
+                              "or --batch-size")
         total = self.steps_per_epoch * config.epochs
         self.optimizer = _optimizer(self.model, self.loss, config)
         self.scheduler = linear_warmup_schedule(self.optimizer, total, max(1, int(config.warmup * total)))
@@ -260,6 +303,9 @@ class Trainer:
                                                 self.optimizer, self.scheduler)
             self._check_world(self.position.world)
             self.position.world = self.world
+            self._check_train_data(self.position.extra.get("train_data"))
+            self._apply_optimizer_settings()
+        self.position.extra["train_data"] = _train_data_summary(self.train_records, config.image_root)
         self.done = self.position.finished and not self._continues_finished_run()
         self.ddp = self.model
         if self.world > 1:
@@ -287,13 +333,52 @@ class Trainer:
                               f"(global batch {self.config.batch_size * trained_by}) and this resume runs "
                               f"{self.world}; resume it with {how}, or start a new run in another --output-dir")
 
+    def _check_train_data(self, trained_on: Optional[Dict]) -> None:
+        # the saved position (epoch, batches consumed) indexes the order of the training records it was
+        # trained on: other records (an edited or replaced --train-file) would not continue the run but
+        # silently become another one, with another schedule (steps per epoch) and other batches
+        now = _train_data_summary(self.train_records, self.config.image_root)
+        if trained_on is None or trained_on == now:  # None: a checkpoint of an older harma_fast
+            return
+        pos = self.position
+        raise ConfigError(
+            f"--resume {self.resume_from}: the training data differ from the run's ({trained_on['captions']} "
+            f"captions of {trained_on['images']} images then, {now['captions']} of {now['images']} now"
+            + ("" if (trained_on["captions"], trained_on["images"]) != (now["captions"], now["images"]) else
+               ", other images or another order") + f"), and the saved position (epoch {pos.epoch + 1}, batch "
+            f"{pos.batch}) points into the run's own order; resume with the data the run was trained on (its "
+            "config.json records the paths), or start a new run in another --output-dir")
+
+    def _apply_optimizer_settings(self) -> None:
+        """After a resume, the optimizer runs with this run's settings (the flags given, as config.json
+        records them), not with the ones its saved state carries: ``load_state_dict`` restores the saved
+        lr, betas, eps and weight decay, so ``--resume --lr`` was recorded and silently not used. The
+        schedule goes on from the step reached, scaled to the peak lr given; unchanged settings give
+        back exactly the saved values (an exact resume stays bit-identical)."""
+        config, scheduler = self.config, self.scheduler
+        before = scheduler.base_lrs[0]
+        for group, decay in zip(self.optimizer.param_groups, (config.weight_decay, 0.0)):
+            group.update(initial_lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=decay)
+        scheduler.base_lrs = [config.lr] * len(self.optimizer.param_groups)
+        for group, factor in zip(self.optimizer.param_groups, scheduler.lr_lambdas):
+            group["lr"] = config.lr * factor(scheduler.last_epoch)  # what LambdaLR computes
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        if before != config.lr:
+            self._say(f"--resume: peak lr {before:g} -> {config.lr:g} from step {self.position.step} on")
+
     # -- the run directory -------------------------------------------------------------------
     def _prepare_directory(self) -> None:
         """Called once everything is validated, so a failing command leaves the directory as it was."""
         leftovers = self.log.temp_files()  # partial writes of a killed run: up to a whole checkpoint each
         self.log.remove(leftovers)
         if self.resume_from is not None:
-            if self.position.records is not None:
+            source = RunLog(self.resume_from.parent)
+            if self.position.records is not None and source.metrics_path.exists() and not (
+                    self.log.metrics_path.exists() and self.log.metrics_path.samefile(source.metrics_path)):
+                # resumed into another --output-dir: the log comes along, cut to what the checkpoint covers,
+                # so the new folder's log (and plots) is the whole run's, and a kill there resumes exactly
+                self.log.rewrite(source.records()[:self.position.records])
+            elif self.position.records is not None:
                 self.log.keep_first(self.position.records)  # exactly what the checkpoint covers
             else:
                 self.log.truncate_after(self.position.step)
@@ -368,10 +453,10 @@ class Trainer:
     def _save_backbone(self) -> None:
         # Randomly initialised weights exist nowhere else: without them the adapters are meaningless.
         # Stock keys only, so `create_model(name, pretrained=".../backbone.pt")` rebuilds this backbone.
-        from .io import atomic_path
+        from .io import atomic_path, failed_writes_named
 
         stock = {k: v.detach().cpu() for k, v in self.model.state_dict().items() if ".harma." not in k}
-        with atomic_path(self.out / "backbone.pt") as tmp:
+        with atomic_path(self.out / "backbone.pt") as tmp, failed_writes_named(self.out / "backbone.pt"):
             torch.save(stock, tmp)
 
     def _autocast(self):
@@ -398,11 +483,21 @@ class Trainer:
             dist.barrier()
 
     # -- training ----------------------------------------------------------------------------
-    def _loader(self, epoch: int, start: int) -> DataLoader:
+    def _loader(self, epoch: int, start: int) -> Iterator:
         self.batches.set_epoch(epoch, start)
         self.dataset.set_epoch(epoch)
-        return DataLoader(self.dataset, batch_sampler=self.batches, collate_fn=TrainCollate(self.tokenizer),
-                          num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda")
+        loader = DataLoader(self.dataset, batch_sampler=self.batches, collate_fn=TrainCollate(self.tokenizer),
+                            num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda")
+        try:
+            yield from loader
+        except ImageReadError as err:
+            # an image that went missing or bad after the up-front check (or with --no-check-images): say
+            # what was kept and how to go on; the run's data must stay the same to resume it
+            pos = self.position
+            then = (f"run the command again with --resume {self.out}" if (self.out / "last.pt").exists()
+                    else "run the command again")
+            raise ImageReadError(f"{err}. Training stopped in step {pos.step + 1}. {self._last_good()}. Replace "
+                                 f"the image (at the same path), then {then}", err.why) from err
 
     def _step(self, images, tokens, ids, sync: bool):
         images = images.to(self.device, non_blocking=True)
@@ -441,6 +536,7 @@ class Trainer:
                 stop = True
                 break
             if pos.batch < per_epoch:
+                step_loss = None  # the step's loss so far: a step starts and ends within one epoch
                 for images, tokens, ids in self._loader(pos.epoch, pos.batch):
                     if pos.batch % config.grad_accum == 0 and self._budget_spent(started):
                         stop = True
@@ -448,13 +544,22 @@ class Trainer:
                     pos.batch += 1
                     sync = pos.batch % config.grad_accum == 0
                     out = self._step(images, tokens, ids, sync=sync)
+                    # every micro-batch's loss, not only the step's last: under --grad-accum a NaN in an
+                    # earlier one reaches the summed gradients all the same, and the step would write NaN
+                    # adapters (and then a checkpoint of them over the last good one)
+                    self._watch_loss(out.total, pos.step + 1)
+                    # the step's loss is the mean of its micro-batches' (what its summed gradients are the
+                    # gradient of), not the last micro-batch's alone
+                    part = [t.detach() / config.grad_accum for t in out]
+                    step_loss = part if step_loss is None else [a + b for a, b in zip(step_loss, part)]
                     window["pairs"] += images.shape[0] * self.world
                     if not sync:
                         continue
                     self._optimizer_step(out)
                     bar.update(1)
                     if pos.step % config.log_every == 0 or pos.step == 1:
-                        self._log_train(out, window, bar, total)
+                        self._log_train(type(out)(*step_loss), window, bar, total)
+                    step_loss = None
                     if config.save_every and pos.step % config.save_every == 0:
                         self.save()
                     if pos.batch >= per_epoch:
@@ -471,12 +576,12 @@ class Trainer:
             self.save()
         bar.close()
         if stop and self.val_records is not None and pos.validated_step != pos.step:
+            self.save()  # as at an epoch end: the steps since the last checkpoint on disk before a validation
             self._validate()
         return self._finish()
 
     def _optimizer_step(self, out) -> None:
         pos = self.position
-        self._watch_loss(out.total, pos.step + 1)
         if self.config.clip_grad_norm:
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.config.clip_grad_norm)

@@ -21,7 +21,7 @@ from .checkpoints import (adapter_state_dict, architecture, backbone_fingerprint
                           describe_mismatch, tensor_checksum)
 from .config import HarMAConfig
 from .errors import CheckpointError
-from .io import PathLike, atomic_path, require_file
+from .io import PathLike, atomic_path, failed_writes_named, require_file
 
 FORMAT = "harma_fast.train/1"
 
@@ -76,7 +76,7 @@ def save_training_state(path: PathLike, model: nn.Module, model_name: str, loss:
         "backbone_fingerprint": backbone_fingerprint(model), "backbone": backbone,
     }
     state["checksum"] = tensor_checksum(state)
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, failed_writes_named(path):  # a full disk: one line, the old file kept
         torch.save(state, tmp)
 
 

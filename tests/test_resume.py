@@ -144,6 +144,37 @@ def test_cli_resume_takes_the_runs_own_settings_and_records_the_flags_given(data
     assert [r["step"] for r in tests] == [3, 4]  # one test evaluation per finished run
 
 
+def test_a_learning_rate_given_on_resume_is_the_one_used(data, tmp_path, capsys):
+    # the optimizer's saved state brought its own lr back: config.json said 0.01, training ran at 0.002
+    out = tmp_path / "run"
+    train(config(data, out, max_steps=2, save_every=None, val_file=None, test_file=None))
+    assert main(["train", "--resume", str(out), "--max-steps", "4", "--lr", "0.01"]) == 0
+    assert "peak lr 0.002 -> 0.01 from step 2 on" in capsys.readouterr().err
+    # 2 steps/epoch x 2 epochs, 1 warm-up step: the schedule goes on from step 2, scaled to the new peak
+    lrs = [r["lr"] for r in records(out) if r["kind"] == "train"]
+    assert lrs == pytest.approx([2e-3, 2e-3, 1e-2 * 2 / 3, 1e-2 / 3], rel=1e-12)
+    groups = torch_load(out / "last.pt")["optimizer"]["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [1e-2, 1e-2]
+
+
+def test_resume_on_other_training_data_is_refused_and_on_a_moved_copy_goes_on(data, tmp_path, capsys):
+    # the saved position (epoch, batches consumed) indexes the order of the run's own captions: on an
+    # edited --train-file the run went on silently with other batches and another schedule
+    out = tmp_path / "run"
+    train(config(data, out, max_steps=1, save_every=None, val_file=None, test_file=None))
+    saved = (out / "last.pt").read_bytes()
+    other = generate(tmp_path / "other", n_train=12, n_val=1, n_test=1, image_size=48, seed=2)
+    assert main(["train", "--resume", str(out), "--max-steps", "2", "--train-file", str(other["train"]),
+                 "--image-root", str(other["image_root"])]) == 2
+    err = capsys.readouterr().err
+    assert "the training data differ from the run's (40 captions of 8 images then, 60 of 12 now)" in err
+    assert "Traceback" not in err and (out / "last.pt").read_bytes() == saved
+    moved = tmp_path / "moved"  # the same data in another place is the same data
+    shutil.copytree(data["train"].parent, moved)
+    assert main(["train", "--resume", str(out), "--max-steps", "2", "--train-file", str(moved / data["train"].name),
+                 "--image-root", str(moved / data["image_root"].name)]) == 0
+
+
 def test_overwrite_starts_a_clean_directory_and_removes_only_the_runs_files(data, straight, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(straight, out)
@@ -175,6 +206,28 @@ def test_a_kill_during_validation_keeps_the_epochs_training(data, straight, tmp_
     assert torch_load(out / "last.pt")["position"]["step"] == 2
     train(config(data, out, save_every=None, resume=str(out / "last.pt")))
     assert records(out) == records(straight)
+
+
+def test_a_kill_during_the_validation_at_a_step_budget_keeps_the_training_before_it(data, tmp_path, monkeypatch):
+    # a run stopped by --max-steps or max_minutes in the middle of an epoch validated before its next
+    # checkpoint: a kill there (a cluster job's time limit, right after the budget) lost every step
+    # since the last epoch end
+    out = tmp_path / "run"
+    original = Trainer.evaluate
+
+    def killed_at_step_3(self, records):
+        if self.position.step == 3:
+            raise Killed("during the validation after step 3")
+        return original(self, records)
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "evaluate", killed_at_step_3)
+        with pytest.raises(Killed):
+            train(config(data, out, max_steps=3, save_every=None))
+    assert torch_load(out / "last.pt")["position"]["step"] == 3
+    assert train(config(data, out, max_steps=3, save_every=None, resume=str(out)))["step"] == 3
+    assert [(r["kind"], r.get("split"), r["step"]) for r in records(out)] == [
+        ("train", None, 1), ("train", None, 2), ("eval", "val", 2), ("train", None, 3), ("eval", "val", 3),
+        ("eval", "test", 3)]
 
 
 def torch_load(path):

@@ -10,6 +10,7 @@ import pytest
 from harma_fast.cli import main
 from harma_fast.data.synthetic import generate
 from harma_fast.errors import ConfigError, OutputPathError
+from harma_fast.runlog import RunLog
 from harma_fast.train import RunExistsError, TrainConfig, linear_warmup_schedule, train
 
 
@@ -79,6 +80,41 @@ def test_a_refused_command_leaves_no_folder_behind(data, tmp_path):
     assert main(["train", "--model", "HarMA-Tiny", "--train-file", str(bad), "--image-root",
                  str(data["image_root"]), "--output-dir", str(out)]) == 2
     assert not (tmp_path / "new").exists()
+
+
+def test_resuming_into_a_folder_that_holds_another_run_is_refused(data, finished, tmp_path):
+    # --resume a --output-dir c replaced c's last.pt, adapters, backbone, settings and log file by file
+    source, other = tmp_path / "a", tmp_path / "c"
+    train(config(data, source, max_steps=1, val_file=None, test_file=None))
+    shutil.copytree(finished, other)
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    with pytest.raises(RunExistsError, match="already holds last.pt, final.safetensors, result.json, "
+                                             "best.safetensors.* would replace"):
+        train(config(data, other, max_steps=2, val_file=None, test_file=None, resume=str(source / "last.pt")))
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: no handler in the trainer catches it."""
+
+
+def test_resumed_into_another_folder_the_log_is_the_whole_runs(data, finished, tmp_path, monkeypatch):
+    # the new folder's log started empty: it lacked the run's first records, and a kill there before
+    # its first checkpoint left records that the same command, run again, kept and then wrote twice
+    source, moved = tmp_path / "a", tmp_path / "b"
+    original = RunLog.log
+
+    def killed_after_the_validation_of_step_2(self, record):  # the checkpoint of step 2 is on disk
+        original(self, record)
+        if (record["kind"], record["step"]) == ("eval", 2):
+            raise Killed
+    with monkeypatch.context() as m:
+        m.setattr(RunLog, "log", killed_after_the_validation_of_step_2)
+        with pytest.raises(Killed):
+            train(config(data, source))
+    train(config(data, moved, resume=str(source / "last.pt")))
+    untimed = lambda run: [{k: v for k, v in r.items() if k != "pairs_per_s"} for r in records(run)]  # noqa: E731
+    assert untimed(moved) == untimed(finished)
 
 
 def test_resumed_into_another_folder_the_test_uses_the_runs_best_adapters(data, finished, tmp_path):
@@ -210,3 +246,33 @@ def test_a_run_resumes_from_another_working_directory(data, tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--resume", str(out), "--max-steps", "2"]) == 0
     assert json.loads((out / "result.json").read_text())["step"] == 2
+
+
+@pytest.mark.parametrize("save_every, culprit", [("1", "last.pt"), (None, "final.safetensors")])
+def test_a_full_disk_while_saving_is_one_line_and_keeps_what_was_written(data, finished, tmp_path, capsys,
+                                                                         save_every, culprit):
+    # torch.save and safetensors report a failed write as a RuntimeError / SafetensorError, which the
+    # CLI took for a bug in harma-fast: a traceback and "internal error ... please report it"
+    import resource
+    import signal
+    out = tmp_path / "run"
+    train(config(data, out, pretrained=str(finished / "backbone.pt"), batch_size=8, max_steps=1, val_file=None,
+                 test_file=None))  # 5 steps per epoch: step 2 ends no epoch, a save there is --save-every's
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # no file may grow past 1 MiB from here on, as on a disk that filled up (last.pt is ~5 MiB, the adapters ~1.6)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing us
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, hard))
+    try:
+        rc = main(["train", "--resume", str(out), "--max-steps", "2"] + (["--save-every", save_every] if save_every
+                                                                         else []))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert f"error: cannot write {out / culprit}: the write failed" in err and "is the disk full" in err
+    assert "Traceback" not in err and "internal error" not in err
+    for name in ("last.pt", "final.safetensors"):  # the files written before are whole and unchanged
+        assert (out / name).read_bytes() == before[name], name
+    assert not list(out.glob(".*.tmp"))

@@ -67,3 +67,22 @@ def test_a_partly_written_last_line_is_not_a_record(tmp_path):
         f.write('{"kind": "tra')  # killed mid-write
     assert RunLog(tmp_path).records() == [{"kind": "train", "step": 1}]
     assert RunLog(tmp_path).count == 1
+
+
+def test_a_write_that_fails_names_the_file(tmp_path):
+    # a full disk read "[Errno 28] No space left on device", naming no file (and a run writes to more than one disk)
+    import resource
+    import signal
+    log = RunLog(tmp_path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails, as on a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100, hard))
+    try:
+        with pytest.raises(OSError, match=f"cannot write {tmp_path / 'metrics.jsonl'}: File too large"):
+            log.log({"kind": "train", "step": 1, "note": "x" * 200})
+        with pytest.raises(OSError, match=f"cannot write {tmp_path / 'config.json'}: File too large"):
+            log.write_json("config.json", {"note": "x" * 200})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert log.records() == [] and not (tmp_path / "config.json").exists()

@@ -110,6 +110,82 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(data, tmp_
     assert all(torch.isfinite(v).all() for v in state(out / "last.pt")["adapters"].values())
 
 
+def test_nan_in_an_earlier_micro_batch_of_an_accumulated_step_is_caught(data, tmp_path, monkeypatch):
+    # only the step's last micro-batch was looked at: a NaN in the first one reached the summed
+    # gradients, the step wrote NaN adapters, and the next checkpoint overwrote the last good one
+    calls = {"n": 0}
+    original = harma_fast.losses.HarMALoss.forward
+
+    def poisoned(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the first of step 2's two micro-batches
+            return type(out)(out.total * float("nan"), out.contrastive, out.triplet)
+        return out
+    monkeypatch.setattr(harma_fast.losses.HarMALoss, "forward", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 2 .*Last good checkpoint: .*\(step 1\)"):
+        train(config(data, out, batch_size=8, grad_accum=2, save_every=1, backend="reference"))
+    assert state(out / "last.pt")["position"]["step"] == 1
+    assert all(torch.isfinite(v).all() for v in state(out / "last.pt")["adapters"].values())
+
+
+def test_the_logged_loss_of_an_accumulated_step_is_the_mean_of_its_micro_batches(data, tmp_path, monkeypatch):
+    # the log showed the step's last micro-batch's loss alone
+    seen = []
+    original = harma_fast.losses.HarMALoss.forward
+
+    def recording(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        seen.append([t.item() for t in out])
+        return out
+    monkeypatch.setattr(harma_fast.losses.HarMALoss, "forward", recording)
+    out = tmp_path / "run"
+    train(config(data, out, batch_size=8, grad_accum=3, max_steps=2, backend="reference"))
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(seen) == 6 and [r["step"] for r in logged] == [1, 2]
+    for record, micro in zip(logged, (seen[:3], seen[3:])):
+        for i, key in enumerate(("loss", "contrastive", "triplet")):
+            assert record[key] == pytest.approx(sum(m[i] for m in micro) / 3, rel=1e-6), (record["step"], key)
+
+
+def test_an_image_that_goes_bad_mid_epoch_is_named_with_how_to_go_on(data, tmp_path, capsys):
+    import shutil
+    from harma_fast.cli import main
+    root = tmp_path / "data"
+    shutil.copytree(data["train"].parent, root)
+    train_file, images = root / data["train"].name, root / data["image_root"].name
+    from harma_fast.data.datasets import EpochBatches
+    records = json.loads(train_file.read_text())
+    third = list(EpochBatches(len(records), 8, seed=5))[2]  # the captions of step 3 at batch 8, seed 5
+    image = images / records[third[0]]["image"]
+    good = image.read_bytes()
+    image.write_bytes(b"not an image")
+    out = tmp_path / "run"
+    args = ["train", "--model", "HarMA-Tiny", "--train-file", str(train_file), "--image-root", str(images),
+            "--output-dir", str(out), "--batch-size", "8", "--max-steps", "4", "--save-every", "1",
+            "--num-workers", "0", "--backend", "reference", "--no-progress", "--no-check-images", "--seed", "5"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"image {image} cannot be read" in err and "Traceback" not in err
+    assert f"Last good checkpoint: {out / 'last.pt'} (step 2). Replace the image" in err
+    assert err.endswith(f"then run the command again with --resume {out}")
+    image.write_bytes(good)
+    assert main(["train", "--resume", str(out)]) == 0
+    assert state(out / "last.pt")["position"]["step"] == 4
+
+
+def test_a_grad_accum_an_epoch_cannot_fill_says_what_to_lower(data, tmp_path, capsys):
+    from harma_fast.cli import main
+    out = tmp_path / "run"
+    assert main(["train", "--model", "HarMA-Tiny", "--train-file", str(data["train"]), "--image-root",
+                 str(data["image_root"]), "--output-dir", str(out), "--batch-size", "64", "--grad-accum", "4",
+                 "--num-workers", "0", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "an epoch of 200 captions holds 3 batch(es) of 64: lower --grad-accum to at most 3, or --batch-size" in err
+    assert not out.exists()
+
+
 def test_unwritable_run_directory(data, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
