@@ -216,7 +216,14 @@ class Trainer:
             if (self.out / "last.pt").exists() and not (config.resume or config.overwrite):
                 raise RunExistsError(f"{self.out} already holds a run (last.pt); pass --resume {self.out} to continue "
                                      "it, --overwrite to start over, or another --output-dir")
-            kept = [] if (config.resume or config.overwrite) else _not_a_killed_start(self.out)
+            # --resume of a folder without last.pt starts over there too (a run killed before its first
+            # checkpoint), so it is guarded the same way: a finished run whose last.pt was deleted to
+            # save space had its adapters, result and backbone.pt removed by `--resume RUN_DIR`
+            kept = [] if (self.resume_from is not None or config.overwrite) else _not_a_killed_start(self.out)
+            if kept and config.resume:
+                raise RunExistsError(f"--resume {config.resume}: no last.pt to resume from, and {self.out} holds "
+                                     f"{', '.join(kept)}, which starting over would remove; pass --overwrite "
+                                     "instead of --resume to replace them, or train in another --output-dir")
             if kept:
                 raise RunExistsError(f"{self.out} holds {', '.join(kept)}, which a new run would remove, and no "
                                      "last.pt to resume from; pass --overwrite to replace them, or another "
