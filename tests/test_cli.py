@@ -62,6 +62,12 @@ def test_every_command_checks_its_numbers_and_choices(argv, capsys):
     assert f"harma-fast {argv[0]}: error: argument" in err
 
 
+def test_a_missing_subcommand_is_named_as_the_usage_names_it(capsys):
+    # `harma-fast data` said "the following arguments are required: data_command" (an internal name)
+    err = exits_with_usage_error(["data"], capsys)
+    assert err.splitlines()[-1] == "harma-fast data: error: the following arguments are required: command"
+
+
 def test_train_flag_table_matches_train_config_defaults():
     from harma_fast import backend, cliargs
     from harma_fast.trainconfig import TRAIN_RULES
