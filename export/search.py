@@ -167,6 +167,7 @@ class GalleryIndex:
         current = scan(self.folder)
         if not current:
             raise ConfigError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {self.folder}")
+        existed = self.path.is_file()
         cached, unreadable, why = self._load()
         keep = {n: cached[n][1] for n, st in current.items() if n in cached and cached[n][0] == st}
         # unreadable images are not read again until they change (they were retried, and the index
@@ -200,7 +201,9 @@ class GalleryIndex:
         self.embeddings = np.stack([keep[n] for n in self.names]).astype(np.float32) if self.names else self.embeddings
         if todo or removed or why:
             failed = len(todo) - embedded
-            self.status = (f"index {'rebuilt' if why or not cached else 'updated'}: {embedded} embedded, "
+            # a first search "built" its index: "rebuilt" there made users look for an earlier index gone bad
+            verb = "built" if not existed else "rebuilt" if why or not cached else "updated"
+            self.status = (f"index {verb}: {embedded} embedded, "
                            + (f"{failed} unreadable, " if failed else "")
                            + f"{len(removed)} removed, {len(self.names)} in all" + (f" ({why})" if why else ""))
             self._save(current)
