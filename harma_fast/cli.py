@@ -103,7 +103,7 @@ def _add_train(sub) -> None:
             ("--backend", BACKENDS, "kernels: triton on CUDA under auto"),
             ("--num-workers", non_negative_int, "data-loading processes"),
             ("--seed", non_negative_int, "seed"),
-            ("--max-steps", positive_int, "stop after this many steps (default: no limit)"),
+            ("--max-steps", positive_int, "stop after this many steps; the learning-rate schedule still spans --epochs (default: no limit)"),
             ("--eval-every", positive_int, "validate every N epochs"),
             ("--save-every", positive_int, "also checkpoint every N steps (default: at epoch ends only)")):
         key = flag[2:].replace("-", "_")

@@ -477,6 +477,12 @@ class Trainer:
                 self._validate()
             self.save()
         bar.close()
+        if stop:  # else the log jumps from "step 1/1870" to the test with no word of why it ended early
+            # config names, not flags: the demo sets these from its own --steps / --minutes
+            budget = (f"max_steps {config.max_steps}" if config.max_steps and pos.step >= config.max_steps
+                      else f"max_minutes {config.max_minutes}")
+            self._say(f"stopping at step {pos.step} of {total}: {budget} reached (the learning-rate schedule "
+                      f"spans all {total}); resuming {self.out} with a larger budget continues the run")
         if stop and self.val_records is not None and pos.validated_step != pos.step:
             self._validate()
         return self._finish()
