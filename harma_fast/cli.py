@@ -34,7 +34,11 @@ def load_preset(name_or_path: str) -> Dict:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"preset {name_or_path} is not valid YAML: {err}") from err
+        # one line naming where (str(err) spans several, and names the file "<unicode string>")
+        mark = getattr(err, "problem_mark", None)
+        what = " ".join(str(getattr(err, "problem", None) or err).split())
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"preset {name_or_path} is not valid YAML: {what}{where}; fix the file") from err
     return {} if data is None else data
 
 

@@ -133,6 +133,16 @@ def test_bad_yaml_values_name_the_file_and_the_key(tmp_path, text, key):
         train_config(build_parser().parse_args(["train", "--preset", path]))
 
 
+def test_invalid_yaml_preset_is_one_line_naming_file_and_line(tmp_path, capsys):
+    # the parser's own message took seven lines and named the file "<unicode string>"
+    path = tmp_path / "bad.yaml"
+    path.write_text("epochs: 3\nlr: [1\n")
+    assert main(["train", "--preset", str(path), "--train-file", "t.json", "--image-root", "."]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"harma-fast train: error: preset {path} is not valid YAML: ")
+    assert "at line 3, column 1; fix the file" in err and "<unicode string>" not in err
+
+
 def test_yaml_that_is_not_a_mapping(tmp_path):
     path = tmp_path / "list.yaml"
     path.write_text("- lr\n- 1\n")
