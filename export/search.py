@@ -261,6 +261,18 @@ def _html_text(text) -> str:
     return html.escape(shown(text))
 
 
+_PAGE_START = '<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>harma-fast search:'
+
+
+def is_search_page(path: Path) -> bool:
+    """Whether ``path`` is a page :func:`write_html` wrote (what ``search --html`` may replace)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(_PAGE_START.encode())).decode("utf-8", "replace") == _PAGE_START
+    except OSError:
+        return False
+
+
 def write_html(path, query: str, hits: List[Hit]) -> None:
     """A self-contained page: the query and the retrieved images (embedded thumbnails) with scores."""
     from ..io import atomic_path

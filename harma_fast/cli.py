@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 from .cliargs import (BACKENDS, HARMA_LAYOUTS, PRECISIONS, HelpFormatter, add_subparser, non_negative_int,
                       positive_float, positive_int)
 from .errors import OPTIONAL_PACKAGES, ConfigError, HarmaError, MissingDependencyError, missing_dependency_message
-from .io import check_output_dir, check_output_file, require_dir, require_file
+from .io import check_output_dir, check_output_file, refuse_foreign_file, require_dir, require_file
 
 PRESETS = ("rsitmd-clip", "rsitmd-georsclip", "rsicd-clip", "rsicd-georsclip")
 
@@ -209,6 +209,7 @@ def run_eval(args: argparse.Namespace) -> Dict:
             require_file(getattr(args, flag), f"--{flag}")
     if args.output:
         check_output_file(args.output, "--output")
+        refuse_foreign_file(args.output, "--output", _is_metrics_file, "a metrics file harma-fast eval wrote")
 
     import torch
 
@@ -254,6 +255,14 @@ def run_eval(args: argparse.Namespace) -> Dict:
         with atomic_path(args.output) as tmp:
             tmp.write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _is_metrics_file(path: Path) -> bool:
+    """What ``eval --output`` writes: a small JSON object of recalls with their mean."""
+    try:
+        return path.stat().st_size < 1 << 16 and "r_mean" in json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def _named_preset_paths(err: Exception, args: argparse.Namespace, config) -> Exception:

@@ -68,6 +68,32 @@ def test_a_missing_subcommand_is_named_as_the_usage_names_it(capsys):
     assert err.splitlines()[-1] == "harma-fast data: error: the following arguments are required: command"
 
 
+def test_eval_output_never_overwrites_a_file_it_did_not_write(data, tmp_path, capsys):
+    # `eval --test-file t.json --output t.json` replaced the test split's annotations with metrics
+    test = tmp_path / "test.json"
+    test.write_bytes(data["test"].read_bytes())
+    before = test.read_bytes()
+    argv = ["eval", "--test-file", str(test), "--image-root", str(data["image_root"]), "--model", "HarMA-Tiny"]
+    assert main([*argv, "--output", str(test)]) == 2
+    assert test.read_bytes() == before
+    assert f"--output {test} exists and is not a metrics file harma-fast eval wrote" in capsys.readouterr().err
+    earlier = tmp_path / "metrics.json"  # an earlier eval's metrics are replaced
+    earlier.write_text('{"r_mean": 1.0}')
+    assert main([*argv, "--output", str(earlier), "--no-progress"]) == 0
+    assert json.loads(earlier.read_text())["r_mean"] != 1.0
+
+
+def test_search_html_never_overwrites_a_file_it_did_not_write(data, tmp_path, capsys):
+    # `search --html` replaced whatever it was given (an image of the gallery, an annotation file)
+    image = next(data["image_root"].iterdir())
+    victim = tmp_path / image.name
+    victim.write_bytes(image.read_bytes())
+    assert main(["search", "lake", "--onnx", str(tmp_path / "o"), "--images", str(data["image_root"]),
+                 "--html", str(victim)]) == 2
+    assert victim.read_bytes() == image.read_bytes()
+    assert f"--html {victim} exists and is not a page harma-fast search wrote" in capsys.readouterr().err
+
+
 def test_train_flag_table_matches_train_config_defaults():
     from harma_fast import backend, cliargs
     from harma_fast.trainconfig import TRAIN_RULES
@@ -235,13 +261,14 @@ def test_eval_missing_inputs_are_named(data, tmp_path, capsys, no_model):
 
 def test_eval_failing_late_keeps_the_old_output(data, tmp_path, capsys, monkeypatch):
     out = tmp_path / "metrics.json"
-    out.write_text("old")
+    out.write_text('{"r_mean": 1.0}')  # an earlier eval's (another file is refused before any work)
 
     def broken_evaluate(*args, **kwargs):
         raise ConfigError("late failure")
     monkeypatch.setattr("harma_fast.evaluate.evaluate", broken_evaluate)
     assert main(eval_argv(data, "--output", str(out))) == 2
-    assert out.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+    assert out.read_text() == '{"r_mean": 1.0}' and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+    assert "late failure" in capsys.readouterr().err
 
 
 def test_eval_writes_its_output(data, tmp_path, capsys):
