@@ -139,12 +139,15 @@ def chart(rows: List[Dict], path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path, help="pytest-benchmark JSON")
     parser.add_argument("--markdown", type=Path, help="write the table here (default: print it)")
     parser.add_argument("--png", type=Path, help="chart of the speed-ups (default: beside the JSON)")
     args = parser.parse_args(argv)
-    data, rows = load(args.results)
+    try:
+        data, rows = load(args.results)
+    except (OSError, ValueError) as err:  # a missing, non-JSON or empty results file: one line, not a traceback
+        parser.error(f"{args.results}: {err.strerror if isinstance(err, OSError) and err.strerror else err}")
     text = markdown(data, rows)
     if args.markdown:
         args.markdown.write_text(text)

@@ -6,7 +6,7 @@ import sys
 
 from ..cliargs import add_subparser, positive_int
 from ..errors import MissingDependencyError, require_modules
-from ..io import check_output_dir, check_output_file, require_dir, require_file
+from ..io import check_output_dir, check_output_file, refuse_foreign_file, require_dir, require_file
 
 
 def add_export_parsers(sub) -> None:
@@ -113,7 +113,10 @@ def run_search(args: argparse.Namespace) -> int:
 
     query = check_query(args.query)  # before anything is loaded or embedded
     if args.html:
+        from .search import is_search_page
+
         check_output_file(args.html, "--html")
+        refuse_foreign_file(args.html, "--html", is_search_page, "a page harma-fast search wrote")
     require_dir(args.images, "--images")
     require_modules(("onnxruntime",), "search")
 

@@ -190,6 +190,7 @@ class GalleryIndex:
         current = scan(self.folder)
         if not current:
             raise ConfigError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {self.folder}")
+        existed = self.path.is_file()
         cached, unreadable, why = self._load()
         keep = {n: cached[n][1] for n, st in current.items() if n in cached and cached[n][0] == st}
         # unreadable images are not read again until they change (they were retried, and the index
@@ -226,7 +227,9 @@ class GalleryIndex:
         self._collect(current, keep)
         if todo or removed or why:
             failed = len(todo) - embedded
-            self.status = (f"index {'rebuilt' if why or not cached else 'updated'}: {embedded} embedded, "
+            # a first search "built" its index: "rebuilt" there made users look for an earlier index gone bad
+            verb = "built" if not existed else "rebuilt" if why or not cached else "updated"
+            self.status = (f"index {verb}: {embedded} embedded, "
                            + (f"{failed} unreadable, " if failed else "")
                            + f"{len(removed)} removed, {len(self.names)} in all" + (f" ({why})" if why else ""))
             self._save(current)
@@ -286,6 +289,18 @@ def shown(text) -> str:
 
 def _html_text(text) -> str:
     return html.escape(shown(text))
+
+
+_PAGE_START = '<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>harma-fast search:'
+
+
+def is_search_page(path: Path) -> bool:
+    """Whether ``path`` is a page :func:`write_html` wrote (what ``search --html`` may replace)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(_PAGE_START.encode())).decode("utf-8", "replace") == _PAGE_START
+    except OSError:
+        return False
 
 
 def write_html(path, query: str, hits: List[Hit]) -> None:

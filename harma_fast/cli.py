@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 from .cliargs import (BACKENDS, HARMA_LAYOUTS, PRECISIONS, HelpFormatter, add_subparser, non_negative_int,
                       positive_float, positive_int)
 from .errors import OPTIONAL_PACKAGES, ConfigError, HarmaError, MissingDependencyError, missing_dependency_message
-from .io import check_output_dir, check_output_file, require_dir, require_file
+from .io import check_output_dir, check_output_file, refuse_foreign_file, require_dir, require_file
 
 PRESETS = ("rsitmd-clip", "rsitmd-georsclip", "rsicd-clip", "rsicd-georsclip")
 
@@ -34,7 +34,11 @@ def load_preset(name_or_path: str) -> Dict:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"preset {name_or_path} is not valid YAML: {err}") from err
+        # one line naming where (str(err) spans several, and names the file "<unicode string>")
+        mark = getattr(err, "problem_mark", None)
+        what = " ".join(str(getattr(err, "problem", None) or err).split())
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"preset {name_or_path} is not valid YAML: {what}{where}; fix the file") from err
     return {} if data is None else data
 
 
@@ -103,7 +107,7 @@ def _add_train(sub) -> None:
             ("--backend", BACKENDS, "kernels: triton on CUDA under auto"),
             ("--num-workers", non_negative_int, "data-loading processes"),
             ("--seed", non_negative_int, "seed"),
-            ("--max-steps", positive_int, "stop after this many steps (default: no limit)"),
+            ("--max-steps", positive_int, "stop after this many steps; the learning-rate schedule still spans --epochs (default: no limit)"),
             ("--eval-every", positive_int, "validate every N epochs"),
             ("--save-every", positive_int, "also checkpoint every N steps (default: at epoch ends only)")):
         key = flag[2:].replace("-", "_")
@@ -205,6 +209,7 @@ def run_eval(args: argparse.Namespace) -> Dict:
             require_file(getattr(args, flag), f"--{flag}")
     if args.output:
         check_output_file(args.output, "--output")
+        refuse_foreign_file(args.output, "--output", _is_metrics_file, "a metrics file harma-fast eval wrote")
 
     import torch
 
@@ -250,6 +255,14 @@ def run_eval(args: argparse.Namespace) -> Dict:
         with atomic_path(args.output) as tmp:
             tmp.write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _is_metrics_file(path: Path) -> bool:
+    """What ``eval --output`` writes: a small JSON object of recalls with their mean."""
+    try:
+        return path.stat().st_size < 1 << 16 and "r_mean" in json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def _named_preset_paths(err: Exception, args: argparse.Namespace, config) -> Exception:

@@ -6,7 +6,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Callable, Iterator, Union
 
 from .errors import HarmaError, InputPathError, OutputPathError
 
@@ -120,6 +120,16 @@ def check_output_file(path: PathLike, what: str) -> Path:
         raise OutputPathError(f"{what} {path} cannot be written: {blocker} is a file, not a folder")
     _check_writable_ancestor(path, what)
     return path
+
+
+def refuse_foreign_file(path: PathLike, what: str, ours: Callable[[Path], bool], kind: str) -> None:
+    """An existing, non-empty file at ``path`` that ``ours`` does not recognise (``kind``: what we
+    write there) is never overwritten: `eval --output data/test.json` replaced the test split's
+    annotations with metrics, `search --html` an image or a dataset file with a page."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size and not ours(path):
+        raise OutputPathError(f"{what} {path} exists and is not {kind} (it would be overwritten); give another "
+                              "file name, or move that file away")
 
 
 def check_output_dir(path: PathLike, what: str) -> Path:

@@ -191,8 +191,8 @@ def create_model(name: str, pretrained: Optional[PathLike] = None, device="cpu",
                 raise InputPathError(
                     f"pretrained weights {pretrained!r} for {name} are not in the local cache, and harma_fast never "
                     f"downloads. Fetch them on a machine with internet (open_clip.create_model({name!r}, "
-                    f"pretrained={str(pretrained)!r}) fills the cache) and copy the file here, then pass its path "
-                    "as pretrained=...")
+                    f"pretrained={str(pretrained)!r}) fills the cache) and copy the weights file here, then pass its "
+                    "path as --pretrained (Python: pretrained=...)")  # the CLI's users have no pretrained= to pass
             # weights trained with QuickGELU (OpenAI's, on configs without "-quickgelu"): open_clip
             # builds such a tag's model with GELU and only warns; the frozen backbone must run the
             # activation its weights were trained with

@@ -246,7 +246,14 @@ class Trainer:
             if (self.out / "last.pt").exists() and not (config.resume or config.overwrite):
                 raise RunExistsError(f"{self.out} already holds a run (last.pt); pass --resume {self.out} to continue "
                                      "it, --overwrite to start over, or another --output-dir")
-            kept = [] if (config.resume or config.overwrite) else _not_a_killed_start(self.out)
+            # --resume of a folder without last.pt starts over there too (a run killed before its first
+            # checkpoint), so it is guarded the same way: a finished run whose last.pt was deleted to
+            # save space had its adapters, result and backbone.pt removed by `--resume RUN_DIR`
+            kept = [] if (self.resume_from is not None or config.overwrite) else _not_a_killed_start(self.out)
+            if kept and config.resume:
+                raise RunExistsError(f"--resume {config.resume}: no last.pt to resume from, and {self.out} holds "
+                                     f"{', '.join(kept)}, which starting over would remove; pass --overwrite "
+                                     "instead of --resume to replace them, or train in another --output-dir")
             if config.resume:
                 # resumed into another --output-dir: whatever run is there would be replaced file by file
                 source = Path(config.resume) if Path(config.resume).is_dir() else Path(config.resume).parent
@@ -575,6 +582,12 @@ class Trainer:
                 self._validate()
             self.save()
         bar.close()
+        if stop:  # else the log jumps from "step 1/1870" to the test with no word of why it ended early
+            # config names, not flags: the demo sets these from its own --steps / --minutes
+            budget = (f"max_steps {config.max_steps}" if config.max_steps and pos.step >= config.max_steps
+                      else f"max_minutes {config.max_minutes}")
+            self._say(f"stopping at step {pos.step} of {total}: {budget} reached (the learning-rate schedule "
+                      f"spans all {total}); resuming {self.out} with a larger budget continues the run")
         if stop and self.val_records is not None and pos.validated_step != pos.step:
             self.save()  # as at an epoch end: the steps since the last checkpoint on disk before a validation
             self._validate()

@@ -1,5 +1,7 @@
 """The benchmark report judges each op against what the GPU issue's target names."""
-from benchmarks.report import chart, markdown, speedups
+import pytest
+
+from benchmarks.report import chart, main, markdown, speedups
 
 
 def row(op, provider, ms, total=None, extra=None, **case):
@@ -30,3 +32,17 @@ def test_memory_shows_the_total_peak_and_the_extra_against_the_baseline(tmp_path
     assert "| 520 | 16 (0.040x) | 6.00x reference |" in loss_triton  # the loss target: <= 1/20 of the extra
     chart(ROWS, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("content, why", [(None, "No such file or directory"), ("{", "Expecting property name"),
+                                          ("{}", "holds no harma_fast benchmark records")])
+def test_a_bad_results_file_is_one_error_line(tmp_path, capsys, content, why):
+    # `python -m benchmarks.report nothere.json` ended in a FileNotFoundError traceback
+    path = tmp_path / "RESULTS.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as exc:
+        main([str(path)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"python -m benchmarks.report: error: {path}: ") and why in err

@@ -62,6 +62,38 @@ def test_every_command_checks_its_numbers_and_choices(argv, capsys):
     assert f"harma-fast {argv[0]}: error: argument" in err
 
 
+def test_a_missing_subcommand_is_named_as_the_usage_names_it(capsys):
+    # `harma-fast data` said "the following arguments are required: data_command" (an internal name)
+    err = exits_with_usage_error(["data"], capsys)
+    assert err.splitlines()[-1] == "harma-fast data: error: the following arguments are required: command"
+
+
+def test_eval_output_never_overwrites_a_file_it_did_not_write(data, tmp_path, capsys):
+    # `eval --test-file t.json --output t.json` replaced the test split's annotations with metrics
+    test = tmp_path / "test.json"
+    test.write_bytes(data["test"].read_bytes())
+    before = test.read_bytes()
+    argv = ["eval", "--test-file", str(test), "--image-root", str(data["image_root"]), "--model", "HarMA-Tiny"]
+    assert main([*argv, "--output", str(test)]) == 2
+    assert test.read_bytes() == before
+    assert f"--output {test} exists and is not a metrics file harma-fast eval wrote" in capsys.readouterr().err
+    earlier = tmp_path / "metrics.json"  # an earlier eval's metrics are replaced
+    earlier.write_text('{"r_mean": 1.0}')
+    assert main([*argv, "--output", str(earlier), "--no-progress"]) == 0
+    assert json.loads(earlier.read_text())["r_mean"] != 1.0
+
+
+def test_search_html_never_overwrites_a_file_it_did_not_write(data, tmp_path, capsys):
+    # `search --html` replaced whatever it was given (an image of the gallery, an annotation file)
+    image = next(data["image_root"].iterdir())
+    victim = tmp_path / image.name
+    victim.write_bytes(image.read_bytes())
+    assert main(["search", "lake", "--onnx", str(tmp_path / "o"), "--images", str(data["image_root"]),
+                 "--html", str(victim)]) == 2
+    assert victim.read_bytes() == image.read_bytes()
+    assert f"--html {victim} exists and is not a page harma-fast search wrote" in capsys.readouterr().err
+
+
 def test_train_flag_table_matches_train_config_defaults():
     from harma_fast import backend, cliargs
     from harma_fast.trainconfig import TRAIN_RULES
@@ -125,6 +157,16 @@ def test_bad_yaml_values_name_the_file_and_the_key(tmp_path, text, key):
     path = preset(tmp_path, text)
     with pytest.raises(ConfigError, match=f"preset {re.escape(path)}: .*{key}"):
         train_config(build_parser().parse_args(["train", "--preset", path]))
+
+
+def test_invalid_yaml_preset_is_one_line_naming_file_and_line(tmp_path, capsys):
+    # the parser's own message took seven lines and named the file "<unicode string>"
+    path = tmp_path / "bad.yaml"
+    path.write_text("epochs: 3\nlr: [1\n")
+    assert main(["train", "--preset", str(path), "--train-file", "t.json", "--image-root", "."]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"harma-fast train: error: preset {path} is not valid YAML: ")
+    assert "at line 3, column 1; fix the file" in err and "<unicode string>" not in err
 
 
 def test_yaml_that_is_not_a_mapping(tmp_path):
@@ -219,13 +261,14 @@ def test_eval_missing_inputs_are_named(data, tmp_path, capsys, no_model):
 
 def test_eval_failing_late_keeps_the_old_output(data, tmp_path, capsys, monkeypatch):
     out = tmp_path / "metrics.json"
-    out.write_text("old")
+    out.write_text('{"r_mean": 1.0}')  # an earlier eval's (another file is refused before any work)
 
     def broken_evaluate(*args, **kwargs):
         raise ConfigError("late failure")
     monkeypatch.setattr("harma_fast.evaluate.evaluate", broken_evaluate)
     assert main(eval_argv(data, "--output", str(out))) == 2
-    assert out.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+    assert out.read_text() == '{"r_mean": 1.0}' and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+    assert "late failure" in capsys.readouterr().err
 
 
 def test_eval_writes_its_output(data, tmp_path, capsys):

@@ -77,6 +77,16 @@ def test_malformed_and_empty_files(synth, tmp_path):
         load_eval_records(write(tmp_path / "ev.json", [{"image": "00000.tif", "caption": []}]), root)
 
 
+def test_a_missing_image_root_is_not_called_an_annotation_file(synth, tmp_path):
+    # the header said "1 problem(s) in annotation file <image root>:", sending users to their JSON
+    with pytest.raises(AnnotationError) as info:
+        load_train_records(synth["train"], tmp_path / "no_images")
+    assert str(info.value).startswith(f"1 problem(s) in image root {tmp_path / 'no_images'}:\n")
+    with pytest.raises(AnnotationError) as info:
+        load_train_records(tmp_path / "nope.json", tmp_path / "no_images")
+    assert str(info.value).startswith("2 problem(s) in the image root and 1 annotation file:\n")
+
+
 def test_batch_plan_shards_global_batches_and_resumes():
     single = EpochBatches(50, 8, seed=1)
     ranks = [EpochBatches(50, 8, seed=1, rank=r, world_size=2) for r in range(2)]

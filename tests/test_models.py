@@ -97,6 +97,16 @@ def test_uncached_pretrained_tag_never_downloads(tmp_path, monkeypatch):
         harma_fast.create_model("ViT-B-32", pretrained="openai", cache_dir=str(tmp_path))
 
 
+def test_uncached_pretrained_tag_names_the_cli_flag(tmp_path, monkeypatch, capsys):
+    # train/eval/export said "pass its path as pretrained=...", a Python keyword the CLI user has no use for
+    from harma_fast.cli import main
+
+    monkeypatch.setattr("harma_fast.models.cached_pretrained_path", lambda *a, **k: None)  # whatever this cache holds
+    assert main(["export", "--model", "ViT-B-32", "--pretrained", "openai", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pass its path as --pretrained (Python: pretrained=...)" in err
+
+
 def test_unknown_names_and_tags():
     with pytest.raises(ValueError, match="unknown open_clip model 'ViT-B-33'.*Did you mean"):
         harma_fast.create_model("ViT-B-33")

@@ -46,3 +46,29 @@ def test_documents_point_only_at_files_in_the_repository(document):
     assert paths, f"{document} mentions no file (the pattern is broken?)"
     missing = [str(p) for p in paths if not p.exists() or ROOT not in (p, *p.parents)]
     assert not missing, f"{document} points at files not in the repository: {missing}"
+
+
+def readme_commands():
+    """Each ``harma-fast``/``torchrun`` command line of the README's bash blocks, continuations joined."""
+    text = (ROOT / "README.md").read_text()
+    lines = "\n".join(re.findall(r"```bash\n(.*?)```", text, re.S)).replace("\\\n", " ").splitlines()
+    return [line.split("#")[0].split() for line in lines if line.startswith(("harma-fast ", "torchrun "))]
+
+
+def test_readme_eval_and_export_commands_use_adapters_of_a_run_above_on_its_backbone():
+    # the dataset section evaluated runs/rsicd/best.safetensors after a --preset rsicd-clip run
+    # (which writes runs/rsicd-clip) and without --pretrained (adapters are refused on another backbone)
+    import yaml
+
+    runs, checked = set(), 0
+    for argv in readme_commands():
+        flags = dict(zip(argv, argv[1:]))
+        if "train" in argv:
+            preset = flags.get("--preset")
+            preset = yaml.safe_load((ROOT / "harma_fast" / "presets" / f"{preset}.yaml").read_text()) if preset else {}
+            runs.add(flags.get("--output-dir", preset.get("output_dir", "runs/harma")).rstrip("/"))
+        elif "--adapters" in flags:
+            assert str(Path(flags["--adapters"]).parent) in runs, f"no README run writes {flags['--adapters']}"
+            assert "--pretrained" in flags, f"{' '.join(argv)}: the adapters need the backbone they were trained on"
+            checked += 1
+    assert checked >= 3, "the README's eval/export commands were not found (the pattern is broken?)"

@@ -52,6 +52,27 @@ def test_a_finished_runs_adapters_are_not_deleted_without_overwrite(data, finish
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_resume_of_a_folder_without_last_pt_does_not_delete_a_finished_runs_files(data, finished, tmp_path):
+    # `--resume RUN_DIR` with no last.pt starts over (a run killed before its first checkpoint);
+    # it removed a finished run's adapters, result and backbone.pt once its last.pt was deleted
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    (out / "last.pt").unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(RunExistsError, match="--resume .*no last.pt.*best.safetensors.*pass --overwrite instead"):
+        train(config(data, out, max_steps=1, resume=str(out)))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_run_cut_short_by_max_steps_says_so(data, tmp_path, capsys):
+    # the log went from "step 1/4" straight to the test, with no word of why the run ended at step 1
+    train(config(data, tmp_path / "run", max_steps=1, val_file=None, test_file=None))
+    err = capsys.readouterr().err
+    assert "stopping at step 1 of 4: max_steps 1 reached (the learning-rate schedule spans all 4)" in err
+
+
 def test_a_config_json_that_is_not_a_runs_is_not_deleted(data, tmp_path):
     out = tmp_path / "hf_model"
     out.mkdir()

@@ -291,6 +291,7 @@ def test_a_damaged_index_is_rebuilt(exports, tmp_path, damage):
         write_image(folder / f"{i}.png", 16 + i)
     enc, path = OrtEncoder(exports["dynamic"]), tmp_path / "index.npz"
     first = GalleryIndex(folder, enc, path)
+    assert first.status == "index built: 3 embedded, 0 removed, 3 in all"  # said "rebuilt" with no index before
     data = path.read_bytes()
     if damage == "a list manifest":
         np.savez(path, embeddings=first.embeddings, meta=np.array(json.dumps(["not", "a", "dict"])))

@@ -28,6 +28,8 @@ __all__ = ["AnnotationError", "Problem", "TrainRecords", "EvalRecords", "Splits"
            "load_train_records", "load_eval_records", "load_splits", "survey"]
 
 MAX_REPORTED = 20  # per file
+ROOT_NOT_A_FOLDER = ("the image root is not a directory (--image-root: the folder the annotations' image paths are "
+                     "relative to)")
 
 
 class AnnotationError(HarmaError, ValueError):
@@ -45,7 +47,15 @@ class AnnotationError(HarmaError, ValueError):
             lines += [f"  {p}" for p in mine[:MAX_REPORTED]]
             if len(mine) > MAX_REPORTED:
                 lines.append(f"  ... and {len(mine) - MAX_REPORTED} more")
-        where = f"annotation file {self.path}" if len(self.paths) == 1 else f"{len(self.paths)} annotation files"
+        # the image root is reported as a "file" of its own: it is not named an annotation file
+        # ("1 problem(s) in annotation file data/images" sent users looking for a JSON file)
+        roots = {p.file for p in self.problems if p.message == ROOT_NOT_A_FOLDER}
+        files = len(self.paths) - len(roots)
+        if len(self.paths) == 1:
+            where = f"{'image root' if roots else 'annotation file'} {self.path}"
+        else:
+            where = " and ".join((["the image root"] if roots else [])
+                                 + ([f"{files} annotation file{'s' if files > 1 else ''}"] if files else []))
         super().__init__(f"{len(self.problems)} problem(s) in {where}:\n" + "\n".join(lines))
 
 
@@ -237,8 +247,7 @@ def survey(requests: Sequence[Tuple[str, PathLike, Optional[str]]], image_root: 
         chosen.append((role, entries))
     result = Survey([_records(role, e) if e else None for role, e in chosen], problems, files)
     if not root.is_dir():
-        problems.insert(0, Problem(root, None, None, "the image root is not a directory (--image-root: the folder "
-                                   "the annotations' image paths are relative to)"))
+        problems.insert(0, Problem(root, None, None, ROOT_NOT_A_FOLDER))
     elif check_images:
         uses: Dict[Path, Dict[Tuple[Path, object], Entry]] = {}
         for (_, path, _), (_, entries) in zip(requests, chosen):

@@ -45,7 +45,8 @@ def add_data_parser(sub) -> None:
 
     p = add_subparser(sub, "data", "inspect datasets (validate and summarise annotation files)",
                       "Inspect datasets without training: `harma-fast data check FILE --image-root DIR`.")
-    commands = p.add_subparsers(dest="data_command", required=True)
+    # metavar: without it a bare `harma-fast data` said "required: data_command", the internal dest name
+    commands = p.add_subparsers(dest="data_command", required=True, metavar="command")
     c = add_subparser(commands, "check", "validate and summarise an annotation file",
                       "Validate an annotation file as training would (every record, every image) "
                       "and summarise it: layout, images and captions per split, captions per image, missing "
