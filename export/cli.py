@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from ..cliargs import add_subparser, positive_int
-from ..errors import MissingDependencyError, require_modules
+from ..errors import CORE_PACKAGES, MissingDependencyError, require_modules
 from ..io import check_output_dir, check_output_file, refuse_foreign_file, require_dir, require_file
 
 
@@ -52,8 +52,7 @@ def add_export_parsers(sub) -> None:
 
 # what exporting needs of harma-fast's own dependencies (module: package), which a serving install
 # (README: onnxruntime, numpy, pillow, regex, ftfy) lacks
-EXPORT_NEEDS = {"torch": "torch", "torchvision": "torchvision", "open_clip": "open_clip_torch",
-                "safetensors": "safetensors", "tqdm": "tqdm"}
+EXPORT_NEEDS = {m: CORE_PACKAGES[m] for m in ("torch", "torchvision", "open_clip", "safetensors", "tqdm")}
 
 
 def require_export_stack() -> None:

@@ -41,6 +41,12 @@ OPTIONAL_PACKAGES = {"onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx"
                      "transformers": "hf", "tokenizers": "hf"}
 
 
+# harma-fast's own dependencies (module -> package): a serving install (README: onnxruntime, numpy,
+# pillow, regex, ftfy) lacks them, and only OrtEncoder and `search` run without them
+CORE_PACKAGES = {"torch": "torch", "torchvision": "torchvision", "open_clip": "open_clip_torch", "triton": "triton",
+                 "safetensors": "safetensors", "tqdm": "tqdm", "yaml": "pyyaml", "matplotlib": "matplotlib"}
+
+
 def missing_dependency_message(names, what: str) -> str:
     """``what`` needs the optional packages ``names``: which, and the pip command that installs them."""
     extras = sorted({OPTIONAL_PACKAGES[n] for n in names if n in OPTIONAL_PACKAGES})

@@ -107,3 +107,27 @@ def test_a_hugging_face_model_without_transformers_is_one_line(tmp_path, capsys,
     err = one_line_error(capsys, ["eval", "--test-file", str(data["test"]), "--image-root", str(data["image_root"]),
                                   "--model", str(folder), "--no-progress"], "eval")
     assert "this command needs transformers, which is not installed: pip install 'harma-fast[hf]'" in err
+
+
+# harma-fast's own dependencies that a serving install (OrtEncoder, `search`) goes without
+SERVING_LACKS = ("torch", "torchvision", "open_clip", "triton", "tqdm", "yaml", "safetensors", "matplotlib")
+
+
+@pytest.mark.parametrize("argv", [["demo", "--output-dir", "{tmp}/demo"],
+                                  ["train", "--model", "HarMA-Tiny", "--train-file", "{data}/train.json",
+                                   "--image-root", "{data}/images", "--output-dir", "{tmp}/run"],
+                                  ["eval", "--model", "HarMA-Tiny", "--test-file", "{data}/test.json",
+                                   "--image-root", "{data}/images"]])
+def test_training_commands_in_a_serving_install_are_one_line(tmp_path, argv):
+    # a serving install has no torch: `train`, `eval` and `demo` died in `import torch`, reported as
+    # "internal error ... This is a bug in harma-fast" with a traceback (torch is imported here already,
+    # so the command runs in a process where it cannot be)
+    data = generate(tmp_path / "data", n_train=4, n_val=0, n_test=2, image_size=32, seed=3)
+    argv = [a.format(tmp=tmp_path, data=data["train"].parent) for a in argv]
+    script = (f"import sys\nfor name in {SERVING_LACKS!r}:\n    sys.modules[name] = None\n"
+              f"from harma_fast.cli import main\nsys.exit(main({argv!r}))")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.startswith(f"harma-fast {argv[0]}: error: this command needs torch, which is not installed") \
+        and "pip install torch" in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "demo").exists()
