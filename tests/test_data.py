@@ -199,3 +199,13 @@ def test_a_caption_of_the_wrong_type_is_named(synth, tmp_path):
     with pytest.raises(AnnotationError, match="record 0, field 'caption': the caption is 5: expected a string"):
         load_train_records(write(tmp_path / "t.json", [{"image": "00000.tif", "caption": 5, "image_id": 0}]),
                            synth["image_root"])
+
+
+def test_an_annotation_file_with_a_byte_order_mark_is_read(tmp_path):
+    # Windows Notepad saves UTF-8 with a byte-order mark: the file was refused ("Unexpected UTF-8 BOM")
+    data = generate(tmp_path / "data", n_train=4, n_val=0, n_test=2, image_size=32, seed=1)
+    for split, load in (("train", load_train_records), ("test", load_eval_records)):
+        text = data[split].read_text(encoding="utf-8")
+        marked = tmp_path / f"{split}_bom.json"
+        marked.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+        assert len(load(marked, data["image_root"])) == len(load(data[split], data["image_root"])) > 0

@@ -102,7 +102,8 @@ def read_annotations(path: PathLike, image_root: PathLike, max_words: int = 30) 
     if not path.is_file():
         return whole("the annotation file does not exist" + (" (it is a directory)" if path.is_dir() else ""))
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        # utf-8-sig: a byte-order mark (Windows Notepad writes one) is not part of the JSON
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as err:
         return whole(f"not valid JSON: {err.msg} at line {err.lineno} column {err.colno}")
     except UnicodeDecodeError as err:
