@@ -364,8 +364,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     warnings.showwarning = lambda message, category, *_, **__: print(f"{name}: warning: {message}", file=sys.stderr)
     try:
         return _run(args)
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # training says which checkpoint it kept (train.RunInterrupted)
+        print(f"{name}: interrupted" + (f". {err}" if str(err) else ""), file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader of our output went away (`| head`): not an input error
         try:  # nothing more goes to the closed pipe, not even the flush at exit (Python's signal docs)

@@ -523,6 +523,15 @@ class Trainer:
         return out
 
     def fit(self) -> Dict:
+        try:
+            return self._fit()
+        except KeyboardInterrupt as err:  # Ctrl-C: say what was kept and how to go on from it
+            kept = self._last_good()
+            if (self.out / "last.pt").exists():
+                kept += f": the same command with --resume {self.out} goes on from it"
+            raise RunInterrupted(kept) from err
+
+    def _fit(self) -> Dict:
         config, pos = self.config, self.position
         if self.done:
             return self._already_finished()
@@ -704,9 +713,13 @@ class Trainer:
         return result
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says which checkpoint was kept (the CLI prints it)."""
+
+
 def train(config: TrainConfig) -> Dict:
     """Run (or resume) a training run; returns the summary also written to ``result.json``."""
     return Trainer(config).fit()
 
 
-__all__ = ["TrainConfig", "Trainer", "train", "TrainingDiverged", "linear_warmup_schedule"]
+__all__ = ["TrainConfig", "Trainer", "train", "TrainingDiverged", "RunInterrupted", "linear_warmup_schedule"]

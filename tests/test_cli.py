@@ -602,3 +602,10 @@ def test_paths_a_preset_filled_in_are_named_as_the_presets(tmp_path, capsys, mon
     assert main(["train", "--preset", "rsitmd-clip", "--train-file", "a.json", "--val-file", "b.json",
                  "--test-file", "c.json"]) == 2
     assert "preset rsitmd-clip set" not in capsys.readouterr().err
+
+
+def test_an_interrupted_run_says_what_it_kept(monkeypatch, capsys):
+    from harma_fast.train import RunInterrupted
+
+    assert main(fail_with(monkeypatch, RunInterrupted("Last good checkpoint: r/last.pt (step 2)"))) == 130
+    assert capsys.readouterr().err == "harma-fast eval: interrupted. Last good checkpoint: r/last.pt (step 2)\n"

@@ -289,3 +289,27 @@ def test_resume_under_another_number_of_processes_is_refused(data, tmp_path, cap
     rewrite(state, out / "last.pt")
     assert train(config(data, out, max_steps=2, save_every=None, resume=str(out / "last.pt")))["step"] == 2
     assert torch_load(out / "last.pt")["position"]["world"] == 1
+
+
+@pytest.mark.parametrize("step", [1, 3])
+def test_ctrl_c_says_which_checkpoint_was_kept_and_how_to_go_on(data, straight, tmp_path, monkeypatch, step):
+    # Ctrl-C printed "harma-fast train: interrupted" alone: nothing said whether any work was kept
+    from harma_fast.train import RunInterrupted
+
+    out, original = tmp_path / "run", RunLog.log
+
+    def log(self, record):
+        original(self, record)
+        if record["kind"] == "train" and record["step"] == step:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(RunLog, "log", log)
+    with pytest.raises(RunInterrupted) as info:
+        train(config(data, out))
+    if step == 1:  # before the first checkpoint (save_every=2)
+        assert str(info.value) == "No checkpoint was written before it (nothing to resume from)"
+    else:
+        assert str(info.value) == (f"Last good checkpoint: {out / 'last.pt'} (step 2): the same command with "
+                                   f"--resume {out} goes on from it")
+        monkeypatch.undo()
+        train(config(data, out, resume=str(out)))
+        assert records(out) == records(straight)
