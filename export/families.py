@@ -55,6 +55,12 @@ class TokenizersTokenizer:
             raise MissingDependencyError("this export's text tower uses a Hugging Face tokenizer, which needs "
                                          "tokenizers, not installed: pip install tokenizers") from err
         self.tokenizer = Tokenizer.from_file(str(path))
+        # A tokenizer.json may store its own padding or truncation (a Fixed length, another
+        # max_length); the model's processor overrides both with the context length, so they go
+        # here too: else a stored length above the context leaves pads where the end-of-text id
+        # belongs (ids() keeps the last id), and one below it cuts texts the model would read whole.
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
         self.context_length, self.pad_id = context_length, pad_id
         self._counter = None
 

@@ -113,3 +113,25 @@ def test_a_damaged_folder_file_is_one_line_not_a_bug(tmp_path, data, capsys, nam
         return
     assert status == 2 and "Traceback" not in err, err
     assert re.search(message, err.strip().splitlines()[-1]), err
+
+
+@pytest.mark.parametrize("stored", [{"padding": 32}, {"truncation": 4}])
+def test_tokenizer_json_with_its_own_padding_or_truncation_tokenizes_as_the_processor(tmp_path, data, stored):
+    """A tokenizer.json may store a padding length or max_length other than the model's context
+    (the processor overrides both): a stored length above the context used to leave a pad where
+    the end-of-text id belongs, one below it cut texts short, in training and serving alike."""
+    from harma_fast.export.families import TokenizersTokenizer
+
+    folder, _ = hf_folder(tmp_path, data, context=8)
+    texts = [" ".join(["lake"] * 20), "The lake"]
+    want = get_tokenizer(str(folder))(texts)
+    raw = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    if "padding" in stored:
+        raw.enable_padding(length=stored["padding"], pad_id=0, pad_token="<pad>")
+    else:
+        raw.enable_truncation(max_length=stored["truncation"])
+    raw.save(str(folder / "tokenizer.json"))
+    got = get_tokenizer(str(folder))(texts)
+    assert got.tolist() == want.tolist() and got[0, -1] == 3
+    serving = TokenizersTokenizer(folder / "tokenizer.json", 8, 0)(texts)  # what OrtEncoder serves
+    assert serving.tolist() == want.tolist()
