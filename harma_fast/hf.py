@@ -83,11 +83,28 @@ def with_clip_api(model: nn.Module, preprocess: Optional[Dict] = None) -> nn.Mod
     if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
         raise ConfigError(f"{type(model).__name__} is not a Hugging Face dual encoder (CLIPModel, SiglipModel): "
                           "it has no get_image_features / get_text_features")
+    # Other dual encoders have the same two methods but other semantics: SigLIP 2 reads patch
+    # masks and shapes (it crashed as "no attribute 'visual'"), Chinese-CLIP and AltCLIP run a
+    # BERT / XLM-R text tower that needs the attention mask open_clip's API does not pass (they
+    # trained with wrong text features, their post-norm text blocks silently left out).
+    supported = _supported_classes()
+    if supported and not isinstance(model, supported):
+        raise ConfigError(f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', '?')!r}) is not "
+                          "a Hugging Face model harma_fast supports: CLIPModel and SiglipModel folders only (an "
+                          "open_clip SigLIP 2 or EVA goes by its open_clip name)")
     cls = type(model)
     if not isinstance(model, HFClipAPI):
         model.__class__ = mixed_class(cls, HFClipAPI)
     model.harma_preprocess = dict(preprocess or {})
     return model
+
+
+def _supported_classes() -> tuple:
+    try:
+        from transformers import CLIPModel, SiglipModel
+    except ImportError:  # a model that is no transformers model cannot be either
+        return ()
+    return CLIPModel, SiglipModel
 
 
 def _read_json_object(path: Path) -> Dict:

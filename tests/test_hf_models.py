@@ -12,6 +12,7 @@ from family_models import MEAN, STD
 from harma_fast.checkpoints import architecture
 from harma_fast.data.synthetic import generate
 from harma_fast.data.transforms import model_image_spec
+from harma_fast.errors import ConfigError
 from harma_fast.models import get_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -135,3 +136,22 @@ def test_tokenizer_json_with_its_own_padding_or_truncation_tokenizes_as_the_proc
     assert got.tolist() == want.tolist() and got[0, -1] == 3
     serving = TokenizersTokenizer(folder / "tokenizer.json", 8, 0)(texts)  # what OrtEncoder serves
     assert serving.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("kind", ["Siglip2", "ChineseCLIP"])
+def test_a_dual_encoder_of_another_architecture_is_refused_by_name(tmp_path, kind):
+    """Siglip2Model crashed deep in training ("no attribute 'visual'"); ChineseCLIPModel trained
+    its image tower only, its BERT text tower run without the attention mask it needs."""
+    model_cls, config_cls = getattr(transformers, f"{kind}Model"), getattr(transformers, f"{kind}Config")
+    if kind == "Siglip2":
+        vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_patches=16,
+                      patch_size=8)
+    else:
+        vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                      patch_size=8)
+    text = dict(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=8)
+    model_cls(config_cls(text_config=text, vision_config=vision)).save_pretrained(str(tmp_path / kind))
+    with pytest.raises(ConfigError, match=rf"{kind}Model \(model_type .*\) is not a Hugging Face model harma_fast "
+                                          r"supports: CLIPModel and SiglipModel"):
+        harma_fast.create_model(str(tmp_path / kind))
