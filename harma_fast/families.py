@@ -102,6 +102,9 @@ def mlp_activation(mlp: nn.Module) -> Optional[nn.Module]:
     rest = set(children) - {"fc1", "fc2", "act", "activation_fn", "drop1", "drop2", "norm"}
     plain = (isinstance(act, nn.Module) and isinstance(children.get("fc1"), nn.Linear)
              and isinstance(children.get("fc2"), nn.Linear) and not rest
+             # timm's GluMlp (EVA's packed SwiGLU without scale_mlp) has these very children but
+             # splits fc1's output in two halves, gate and value: fc2 reads half of fc1's width
+             and children["fc1"].out_features == children["fc2"].in_features
              and isinstance(children.get("norm", nn.Identity()), nn.Identity)
              and all(getattr(children.get(d), "p", 0.0) == 0.0 for d in ("drop1", "drop2")))
     return act if plain else None

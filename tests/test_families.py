@@ -214,6 +214,28 @@ def test_fast_path_where_it_applies_computes_the_same_function(family):
         assert_close(results[1][2][k], results[0][2][k], atol=1e-6, rtol=1e-4, name=k)
 
 
+def test_packed_swiglu_mlp_keeps_the_reference_on_the_fast_path():
+    """EVA with swiglu_mlp and no scale_mlp uses timm's GluMlp: fc1 → chunk → act·gate → fc2. Its
+    children are named as a plain Mlp's, and the fast path ran fc2(act(fc1(y))): a shape error."""
+    pytest.importorskip("timm")
+    from timm.layers import GluMlp
+    from timm.models.eva import Eva
+
+    from family_models import _open_clip_with_trunk
+
+    torch.manual_seed(0)
+    trunk = Eva(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, swiglu_mlp=True, scale_mlp=False,
+                use_rot_pos_emb=True, ref_feat_shape=(4, 4), num_classes=32, global_pool="token", init_values=0.3)
+    assert isinstance(trunk.blocks[0].mlp, GluMlp)
+    ref = randomize_adapters(harma_fast.patch(_open_clip_with_trunk(trunk, no_causal_mask=False).eval(), SMALL,
+                                              backend="reference"), seed=8)
+    fast = copy.deepcopy(ref)
+    assert enable_fast_path(fast) == len(dict(iter_adapters(fast))) - 2  # the text blocks only
+    images, _ = family_inputs(ref)
+    with torch.no_grad():
+        assert_close(fast.encode_image(images), ref.encode_image(images), atol=1e-6, name="image")
+
+
 # --------------------------------------------------------------------------------------------
 # one adaptable tower; what stays unsupported
 # --------------------------------------------------------------------------------------------
