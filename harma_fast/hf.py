@@ -161,6 +161,12 @@ def load_hf_model(folder: Union[str, Path]) -> nn.Module:
     return with_clip_api(model.eval(), read_preprocess(folder))
 
 
+def _stored_pad_id(path: Path) -> Optional[int]:
+    padding = _read_json_object(path).get("padding")
+    pad_id = padding.get("pad_id") if isinstance(padding, dict) else None
+    return pad_id if isinstance(pad_id, int) and not isinstance(pad_id, bool) else None
+
+
 class HFTokenizer:
     """``tokenizer(["a lake", ...]) -> LongTensor (N, context_length)``: the folder's own tokenizer.
 
@@ -178,13 +184,18 @@ class HFTokenizer:
         if not path.is_file():
             raise ConfigError(f"{folder} has no tokenizer.json; save the model's fast tokenizer there "
                               "(AutoTokenizer.from_pretrained(...).save_pretrained(folder))")
-        config = _read_json_object(folder / "tokenizer_config.json") \
-            if (folder / "tokenizer_config.json").is_file() else {}
-        pad = config.get("pad_token")
-        pad = pad.get("content") if isinstance(pad, dict) else pad
-        pad = pad if isinstance(pad, str) else None  # a token, by its text
+        # The pad token as transformers finds it: tokenizer_config.json, else special_tokens_map.json
+        # (where older save_pretrained folders keep it), else the padding tokenizer.json stores.
+        # SigLIP reads the pads (no mask, pools the last position): the wrong one changes features.
+        pad = None
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            if pad is None and (folder / name).is_file():
+                pad = _read_json_object(folder / name).get("pad_token")
+                pad = pad.get("content") if isinstance(pad, dict) else pad
+                pad = pad if isinstance(pad, str) else None  # a token, by its text
+        stored = _stored_pad_id(path) if pad is None else None  # before the tokenizer drops it
         self.tokenizer = TokenizersTokenizer(path, context_length, pad_id=0)
-        pad_id = self.tokenizer.tokenizer.token_to_id(pad) if pad else None
+        pad_id = self.tokenizer.tokenizer.token_to_id(pad) if pad else stored
         self.tokenizer.pad_id = self.pad_id = pad_id if pad_id is not None else 0
         self.context_length = context_length
 

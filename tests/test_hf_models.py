@@ -155,3 +155,19 @@ def test_a_dual_encoder_of_another_architecture_is_refused_by_name(tmp_path, kin
     with pytest.raises(ConfigError, match=rf"{kind}Model \(model_type .*\) is not a Hugging Face model harma_fast "
                                           r"supports: CLIPModel and SiglipModel"):
         harma_fast.create_model(str(tmp_path / kind))
+
+
+@pytest.mark.parametrize("where", ["special_tokens_map.json", "tokenizer.json"])
+def test_pad_token_outside_tokenizer_config_is_the_one_padded_with(tmp_path, data, where):
+    """A folder whose tokenizer_config.json names no pad token keeps it in special_tokens_map.json
+    (older save_pretrained) or in tokenizer.json's padding: it was padded with id 0 instead."""
+    folder, _ = hf_folder(tmp_path, data, context=8)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 8}))
+    if where == "special_tokens_map.json":
+        (folder / where).write_text(json.dumps({"pad_token": {"content": "<eos>", "lstrip": False}}))
+    else:
+        raw = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+        raw.enable_padding(pad_id=3, pad_token="<eos>")
+        raw.save(str(folder / "tokenizer.json"))
+    tok = get_tokenizer(str(folder))
+    assert tok.pad_id == 3 and tok(["The lake"])[0, -3:].tolist() == [3, 3, 3]
