@@ -158,7 +158,14 @@ def load_hf_model(folder: Union[str, Path]) -> nn.Module:
         model = AutoModel.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot load a Hugging Face model from {folder}: {str(err).splitlines()[0]}") from err
-    return with_clip_api(model.eval(), read_preprocess(folder))
+    # what the model's image processor uses where the folder's preprocessor_config.json (or a field
+    # of it) is absent: SigLIP's normalises with 0.5, not CLIP's OpenAI mean/std, the fallback of
+    # harma_fast.data.transforms (a SigLIP folder without the file was fed CLIP's statistics)
+    defaults = _PROCESSOR_DEFAULTS.get(getattr(model.config, "model_type", None), {})
+    return with_clip_api(model.eval(), {**defaults, **read_preprocess(folder)})
+
+
+_PROCESSOR_DEFAULTS = {"siglip": {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}}
 
 
 def _stored_pad_id(path: Path) -> Optional[int]:

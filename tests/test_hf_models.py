@@ -171,3 +171,14 @@ def test_pad_token_outside_tokenizer_config_is_the_one_padded_with(tmp_path, dat
         raw.save(str(folder / "tokenizer.json"))
     tok = get_tokenizer(str(folder))
     assert tok.pad_id == 3 and tok(["The lake"])[0, -3:].tolist() == [3, 3, 3]
+
+
+@pytest.mark.parametrize("kind, mean", [("siglip", (0.5, 0.5, 0.5)), ("clip", (0.48145466, 0.4578275, 0.40821073))])
+def test_a_folder_without_preprocessor_config_normalises_as_its_image_processor(tmp_path, data, kind, mean):
+    """SigLIP's image processor defaults to mean = std = 0.5; such a folder was fed CLIP's statistics."""
+    folder, _ = hf_folder(tmp_path, data, kind=kind)
+    (folder / "preprocessor_config.json").unlink()
+    size, got_mean, got_std = model_image_spec(harma_fast.create_model(str(folder)))
+    assert size == 32 and got_mean == mean and (got_std == (0.5, 0.5, 0.5)) == (kind == "siglip")
+    (folder / "preprocessor_config.json").write_text(json.dumps({"image_std": [0.2, 0.2, 0.2]}))  # one field given
+    assert model_image_spec(harma_fast.create_model(str(folder)))[1:] == (mean, (0.2, 0.2, 0.2))
