@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, HarmaError
 from .mixins import mixed_class
 
 _PROCESSOR_FILE = "preprocessor_config.json"
@@ -201,7 +201,14 @@ class HFTokenizer:
                 pad = pad.get("content") if isinstance(pad, dict) else pad
                 pad = pad if isinstance(pad, str) else None  # a token, by its text
         stored = _stored_pad_id(path) if pad is None else None  # before the tokenizer drops it
-        self.tokenizer = TokenizersTokenizer(path, context_length, pad_id=0)
+        try:
+            self.tokenizer = TokenizersTokenizer(path, context_length, pad_id=0)
+        except Exception as err:  # tokenizers raises a bare Exception for a file it cannot parse
+            if isinstance(err, HarmaError):  # tokenizers not installed: its own message
+                raise
+            raise ConfigError(f"cannot read {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}; "
+                              "it is damaged or no tokenizers file (save the model's fast tokenizer again: "
+                              "AutoTokenizer.from_pretrained(...).save_pretrained(folder))") from err
         pad_id = self.tokenizer.tokenizer.token_to_id(pad) if pad else stored
         self.tokenizer.pad_id = self.pad_id = pad_id if pad_id is not None else 0
         self.context_length = context_length

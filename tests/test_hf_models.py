@@ -100,6 +100,9 @@ def test_training_through_the_cli_lowers_the_loss_and_evaluates(tmp_path, data):
     ("preprocessor_config.json", '{"image_mean": [0.5, 0.5]}', r"'image_mean' is \[0\.5, 0\.5\]; it must be three numbers"),
     ("preprocessor_config.json", '{"image_std": 5}', None),  # one number for every channel, as HF allows
     ("preprocessor_config.json", '{"size": {"height": "224"}}', r"image size .* is '224'; it must be a positive whole"),
+    # tokenizers' bare Exception for a file it cannot parse
+    ("tokenizer.json", "{not json", r"cannot read .*tokenizer\.json: key must be a string .* it is damaged"),
+    ("tokenizer.json", '{"version": "1.0"}', r"cannot read .*tokenizer\.json: .* it is damaged"),
 ])
 def test_a_damaged_folder_file_is_one_line_not_a_bug(tmp_path, data, capsys, name, text, message):
     # json's JSONDecodeError and "TypeError: 'int' object is not iterable" ended in "This is a bug in harma-fast"
