@@ -156,7 +156,9 @@ def load_hf_model(folder: Union[str, Path]) -> nn.Module:
     folder = Path(folder)
     try:
         model = AutoModel.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # OSError, ValueError; safetensors' SafetensorError for a cut weights file
+        if not isinstance(err, (OSError, ValueError)) and type(err).__name__ != "SafetensorError":
+            raise
         raise ConfigError(f"cannot load a Hugging Face model from {folder}: {str(err).splitlines()[0]}") from err
     # what the model's image processor uses where the folder's preprocessor_config.json (or a field
     # of it) is absent: SigLIP's normalises with 0.5, not CLIP's OpenAI mean/std, the fallback of

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import os
 import warnings
@@ -32,6 +33,19 @@ def _check_name(name: str) -> None:
 
     register_model_configs()
     known = open_clip.list_models()
+    if name not in known and Path(name).is_dir():
+        # a folder is a Hugging Face model folder or nothing: say what it lacks, not "unknown model"
+        config = Path(name) / "config.json"
+        if not config.is_file():
+            why = "it has no config.json"
+        else:
+            try:
+                data = json.loads(config.read_text())
+                why = f"its config.json {'names no model_type' if isinstance(data, dict) else 'is no JSON object'}"
+            except (OSError, ValueError) as err:  # ValueError: JSONDecodeError, UnicodeDecodeError
+                why = f"its config.json cannot be read ({err}): it is damaged"
+        raise ConfigError(f"{name} is a folder but no Hugging Face model folder: {why}. A CLIPModel or SiglipModel "
+                          "folder is what save_pretrained writes (save it again); an open_clip model goes by name")
     if name not in known:
         close = difflib.get_close_matches(name, known, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""

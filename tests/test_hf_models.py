@@ -103,6 +103,9 @@ def test_training_through_the_cli_lowers_the_loss_and_evaluates(tmp_path, data):
     # tokenizers' bare Exception for a file it cannot parse
     ("tokenizer.json", "{not json", r"cannot read .*tokenizer\.json: key must be a string .* it is damaged"),
     ("tokenizer.json", '{"version": "1.0"}', r"cannot read .*tokenizer\.json: .* it is damaged"),
+    # "unknown open_clip model '<folder>'" and safetensors' SafetensorError ("a bug in harma-fast")
+    ("config.json", "{not json", r"is a folder but no Hugging Face model folder: its config\.json cannot be read"),
+    ("model.safetensors", "cut short", r"cannot load a Hugging Face model from .*tiny-clip: "),
 ])
 def test_a_damaged_folder_file_is_one_line_not_a_bug(tmp_path, data, capsys, name, text, message):
     # json's JSONDecodeError and "TypeError: 'int' object is not iterable" ended in "This is a bug in harma-fast"
