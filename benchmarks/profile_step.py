@@ -17,6 +17,7 @@ only, no kernel or idle figures — a rehearsal that the script and its report w
 from __future__ import annotations
 
 import argparse
+import gc
 import gzip
 import json
 import shutil
@@ -183,6 +184,7 @@ def main(argv=None) -> int:
         except Exception as err:  # noqa: BLE001 - one provider failing must not lose the others' figures
             results.append({"provider": provider, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"})
         finally:
+            gc.collect()  # the fused model lives on in a reference cycle: not in the next provider's peak
             if ON_GPU:
                 torch.cuda.empty_cache()
         (args.out / "profile.json").write_text(json.dumps(results, indent=1))  # after each: a timeout keeps the rest
