@@ -20,6 +20,12 @@
 # runs: the CUDA tests skip, the profile and the suite run CI-sized on the CPU.
 set -uo pipefail
 what=${1:-tests}; shift || true
+usage="usage: gpu_session.sh all|tests|profile|check|bench|onnx [pytest args]"
+case "$what" in  # before any install or import: a typo or --help costs no device time
+  all|tests|profile|check|bench|onnx) ;;
+  -h|--help|help) echo "$usage"; exit 0 ;;
+  *) echo "$usage"; exit 2 ;;
+esac
 OUT=${OUT:-/tmp/harma_out}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl \
@@ -29,9 +35,19 @@ else
   echo "no .whl/ here: using the installed packages (run ../shared/tools/gpu-wheels.sh for the GPU machine)"
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRITON_DEFAULT_FP_FUSION=1
-if command -v nvidia-smi >/dev/null; then
+# decided by what torch sees, not by nvidia-smi: with a GPU that torch cannot use, every phase
+# would run CI-sized on the CPU (the CUDA tests all skipped, the suite's figures CPU ones) and
+# look like a clean run; with torch's GPU and no nvidia-smi, the tests' conftest would turn the
+# Triton interpreter on and skip every CUDA test
+if python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   export TRITON_INTERPRET=0
-  gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv)
+  gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null \
+        || python3 -c "import torch; print(torch.cuda.get_device_name())")
+elif command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+  { nvidia-smi -L
+    echo "nvidia-smi lists a GPU but torch.cuda.is_available() is False: no phase runs (its figures would be CPU ones)"
+    python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } | tee "$OUT/versions.txt"
+  exit 3
 else
   gpu="no NVIDIA GPU here: a CPU rehearsal"
 fi
@@ -87,7 +103,6 @@ case "$what" in
   check) tests 300; profile 240 ;;
   bench) suite 540 benchmarks/ --ignore=benchmarks/bench_onnx.py "$@" ;;
   onnx) suite 540 benchmarks/bench_onnx.py "$@" ;;
-  *) echo "usage: gpu_session.sh all|tests|profile|check|bench|onnx [pytest args]"; exit 2 ;;
 esac
 rc=$?
 # The device brings back at most 8 files from $OUT, and 'all' writes 10: drop the two that repeat

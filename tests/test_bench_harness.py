@@ -71,3 +71,40 @@ def test_peak_memory_total_leaves_out_an_earlier_benchmarks_garbage(monkeypatch)
         if was_enabled:
             gc.enable()
     assert (total, extra) == (1.0, 1.0)
+
+
+def _session(tmp_path, *args, nvidia_smi=None):
+    """Run gpu_session.sh with this interpreter first on PATH (and a stand-in nvidia-smi)."""
+    import os
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tools = {"python3": f'exec "{sys.executable}" "$@"'}  # a wrapper: a symlink loses a venv's packages
+    if nvidia_smi is not None:
+        tools["nvidia-smi"] = nvidia_smi
+    for name, body in tools.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(tmp_path / "out"), CUDA_VISIBLE_DEVICES="")
+    return subprocess.run(["bash", "benchmarks/gpu_session.sh", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens where torch sees no GPU")
+def test_a_gpu_torch_cannot_use_stops_the_session_instead_of_reporting_cpu_figures(tmp_path):
+    # nvidia-smi alone decided "GPU": with a torch that could not use it, the CUDA tests all
+    # skipped and the suite timed CI-sized CPU runs, a clean-looking session with no GPU figure
+    out = _session(tmp_path, "tests", nvidia_smi='echo "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)"')
+    assert out.returncode == 3, out.stdout[-2000:] + out.stderr[-2000:]
+    versions = (tmp_path / "out" / "versions.txt").read_text()
+    assert "torch.cuda.is_available() is False" in versions and "H100" in versions
+    assert not (tmp_path / "out" / "cuda_tests.log").exists()
+
+
+def test_help_and_a_typo_cost_no_install_or_import(tmp_path):
+    # both went through the wheel install and the version imports first (seconds of device time)
+    for name, rc in (("--help", 0), ("nonsense", 2)):
+        where = tmp_path / name.strip("-")
+        where.mkdir()
+        out = _session(where, name)
+        assert out.returncode == rc and out.stdout.startswith("usage: gpu_session.sh all|tests")
+        assert not (where / "out").exists()
