@@ -75,8 +75,16 @@ bounded() {  # bounded SECONDS CMD...: SIGINT at the bound (summaries still writ
   timeout -s INT -k 30 "$seconds" "$@"
 }
 tests() {
-  # the checks only a GPU can make come first in the file: a bound cuts the end, not those
-  bounded "${1:-300}" python3 -m pytest tests/test_cuda.py -q -rfEs --tb=short --durations=15 \
+  # the checks only a GPU can make come first in the file: a bound cuts the end, not those.
+  # Triton builds each kernel variant and autotune config in the process that launches it, one
+  # at a time: test_cuda.py asks for ~200 builds (every config of every variant, both dtypes, TF32,
+  # fp16) at ~1 s each (the sm_90 AOT compile of 8 mix-up configs took 12 s on a CI CPU), plus
+  # the Trainer's torch.compile: minutes in one process, so 'all's 140 s bound would cut the
+  # file's end (the ViT-B-32 fast step, the Trainer steps). pytest-xdist (in the GPU image) runs
+  # it in CUDA_TEST_WORKERS processes sharing the GPU (the largest test peaks at ~20 GiB)
+  local workers=${CUDA_TEST_WORKERS:-$([ "${TRITON_INTERPRET:-}" = 0 ] && echo 4 || echo 0)} par=()
+  if [ "$workers" -gt 0 ] && python3 -c "import xdist" 2>/dev/null; then par=(-n "$workers"); fi
+  bounded "${1:-300}" python3 -m pytest tests/test_cuda.py "${par[@]}" -q -rfEs --tb=short --durations=15 \
     --junitxml="$OUT/cuda_tests.xml" 2>&1 | tee "$OUT/cuda_tests.log"
 }
 profile() {
