@@ -113,7 +113,7 @@ def profile_provider(provider: str, batch: int, precision: str, model: str, step
         sync()
     step_ms = statistics.median(times)
     out = {"provider": provider, "batch": batch, "precision": precision, "model": model,
-           "setup_s": setup_s, "step_ms": step_ms, "pairs_per_s": batch / (step_ms / 1e3),
+           "fused_adamw": getattr(step, "fused_adamw", None), "setup_s": setup_s, "step_ms": step_ms, "pairs_per_s": batch / (step_ms / 1e3),
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if ON_GPU else None,
            **summarize(prof.events(), steps)}
     if trace is not None:
@@ -128,8 +128,8 @@ def profile_provider(provider: str, batch: int, precision: str, model: str, step
 def markdown(results: List[Dict]) -> str:
     lines = []
     if any("kernels_per_step" in r for r in results):
-        lines += ["| provider | step ms | pairs/s | kernels/step | < 5 µs | kernel ms | idle | syncs | DtoH | peak GiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| provider | step ms | pairs/s | kernels/step | < 5 µs | kernel ms | idle | syncs | DtoH | peak GiB | "
+                  "fused AdamW |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['provider']} | failed: {r['error']} |")
@@ -140,7 +140,8 @@ def markdown(results: List[Dict]) -> str:
             lines.append(f"| {r['provider']} | {r['step_ms']:.1f} | {r['pairs_per_s']:,.0f} | "
                          f"{r['kernels_per_step']:.0f} | {r['short_kernels_per_step']:.0f} | "
                          f"{r['kernel_ms_per_step']:.1f} | {100 * r['idle_fraction']:.1f}% | "
-                         f"{r['host_syncs_per_step']:.1f} | {r['dtoh_copies_per_step']:.1f} | {r['peak_mem_gib']:.2f} |")
+                         f"{r['host_syncs_per_step']:.1f} | {r['dtoh_copies_per_step']:.1f} | {r['peak_mem_gib']:.2f} | "
+                         f"{'yes' if r.get('fused_adamw') else 'no'} |")
         else:
             lines.append(f"- {r['provider']}: {r['step_ms']:.0f} ms/step on the CPU, "
                          f"{r['host_ops_per_step']:.0f} host ops/step (no CUDA: no kernel figures)")

@@ -53,6 +53,7 @@ def test_cpu_rehearsal_writes_its_report(tmp_path, capsys):
     assert rc == 0
     (result,) = json.loads((tmp_path / "profile.json").read_text())
     assert result["provider"] == "reference" and result["pairs_per_s"] > 0
+    assert result["fused_adamw"] is False  # CPU parameters: the foreach AdamW (on the GPU, fused: reported)
     assert result["top_host_ops"] and "reference" in (tmp_path / "profile.md").read_text()
 
 
