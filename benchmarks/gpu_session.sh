@@ -98,8 +98,11 @@ suite() {
   local seconds=$1; shift
   bounded "$seconds" python3 -m pytest -q "$@" --benchmark-json="$OUT/RESULTS.json" 2>&1 | tail -n 40 \
     | tee "$OUT/bench.log"
+  local rc=$?  # pytest's (pipefail), not hidden by the report's
   python3 -m benchmarks.report "$OUT/RESULTS.json" --markdown "$OUT/report.md" --png "$OUT/speedups.png" \
     && cat "$OUT/report.md"
+  local report_rc=$?
+  return $(( rc ? rc : report_rc ))
 }
 case "$what" in
   # the issue's headline figures first (ALL_SUITE's order), the compiled builds last: a bound
@@ -108,8 +111,12 @@ case "$what" in
   # the issue asks to see working): the default compile's step is timed by the suite
   # (test_train_step_compiled), whose generated Triton kernels should mostly be the ones built
   # here (inductor caches them on disk by source), so a compile the bound cuts is not all lost
-  all) tests 140; PROVIDERS=${PROVIDERS:-reference,fused,fused-compiled:reduce-overhead} profile 80
-       suite 290 "${ALL_SUITE[@]}" "$@" ;;
+  # each phase's exit status is printed (124: its bound cut it), and the first failure is the
+  # script's: the last phase's alone hid a failed CUDA test behind a report that rendered
+  all) tests 140; t=$?; PROVIDERS=${PROVIDERS:-reference,fused,fused-compiled:reduce-overhead} profile 80; p=$?
+       suite 290 "${ALL_SUITE[@]}" "$@"; s=$?
+       echo "exit status: tests $t, profile $p, suite $s (124: cut at its bound)"
+       for rc in $t $p $s 0; do [ "$rc" -ne 0 ] && break; done; (exit "$rc") ;;
   tests) tests 540 ;;
   profile) profile 540 ;;
   check) tests 300; profile 240 ;;
