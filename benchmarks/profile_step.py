@@ -113,7 +113,8 @@ def profile_provider(provider: str, batch: int, precision: str, model: str, step
         sync()
     step_ms = statistics.median(times)
     out = {"provider": provider, "batch": batch, "precision": precision, "model": model,
-           "fused_adamw": getattr(step, "fused_adamw", None), "setup_s": setup_s, "step_ms": step_ms, "pairs_per_s": batch / (step_ms / 1e3),
+           "fused_adamw": getattr(step, "fused_adamw", None), "setup_s": setup_s, "step_ms": step_ms,
+           "pairs_per_s": batch / (step_ms / 1e3),
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if ON_GPU else None,
            **summarize(prof.events(), steps)}
     if trace is not None:
