@@ -9,6 +9,7 @@ pytest-benchmark's own table times one more call, followed by a device synchroni
 from __future__ import annotations
 
 import gc
+import json
 import os
 import statistics
 import time
@@ -96,6 +97,12 @@ def measure(benchmark, fn: Callable[[], object], *, provider: str, mode: str, it
     if items:
         record[f"{item_name}_per_s"] = items / (median / 1e3)
     benchmark.extra_info.update(record)
+    records = os.environ.get("HARMA_BENCH_RECORDS")
+    if records:  # one line now: pytest-benchmark writes its JSON only at the session's end, which a
+        # crashed process (a segfault in a compile, a CUDA abort) never reaches (gpu_session.sh)
+        test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+        with open(records, "a") as f:
+            f.write(json.dumps({"test": test, **record}) + "\n")
 
     def timed():
         fn()

@@ -96,9 +96,14 @@ profile() {
 }
 suite() {
   local seconds=$1; shift
-  bounded "$seconds" python3 -m pytest -q "$@" --benchmark-json="$OUT/RESULTS.json" 2>&1 | tail -n 40 \
-    | tee "$OUT/bench.log"
+  # each benchmark's figures also go to records.jsonl as it finishes: pytest-benchmark writes
+  # RESULTS.json only at the end, so a crash in a late compile would lose every figure; the
+  # lines are dropped once RESULTS.json holds them (the 8-file limit)
+  rm -f "$OUT/records.jsonl"
+  HARMA_BENCH_RECORDS="$OUT/records.jsonl" bounded "$seconds" python3 -m pytest -q "$@" \
+    --benchmark-json="$OUT/RESULTS.json" 2>&1 | tail -n 40 | tee "$OUT/bench.log"
   local rc=$?  # pytest's (pipefail), not hidden by the report's
+  [ -s "$OUT/RESULTS.json" ] && rm -f "$OUT/records.jsonl"
   python3 -m benchmarks.report "$OUT/RESULTS.json" --markdown "$OUT/report.md" --png "$OUT/speedups.png" \
     && cat "$OUT/report.md"
   local report_rc=$?

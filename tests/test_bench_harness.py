@@ -1,5 +1,6 @@
 """The GPU session's plan and the benchmark harness, checked without a GPU."""
 import gc
+import json
 import re
 import subprocess
 import sys
@@ -108,3 +109,23 @@ def test_help_and_a_typo_cost_no_install_or_import(tmp_path):
         out = _session(where, name)
         assert out.returncode == rc and out.stdout.startswith("usage: gpu_session.sh all|tests")
         assert not (where / "out").exists()
+
+
+def test_each_benchmark_is_on_disk_as_it_finishes(tmp_path, monkeypatch):
+    # pytest-benchmark writes RESULTS.json at the session's end only: a crashed suite (a
+    # segfault in a late compile) lost every figure measured before it
+    records = tmp_path / "records.jsonl"
+    monkeypatch.setenv("HARMA_BENCH_RECORDS", str(records))
+    monkeypatch.setenv("PYTEST_CURRENT_TEST", "benchmarks/bench_loss.py::test_loss[x] (call)")
+
+    class Bench:
+        extra_info = {}
+
+        def pedantic(self, fn, **kwargs):
+            fn()
+    for provider in ("reference", "triton"):
+        _harness.measure(Bench(), lambda: None, provider=provider, mode="full", items=4, item_name="pairs", op="loss")
+    lines = [json.loads(line) for line in records.read_text().splitlines()]
+    assert [(r["test"], r["provider"], r["op"]) for r in lines] == [
+        ("benchmarks/bench_loss.py::test_loss[x]", p, "loss") for p in ("reference", "triton")]
+    assert all(r["pairs_per_s"] > 0 and "median_ms" in r for r in lines)
