@@ -17,6 +17,7 @@ only, no kernel or idle figures — a rehearsal that the script and its report w
 from __future__ import annotations
 
 import argparse
+import gc
 import gzip
 import json
 import shutil
@@ -112,7 +113,8 @@ def profile_provider(provider: str, batch: int, precision: str, model: str, step
         sync()
     step_ms = statistics.median(times)
     out = {"provider": provider, "batch": batch, "precision": precision, "model": model,
-           "setup_s": setup_s, "step_ms": step_ms, "pairs_per_s": batch / (step_ms / 1e3),
+           "fused_adamw": getattr(step, "fused_adamw", None), "setup_s": setup_s, "step_ms": step_ms,
+           "pairs_per_s": batch / (step_ms / 1e3),
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if ON_GPU else None,
            **summarize(prof.events(), steps)}
     if trace is not None:
@@ -126,17 +128,21 @@ def profile_provider(provider: str, batch: int, precision: str, model: str, step
 
 def markdown(results: List[Dict]) -> str:
     lines = []
-    if results and "kernels_per_step" in results[0]:
-        lines += ["| provider | step ms | pairs/s | kernels/step | < 5 µs | kernel ms | idle | syncs | DtoH | peak GiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+    if any("kernels_per_step" in r for r in results):
+        lines += ["| provider | step ms | pairs/s | kernels/step | < 5 µs | kernel ms | idle | syncs | DtoH | peak GiB | "
+                  "fused AdamW |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['provider']} | failed: {r['error']} |")
+        elif "interrupted_after_s" in r:
+            lines.append(f"| {r['provider']} | not finished: the time bound interrupted it after "
+                         f"{r['interrupted_after_s']:.0f} s (compiling, warming up or profiling) |")
         elif "kernels_per_step" in r:
             lines.append(f"| {r['provider']} | {r['step_ms']:.1f} | {r['pairs_per_s']:,.0f} | "
                          f"{r['kernels_per_step']:.0f} | {r['short_kernels_per_step']:.0f} | "
                          f"{r['kernel_ms_per_step']:.1f} | {100 * r['idle_fraction']:.1f}% | "
-                         f"{r['host_syncs_per_step']:.1f} | {r['dtoh_copies_per_step']:.1f} | {r['peak_mem_gib']:.2f} |")
+                         f"{r['host_syncs_per_step']:.1f} | {r['dtoh_copies_per_step']:.1f} | {r['peak_mem_gib']:.2f} | "
+                         f"{'yes' if r.get('fused_adamw') else 'no'} |")
         else:
             lines.append(f"- {r['provider']}: {r['step_ms']:.0f} ms/step on the CPU, "
                          f"{r['host_ops_per_step']:.0f} host ops/step (no CUDA: no kernel figures)")
@@ -172,24 +178,39 @@ def main(argv=None) -> int:
         ap.error(str(err))
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
+    try:
+        _profile_each(providers, args, results)
+    finally:
+        # also when the session's bound interrupts (SIGINT): the table of the providers that
+        # finished is printed into profile.log, what the closing note reads back (gpu_session.sh
+        # 'all' drops profile.md for the 8-file limit), instead of a traceback alone
+        (args.out / "profile.json").write_text(json.dumps(results, indent=1))
+        report = markdown(results)
+        (args.out / "profile.md").write_text(report)
+        print(report, flush=True)
+    return 1 if any("error" in r for r in results) else 0
+
+
+def _profile_each(providers, args, results) -> None:
     for provider in providers:
         if provider.startswith("fused-compiled") and not ON_GPU:
             print(f"{provider}: skipped (torch.compile is only profiled on the GPU)", file=sys.stderr)
             continue
         print(f"profiling {provider}: {args.model}, batch {args.batch}, {args.precision} ...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
         try:
             results.append(profile_provider(provider, args.batch, args.precision, args.model, args.steps,
                                             args.warmup, args.out / "trace.json.gz" if provider == args.trace else None))
         except Exception as err:  # noqa: BLE001 - one provider failing must not lose the others' figures
             results.append({"provider": provider, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"})
+        except KeyboardInterrupt:  # the session's time bound: say which provider it cut, and when
+            results.append({"provider": provider, "interrupted_after_s": round(time.perf_counter() - started, 1)})
+            raise
         finally:
+            gc.collect()  # the fused model lives on in a reference cycle: not in the next provider's peak
             if ON_GPU:
                 torch.cuda.empty_cache()
         (args.out / "profile.json").write_text(json.dumps(results, indent=1))  # after each: a timeout keeps the rest
-    report = markdown(results)
-    (args.out / "profile.md").write_text(report)
-    print(report)
-    return 1 if any("error" in r for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ def test_cpu_rehearsal_writes_its_report(tmp_path, capsys):
     assert rc == 0
     (result,) = json.loads((tmp_path / "profile.json").read_text())
     assert result["provider"] == "reference" and result["pairs_per_s"] > 0
+    assert result["fused_adamw"] is False  # CPU parameters: the foreach AdamW (on the GPU, fused: reported)
     assert result["top_host_ops"] and "reference" in (tmp_path / "profile.md").read_text()
 
 
@@ -61,3 +62,20 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys):
         profile_step.main(["--providers", "fused-compiled:x,nonsense", "--out", str(tmp_path / "o")])
     assert "unknown provider 'nonsense'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_time_bound_keeps_the_finished_providers_table(tmp_path, capsys, monkeypatch):
+    # gpu_session.sh interrupts the profile at its bound with SIGINT: profile.md was written, and
+    # the table printed into profile.log, only after the last provider, so a bound hit while
+    # compiling left a traceback and raw JSON; the providers that finished come back as a table
+    def fake(provider, *args):
+        if provider == "fused":
+            raise KeyboardInterrupt
+        return {"provider": provider, "step_ms": 12.0, "host_ops_per_step": 345.0, "top_host_ops": []}
+    monkeypatch.setattr(profile_step, "profile_provider", fake)
+    with pytest.raises(KeyboardInterrupt):
+        profile_step.main(["--providers", "reference,fused", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    for text in (printed, (tmp_path / "profile.md").read_text()):
+        assert "- reference: 12 ms/step" in text and "| fused | not finished: the time bound interrupted it" in text
+    assert [r["provider"] for r in json.loads((tmp_path / "profile.json").read_text())] == ["reference", "fused"]
