@@ -291,6 +291,7 @@ def _html_text(text) -> str:
     return html.escape(shown(text))
 
 
+# how every page write_html writes begins: what is_search_page recognises
 _PAGE_START = '<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>harma-fast search:'
 
 
@@ -310,8 +311,7 @@ def write_html(path, query: str, hits: List[Hit]) -> None:
     cards = "\n".join(
         f'<figure><img src="{_thumbnail(h.path)}" alt="{_html_text(h.path.name)}"><figcaption>#{h.rank} · '
         f'cosine {h.score:.3f}<br><small>{_html_text(h.path)}</small></figcaption></figure>' for h in hits)
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>harma-fast search: {_html_text(query)}</title>
+    page = _PAGE_START + f""" {_html_text(query)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2rem;background:#fafafa}}
 .grid{{display:flex;flex-wrap:wrap;gap:1rem}}figure{{margin:0;background:#fff;padding:.5rem;border-radius:6px;
 box-shadow:0 1px 3px #0002;width:256px}}img{{width:256px;height:256px;object-fit:cover}}

@@ -14,7 +14,8 @@ from typing import Dict, List, Optional
 
 from .cliargs import (BACKENDS, HARMA_LAYOUTS, PRECISIONS, HelpFormatter, add_subparser, non_negative_int,
                       positive_float, positive_int)
-from .errors import CORE_PACKAGES, OPTIONAL_PACKAGES, ConfigError, HarmaError, MissingDependencyError, missing_dependency_message
+from .errors import (CORE_PACKAGES, OPTIONAL_PACKAGES, ConfigError, HarmaError, MissingDependencyError,
+                     missing_dependency_message)
 from .io import check_output_dir, check_output_file, refuse_foreign_file, require_dir, require_file
 
 PRESETS = ("rsitmd-clip", "rsitmd-georsclip", "rsicd-clip", "rsicd-georsclip")
@@ -341,15 +342,10 @@ def peer_lost(err: BaseException) -> bool:
 def _missing_optional(err: BaseException) -> Optional[MissingDependencyError]:
     """A package this command needs (torch, onnx, transformers, ...) that is not installed: the user's to install."""
     top = (getattr(err, "name", None) or "").split(".")[0] if isinstance(err, ModuleNotFoundError) else ""
-    if top in CORE_PACKAGES:  # a serving install: `train` and the others died in `import torch` as a "bug"
-        missing = MissingDependencyError(
-            f"this command needs {CORE_PACKAGES[top]}, which is not installed here (serving with OrtEncoder and "
-            f"`harma-fast search` does not, the other commands do): pip install {CORE_PACKAGES[top]}, or install "
-            "harma-fast with its dependencies (pip install harma-fast)")
-    elif top in OPTIONAL_PACKAGES:
-        missing = MissingDependencyError(missing_dependency_message([top], "this command"))
-    else:
+    # core packages too: in a serving install `train` and the others died in `import torch` as a "bug"
+    if top not in OPTIONAL_PACKAGES and top not in CORE_PACKAGES:
         return None
+    missing = MissingDependencyError(missing_dependency_message([top], "this command"))
     missing.__cause__, missing.__traceback__ = err, err.__traceback__  # HARMA_FAST_DEBUG shows where
     return missing
 

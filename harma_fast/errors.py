@@ -48,9 +48,10 @@ CORE_PACKAGES = {"torch": "torch", "torchvision": "torchvision", "open_clip": "o
 
 
 def missing_dependency_message(names, what: str) -> str:
-    """``what`` needs the optional packages ``names``: which, and the pip command that installs them."""
+    """``what`` needs the modules ``names`` (optional or core): which, and the pip command that installs them."""
     extras = sorted({OPTIONAL_PACKAGES[n] for n in names if n in OPTIONAL_PACKAGES})
-    install = f"pip install 'harma-fast[{','.join(extras)}]'" if extras else f"pip install {' '.join(names)}"
+    packages = " ".join(CORE_PACKAGES.get(n, n) for n in names)  # a module's package: open_clip -> open_clip_torch
+    install = f"pip install 'harma-fast[{','.join(extras)}]'" if extras else f"pip install {packages}"
     if list(names) == ["onnxruntime"]:
         install += " (or just: pip install onnxruntime; onnxruntime-gpu for the CUDA provider)"
     listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"

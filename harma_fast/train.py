@@ -566,8 +566,12 @@ class Trainer:
                     self._watch_loss(out.total, pos.step + 1)
                     # the step's loss is the mean of its micro-batches' (what its summed gradients are the
                     # gradient of), not the last micro-batch's alone
-                    part = [t.detach() / config.grad_accum for t in out]
-                    step_loss = part if step_loss is None else [a + b for a, b in zip(step_loss, part)]
+                    # (without accumulation it is the one loss: no extra kernels per step for it)
+                    if config.grad_accum == 1:
+                        step_loss = out
+                    else:
+                        part = [t.detach() / config.grad_accum for t in out]
+                        step_loss = part if step_loss is None else [a + b for a, b in zip(step_loss, part)]
                     window["pairs"] += images.shape[0] * self.world
                     if not sync:
                         continue
